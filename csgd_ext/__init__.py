@@ -1,0 +1,16 @@
+"""csgd_ext: Centripetal SGD (C-SGD) channel pruning for PyTorch.
+
+    import csgd_ext
+    opt = csgd_ext.CSGD(model.parameters(), lr=0.1, momentum=0.9, centripetal=3e-3, clusters={...})
+    csgd_ext.available_backends()   # {"reference": None, "native": None or why not, "triton": ...}
+
+``python -m csgd_ext info`` reports what was built and which backends can run.
+"""
+
+__version__ = "0.1.0"
+
+from .layout import ClusterLayout  # noqa: E402
+from .ops import BackendUnavailableError, available_backends  # noqa: E402
+from .optim import CSGD  # noqa: E402
+
+__all__ = ["CSGD", "available_backends", "BackendUnavailableError", "ClusterLayout", "__version__"]

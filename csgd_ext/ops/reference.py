@@ -1,0 +1,86 @@
+"""The reference backend: the C-SGD update rule in plain PyTorch. This file is the executable spec.
+
+Every other backend is tested against :func:`step`. For a parameter ``W`` viewed as rows ``w_i``
+(axis 0 = output channels) with gradient rows ``g_i`` and cluster ``C(i)``::
+
+    d_i = mean_{j in C(i)} g_j + weight_decay * w_i + centripetal * (w_i - mean_{j in C(i)} w_j)
+
+followed by exactly ``torch.optim.SGD``'s momentum / dampening / nesterov / maximize rule on ``d``.
+A parameter without a layout is plain SGD. fp16/bf16 parameters are computed in fp32 and rounded once
+when written back (weights and momentum buffers keep the parameter's dtype).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..layout import ClusterLayout
+
+NAME = "reference"
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
+    """The reference backend runs wherever PyTorch runs."""
+    return None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def cluster_mean(x2: torch.Tensor, layout: ClusterLayout) -> torch.Tensor:
+    """Per-row mean of ``x2`` (``[n, m]``) over each row's cluster, broadcast back to ``[n, m]``."""
+    sums = torch.zeros((layout.num_clusters, x2.shape[1]), dtype=x2.dtype, device=x2.device)
+    sums.index_add_(0, layout.labels, x2)
+    sizes = layout.sizes().to(x2.dtype).unsqueeze(1)
+    return (sums / sizes).index_select(0, layout.labels)
+
+
+def direction(w: torch.Tensor, g: torch.Tensor, layout: Optional[ClusterLayout],
+              weight_decay: float, centripetal: float) -> torch.Tensor:
+    """The C-SGD direction ``d`` before momentum (``g`` already negated for ``maximize``)."""
+    if layout is None or layout.num_rows == 0:
+        return g.add(w, alpha=weight_decay) if weight_decay != 0 else g
+    n = w.shape[0]
+    w2, g2 = w.reshape(n, -1), g.reshape(n, -1)
+    d = cluster_mean(g2, layout)
+    if weight_decay != 0:
+        d = d.add(w2, alpha=weight_decay)
+    if centripetal != 0:
+        d = d.add(w2 - cluster_mean(w2, layout), alpha=centripetal)
+    return d.reshape(w.shape)
+
+
+@torch.no_grad()
+def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+         momentum_buffers: list, layouts: Sequence[Optional[ClusterLayout]], *,
+         lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
+         maximize: bool, centripetal: float) -> None:
+    """One C-SGD step over a list of tensors, in place.
+
+    ``momentum_buffers[i]`` is ``None`` on a parameter's first step; when ``momentum != 0`` the new buffer
+    is stored back into the list (as ``torch.optim.SGD``'s functional form does). ``layouts[i]`` is
+    ``None`` for an unclustered parameter.
+    """
+    for i, p in enumerate(params):
+        cdt = compute_dtype(p.dtype)
+        w = p.to(cdt)
+        g = grads[i].to(cdt)
+        if maximize:
+            g = -g
+        d = direction(w, g, layouts[i], weight_decay, centripetal)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                b = d.clone()
+            else:
+                b = buf.to(cdt).mul(momentum).add_(d, alpha=1 - dampening)
+            d = d.add(b, alpha=momentum) if nesterov else b
+            if buf is None:
+                momentum_buffers[i] = b.to(p.dtype).detach()
+            else:
+                buf.copy_(b)
+        p.copy_(w.add(d, alpha=-lr))

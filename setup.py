@@ -1,0 +1,82 @@
+"""Build for csgd_ext.
+
+    pip install torch==2.13.0                      # first: the build uses the installed torch
+    pip install --no-build-isolation -e ".[test]"  # package + native extension + test tools
+
+The C++ CPU extension is always built (C++17, OpenMP). The CUDA kernels in ``csrc/*.cu`` are added only
+when the installed torch is a CUDA build and a CUDA toolkit is found; a CPU-only torch never fails the build.
+
+Environment switches:
+    CSGD_EXT_NO_NATIVE=1   skip the native extension entirely (pure-Python install: reference/triton backends)
+    CSGD_EXT_NO_CUDA=1     build the CPU extension only, even with a CUDA torch
+    CSGD_EXT_NATIVE_ARCH=0 do not compile with -march=native (portable binary)
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str, default: str = "0") -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
+
+
+def native_extensions():
+    """(ext_modules, cmdclass) for the native build, or ([], {}) when it is switched off."""
+    if _flag("CSGD_EXT_NO_NATIVE"):
+        print("csgd_ext: CSGD_EXT_NO_NATIVE=1, skipping the native extension")
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
+                 and not _flag("CSGD_EXT_NO_CUDA") and bool(cu_sources))
+    cxx = ["-O3", "-std=c++17", "-fopenmp", f"-DCSGD_EXT_WITH_CUDA={int(with_cuda)}"]
+    if _flag("CSGD_EXT_NATIVE_ARCH", "1"):
+        cxx.append("-march=native")
+    link = ["-fopenmp"]
+    if with_cuda:
+        ext = CUDAExtension(
+            "csgd_ext._C", cpp_sources + cu_sources,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-DCSGD_EXT_WITH_CUDA=1", "--use_fast_math"]},
+            extra_link_args=link)
+    else:
+        ext = CppExtension("csgd_ext._C", cpp_sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    print(f"csgd_ext: building the {'CUDA + CPU' if with_cuda else 'CPU'} extension "
+          f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = native_extensions()
+
+setup(
+    name="csgd_ext",
+    version="0.1.0",
+    description="Centripetal SGD channel pruning for PyTorch: fused optimizer, coupled-channel planning, lossless merge",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["csgd_ext", "csgd_ext.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.23",
+        "torch-pruning>=1.5,<2",
+        "scikit-learn>=1.2",
+        "mlxtend>=0.23",
+        "tqdm>=4.60",
+        "matplotlib>=3.6",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6.80", "triton>=3.0", "ninja>=1.10"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["csgd-ext=csgd_ext.cli:main"]},
+    zip_safe=False,
+)

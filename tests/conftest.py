@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+import csgd_ext
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason when none is present)")
+    config.addinivalue_line("markers", "slow: longer-running test (still part of CI)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device: this torch build or machine has no GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def cpu_backends():
+    """Backends that can run on CPU tensors in this environment (reference always)."""
+    return [name for name, why in csgd_ext.available_backends().items() if why is None]
+
+
+@pytest.fixture(params=cpu_backends())
+def backend(request):
+    return request.param
