@@ -12,5 +12,6 @@ __version__ = "0.1.0"
 from .layout import ClusterLayout  # noqa: E402
 from .ops import BackendUnavailableError, available_backends  # noqa: E402
 from .optim import CSGD  # noqa: E402
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
-__all__ = ["CSGD", "available_backends", "BackendUnavailableError", "ClusterLayout", "__version__"]
+__all__ = ["CSGD", "save_checkpoint", "load_checkpoint", "available_backends", "BackendUnavailableError", "ClusterLayout", "__version__"]
