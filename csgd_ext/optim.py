@@ -25,6 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import ops
+from .distributed import check_clusterable
 from .layout import ClusterLayout, build_layout, validate_cluster_ids
 
 __all__ = ["CSGD"]
@@ -165,6 +166,7 @@ class CSGD(Optimizer):
             name = self.param_name(p)
             if id(p) in resolved:
                 raise ValueError(f"{name} is clustered twice in clusters")
+            check_clusterable(p, name)  # DTensor / FSDP shards: a clear error, not wrong cluster means
             resolved[id(p)] = (p, validate_cluster_ids(ids, p, name))
         for group in self.param_groups:
             for p in group["params"]:
@@ -212,6 +214,13 @@ class CSGD(Optimizer):
                 saved_ids[k] = v.pop(_IDS_KEY)
             state[k] = v
         super().load_state_dict({**state_dict, "state": state})
+        for group in self.param_groups:  # torch does not check shapes: a wrong buffer would broadcast
+            for p in group["params"]:
+                buf = self.state.get(p, {}).get("momentum_buffer")
+                if isinstance(buf, torch.Tensor) and buf.shape != p.shape:
+                    self.state[p].pop("momentum_buffer")
+                    raise ValueError(f"loaded momentum_buffer of shape {tuple(buf.shape)} does not fit "
+                                     f"{self.param_name(p)}: the state dict is from another model")
         index = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -219,6 +228,7 @@ class CSGD(Optimizer):
         # saved groups number their params 0..N-1 in order, as torch's state_dict does
         for k, ids in saved_ids.items():
             p = index[k]
+            check_clusterable(p, self.param_name(p))
             self.state[p][_IDS_KEY] = validate_cluster_ids(ids.to(p.device), p, self.param_name(p)).clone()
         self._layouts = {}
 
