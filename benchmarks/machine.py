@@ -1,0 +1,106 @@
+"""What the benchmarks ran on, and the machine's own limits: CPU model, versions, copy bandwidth, RSS.
+
+>>> info = machine_info()
+>>> "torch" in info and "cpu" in info
+True
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+from typing import Dict
+
+import torch
+
+from .timing import Timer
+
+__all__ = ["machine_info", "copy_bandwidth", "rss_bytes", "reset_peak_rss", "peak_rss_bytes"]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> Dict[str, str]:
+    """CPU model and cores, torch threads, load average, versions, backends, GPU and the UTC date."""
+    import csgd_ext
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": f"{_cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "csgd_ext": csgd_ext.__version__,
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception as e:  # not installed
+        info["triton"] = f"not importable ({type(e).__name__})"
+    try:
+        la = os.getloadavg()
+        info["load average (1/5/15 min) at start"] = " / ".join(f"{x:.2f}" for x in la)
+    except OSError:
+        pass
+    back = csgd_ext.available_backends()
+    info["CPU backends"] = ", ".join(f"{k}: {'yes' if v is None else 'no (' + v + ')'}" for k, v in back.items())
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    else:
+        info["gpu"] = "none (torch.cuda.is_available() is False)"
+    return info
+
+
+def copy_bandwidth(numel: int = 1 << 25, repeats: int = 9, device="cpu") -> float:
+    """The machine's copy bandwidth in GB/s: median of ``dst.copy_(src)`` over fp32 tensors of ``numel``
+    elements, counting ``2 * numel * 4`` bytes (one read, one write) per copy."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    timer = Timer(torch.device(device))
+    timer(lambda: dst.copy_(src))
+    times = [timer(lambda: dst.copy_(src)) for _ in range(repeats)]
+    return 2 * numel * 4 / statistics.median(times) / 1e9
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux ``VmRSS``); -1 where unavailable."""
+    try:
+        return _status("VmRSS")
+    except OSError:
+        return -1
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (``VmHWM``) of this process; False where not supported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since the last :func:`reset_peak_rss` (Linux ``VmHWM``); -1 where unavailable."""
+    try:
+        return _status("VmHWM")
+    except OSError:
+        return -1

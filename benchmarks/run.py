@@ -1,0 +1,126 @@
+"""Run the csgd_ext benchmarks and print / write a markdown report.
+
+    python benchmarks/run.py --quick                 # < 2 min on 2 cores, rewrites benchmarks/RESULTS.md
+    python benchmarks/run.py                         # full mode (longer, more repeats)
+    python benchmarks/run.py --smoke --out -         # seconds: exercises every section, prints only
+    python benchmarks/run.py --quick --sections step,train --out /tmp/r.md
+
+Every comparison is interleaved (A B A B ...) with medians; ratios are taken within one run. The interpreted
+Triton backend is never timed on CPU. Without a GPU the report says "GPU: not run (no GPU lent)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from typing import List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+
+import csgd_ext  # noqa: E402
+from benchmarks import machine, nets, report, suites  # noqa: E402
+
+SECTIONS = ("step", "sweep", "memory", "train", "latency")
+
+
+def build_report(mode: str, sections=SECTIONS, command: str = "", progress: bool = True) -> str:
+    """Run ``sections`` in ``mode`` (``smoke|quick|full``) and return the markdown report."""
+    cfg = suites.CONFIGS[mode]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    t0 = time.time()
+    info = machine.machine_info()
+    bw = suites.copy_bandwidth_gbs(cfg)
+    step = suites.step_section(cfg, bw, progress=progress) if "step" in sections else []
+    sweep = suites.sweep_section(cfg, bw, progress=progress) if "sweep" in sections else []
+    mem = suites.memory_section(cfg) if "memory" in sections else []
+    train = suites.train_section(cfg) if "train" in sections else []
+    lat = suites.latency_section(cfg, progress=progress) if "latency" in sections else []
+    native_reason = csgd_ext.available_backends()["native"]
+    load_end = os.getloadavg()
+
+    md = [f"# csgd_ext benchmarks ({mode} mode)", ""]
+    md.append(f"Command: `{command}`" if command else "")
+    md.append("")
+    for k, v in info.items():
+        md.append(f"- {k}: {v}")
+    md.append(f"- load average (1/5/15 min) at end: {' / '.join(f'{x:.2f}' for x in load_end)}")
+    md.append(f"- networks: {nets.source()}")
+    md.append(f"- run time: {time.time() - t0:.0f} s")
+    md.append(f"- measured copy bandwidth: **{bw:.1f} GB/s** (`dst.copy_(src)`, fp32, {cfg.copy_numel:,} "
+              "elements, 2 x 4 bytes per element, median)")
+    md.append("- triton: excluded from CPU timings (on CPU it runs only in the TRITON_INTERPRET=1 interpreter, "
+              "~1 s per 1M elements; it is a GPU backend)")
+    md.append("- GPU: " + ("see the GPU sections below" if torch.cuda.is_available() else "not run (no GPU lent)"))
+    if info.get("load average (1/5/15 min) at start", "0").split(" / ")[0] and os.cpu_count():
+        busy = max(float(info.get("load average (1/5/15 min) at start", "0 / 0 / 0").split(" / ")[0]), load_end[0])
+        if busy > 0.5 * os.cpu_count():
+            md.append(f"- **taken under load** (load average up to {busy:.1f} on {os.cpu_count()} cores): absolute "
+                      "times are unreliable; the interleaved ratios are the numbers to read")
+    md += ["", "Hyperparameters of every step: lr 1e-3, momentum 0.9, Nesterov, weight decay 1e-4, centripetal "
+           "3e-3; clustered = every conv and norm parameter (random cluster ids at the stated keep fraction: "
+           "the step cost does not depend on which rows share a cluster), classifier plain SGD. Ratios are "
+           "medians of interleaved runs; `/ SGD fused` > 1 means slower than `torch.optim.SGD(fused=True)`.", ""]
+
+    md += ["## Targets", "", report.table(["target", "measured", "verdict"],
+                                           report.targets(step, train, lat, native_reason)), ""]
+    slower = report.slower_lines(step, train)
+    if slower:
+        md += ["## Where C-SGD stands against plain SGD", ""] + slower + [""]
+    if step:
+        md += ["## Optimizer step", "", report.step_table(step)]
+        md += ["The dense approach's cost does not depend on the clustering (two n x n products per parameter "
+               "whatever the clusters)" + ("; it is timed at " + ", ".join(report.keep_name(k) for k in cfg.dense_keeps)
+                                          + " only in this mode" if len(cfg.dense_keeps) < len(cfg.keeps) else "")
+               + ". Its GB/s is the same 20 B/element bookkeeping (not its real traffic).", ""]
+    if sweep:
+        md += ["## Sweeps", "", report.sweep_table(sweep)]
+    if mem:
+        md += ["## Optimizer memory", "", report.memory_table(mem), "",
+               "Computed state = momentum buffers + cluster ids/layouts (+ the dense n x n matrices). Measured = "
+               "growth of resident memory over the first step (allocator noise of a few MiB) and the peak above "
+               "the steady level during a later step (temporaries).", ""]
+    if train:
+        md += ["## Training step", "", report.train_table(train), ""]
+    if lat:
+        md += ["## Inference latency: merged vs unmerged", "", report.latency_table(lat), "",
+               "Eval mode under `torch.inference_mode()`, interleaved, median; random (untrained) weights: the "
+               "merged model's speed does not depend on them.", ""]
+    return "\n".join(md).replace("\n\n\n", "\n\n")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer repeats, < 2 min on 2 cores")
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes, for tests; prints only by default")
+    ap.add_argument("--out", default=None,
+                    help="markdown file to write ('-' = print only); default benchmarks/RESULTS.md "
+                         "(smoke: print only)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {','.join(SECTIONS)}")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    args = ap.parse_args(argv)
+    m = "smoke" if args.smoke else "quick" if args.quick else "full"
+    out = args.out if args.out is not None else ("-" if args.smoke else os.path.join(HERE, "RESULTS.md"))
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                              else sys.argv[1:]))
+    md = build_report(m, sections, command=command.strip(), progress=not args.no_progress)
+    print(md)
+    if out != "-":
+        with open(out, "w") as f:
+            f.write(md + "\n")
+        print(f"\nwrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

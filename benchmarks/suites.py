@@ -1,0 +1,297 @@
+"""The benchmark sections. Each returns plain rows (dicts) that ``run.py`` formats and the pytest-benchmark
+suites reuse, so the script and ``pytest benchmarks`` time the same code.
+
+Sections: copy bandwidth, optimizer step (ResNet-56/50 parameter sets), sweep (tensor size, tensor count),
+optimizer memory, training step (ResNet-56, batch 64), inference latency of merged vs unmerged models.
+
+>>> cfg = CONFIGS["smoke"]
+>>> copy_bandwidth_gbs(cfg) > 0
+True
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import machine, nets
+from .timing import interleave
+from .workloads import (CENTRIPETAL, HP, csgd_backends, keep_label, make_ids, make_optimizer, param_set,
+                        state_bytes, step_candidates, sweep_set)
+
+__all__ = ["Config", "CONFIGS", "BYTES_PER_ELEMENT", "copy_bandwidth_gbs", "step_section", "sweep_section",
+           "memory_section", "train_section", "latency_section"]
+
+#: Traffic of one fused momentum step per fp32 element: read w, g, b; write w, b.
+BYTES_PER_ELEMENT = 20
+
+
+@dataclass(frozen=True)
+class Config:
+    """How much of each section to run (``smoke`` for tests, ``quick`` < 2 min, ``full``)."""
+
+    name: str
+    nets: tuple                  # parameter sets of the step section
+    keeps: tuple                 # clusterings of the step section
+    dense_keeps: tuple           # clusterings the dense approach is timed at (its cost ignores the clustering)
+    min_rounds: int
+    max_rounds: int
+    budget_s: float              # per interleaved pool
+    cap_s: float                 # per slow candidate (dense) in a pool
+    sweep_sizes: tuple
+    sweep_counts: tuple
+    sweep_total: int
+    memory_net: str
+    train_batch: int
+    train_rounds: int
+    latency: tuple               # (net, keep, batch) triples
+    latency_rounds: int
+    copy_numel: int
+
+
+CONFIGS: Dict[str, Config] = {
+    "smoke": Config("smoke", nets=("tiny",), keeps=(0.625, 1.0), dense_keeps=(0.625,), min_rounds=2,
+                    max_rounds=2, budget_s=0.2, cap_s=0.2, sweep_sizes=(1_000,), sweep_counts=(1, 4),
+                    sweep_total=1 << 12, memory_net="tiny", train_batch=2, train_rounds=1,
+                    latency=(("resnet56", 0.625, 2),), latency_rounds=1, copy_numel=1 << 20),
+    "quick": Config("quick", nets=("resnet56", "resnet50"), keeps=(0.625, 0.5, 1.0), dense_keeps=(0.625,),
+                    min_rounds=3, max_rounds=30, budget_s=6.0, cap_s=4.0,
+                    sweep_sizes=(1_000, 10_000, 100_000, 1_000_000, 10_000_000), sweep_counts=(1, 16, 128, 1024),
+                    sweep_total=1 << 20, memory_net="resnet50", train_batch=64, train_rounds=3,
+                    latency=(("resnet56", 0.625, 64), ("resnet50", 0.7, 1)), latency_rounds=5,
+                    copy_numel=1 << 25),
+    "full": Config("full", nets=("resnet56", "resnet50"), keeps=(0.625, 0.5, 1.0), dense_keeps=(0.625, 0.5, 1.0),
+                   min_rounds=7, max_rounds=200, budget_s=30.0, cap_s=15.0,
+                   sweep_sizes=(1_000, 10_000, 100_000, 1_000_000, 10_000_000),
+                   sweep_counts=(1, 16, 128, 1024), sweep_total=1 << 22, memory_net="resnet50",
+                   train_batch=64, train_rounds=11,
+                   latency=(("resnet56", 0.625, 64), ("resnet56", 0.625, 1), ("resnet50", 0.7, 8)),
+                   latency_rounds=15, copy_numel=1 << 26),
+}
+
+
+def copy_bandwidth_gbs(cfg: Config, device="cpu") -> float:
+    """Measured copy bandwidth (GB/s, read + write) of this machine."""
+    return machine.copy_bandwidth(cfg.copy_numel, repeats=max(5, cfg.min_rounds), device=device)
+
+
+def _pool_rows(times, numel: int, bw: float, label_key: str, extra: dict) -> List[dict]:
+    fused = times.get("SGD fused")
+    foreach = times.get("SGD foreach")
+    rows = []
+    for name, t in times.items():
+        med = t.median
+        gbs = BYTES_PER_ELEMENT * numel / med / 1e9
+        rows.append({**extra, label_key: name, "median_s": med, "samples": len(t.samples), "iqr": t.spread,
+                     "vs_fused": med / fused.median if fused else float("nan"),
+                     "vs_foreach": med / foreach.median if foreach else float("nan"),
+                     "gbs": gbs, "pct_copy": 100 * gbs / bw if bw else float("nan")})
+    return rows
+
+
+def step_section(cfg: Config, bw: float, device="cpu", progress: bool = True) -> List[dict]:
+    """One interleaved pool per parameter set: SGD for-loop/foreach/fused, and per clustering every C-SGD
+    backend (no interpreted Triton on CPU) and the official dense approach."""
+    rows = []
+    for net in tqdm(cfg.nets, desc="optimizer step", disable=not progress):
+        ws_by_keep = {k: param_set(net, k) for k in cfg.keeps}
+        numel = next(iter(ws_by_keep.values())).numel
+        holders: list = []
+        cands = step_candidates({k: ws_by_keep[k] for k in cfg.keeps}, dense=False, device=device,
+                                keep_ref=holders)
+        for k in cfg.dense_keeps:
+            ws = ws_by_keep[k].clone().to(device)
+            opt = make_optimizer("dense", ws)
+            holders.append((ws, opt))
+            cands[f"dense (official) @ {keep_label(k)}"] = opt.step
+        del ws_by_keep
+        times = interleave(cands, min_rounds=cfg.min_rounds, max_rounds=cfg.max_rounds, budget_s=cfg.budget_s,
+                           cap_s=cfg.cap_s, device=torch.device(device))
+        rows += _pool_rows(times, numel, bw, "candidate", {"net": net, "numel": numel})
+        del holders, cands
+        gc.collect()
+    return rows
+
+
+def _sweep_pool(ws, bw, cfg, device, extra) -> List[dict]:
+    holders = []
+    cands = {}
+    for kind in ["sgd-foreach", "sgd-fused"] + [f"csgd-{b}" for b in csgd_backends(device)]:
+        w = ws.clone().to(device)
+        opt = make_optimizer(kind, w)
+        holders.append((w, opt))
+        cands[f"SGD {kind[4:]}" if kind.startswith("sgd-") else f"C-SGD {kind[5:]} @ 5/8"] = opt.step
+    times = interleave(cands, min_rounds=cfg.min_rounds, max_rounds=cfg.max_rounds,
+                       budget_s=cfg.budget_s / 3, cap_s=cfg.cap_s, device=torch.device(device))
+    return _pool_rows(times, ws.numel, bw, "candidate", extra)
+
+
+def sweep_section(cfg: Config, bw: float, device="cpu", progress: bool = True) -> List[dict]:
+    """Tensor-size sweep (one ``[64, n/64]`` tensor) and tensor-count sweep (``sweep_total`` elements split
+    into ``count`` tensors), C-SGD at 5/8 against SGD foreach and fused."""
+    rows = []
+    for n in tqdm(cfg.sweep_sizes, desc="size sweep", disable=not progress):
+        rows += _sweep_pool(sweep_set(n, 1), bw, cfg, device, {"sweep": "size", "numel": n, "count": 1})
+    for c in tqdm(cfg.sweep_counts, desc="count sweep", disable=not progress):
+        ws = sweep_set(cfg.sweep_total, c)
+        rows += _sweep_pool(ws, bw, cfg, device, {"sweep": "count", "numel": ws.numel, "count": c})
+    return rows
+
+
+def _quiet_malloc() -> None:
+    """Make glibc return freed large blocks to the OS (fixed mmap threshold, trim), so RSS deltas are real."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, disables the dynamic raise
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_section(cfg: Config, device="cpu", keep: float = 0.625) -> List[dict]:
+    """Optimizer memory on ``cfg.memory_net`` at ``keep``: state bytes computed from the optimizer's tensors,
+    and measured: on CPU the RSS growth over the first step (state allocation) and the peak RSS above the
+    steady level during a later step (transient allocations); on GPU ``torch.cuda.max_memory_allocated``."""
+    base = param_set(cfg.memory_net, keep)
+    kinds = ["sgd-for-loop", "sgd-foreach", "sgd-fused"] + [f"csgd-{b}" for b in csgd_backends(device)] + ["dense"]
+    cuda = torch.device(device).type == "cuda"
+    rows = []
+    _quiet_malloc()
+    for kind in kinds:
+        gc.collect()
+        _quiet_malloc()
+        ws = base.clone().to(device)
+        if cuda:
+            torch.cuda.synchronize()
+            m0 = torch.cuda.memory_allocated()
+        else:
+            m0 = machine.rss_bytes()
+        opt = make_optimizer(kind, ws)
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+            m1 = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            opt.step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            how = "torch.cuda.memory_allocated / max_memory_allocated"
+        else:
+            m1 = machine.rss_bytes()
+            ok = machine.reset_peak_rss()
+            opt.step()
+            peak = machine.peak_rss_bytes() if ok else -1
+            how = "RSS (/proc/self/status VmRSS, VmHWM after clear_refs)"
+        rows.append({"candidate": kind, "net": cfg.memory_net, "keep": keep, "numel": ws.numel,
+                     "param_bytes": ws.numel * 4, "state_bytes": state_bytes(opt),
+                     "measured_state_bytes": m1 - m0, "transient_bytes": (peak - m1) if peak >= 0 else None,
+                     "how": how})
+        del opt, ws
+    return rows
+
+
+def _cluster_model(model: nn.Module, keep: float, seed: int = 0) -> Dict[nn.Parameter, torch.Tensor]:
+    """Random ids at ``keep`` for every conv/norm parameter (the optimizer cost ignores which rows pair up)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            continue
+        for p in mod.parameters(recurse=False):
+            out[p] = make_ids(p.shape[0], keep, gen)
+    return out
+
+
+def train_section(cfg: Config, device="cpu", net: str = "resnet56", keep: float = 0.625) -> List[dict]:
+    """Forward + backward + step of ``net`` at ``cfg.train_batch``, interleaved: torch SGD (default, fused)
+    against C-SGD (every available backend) at ``keep``, all on the same model, batch and loss."""
+    torch.manual_seed(0)
+    model = nets.resnet(net).to(device).train()
+    x = torch.randn(nets.input_shape(net, cfg.train_batch), device=device)
+    y = torch.randint(0, 10 if net == "resnet56" else 1000, (cfg.train_batch,), device=device)
+    clusters = _cluster_model(model, keep)
+    clusters = {p: ids.to(device) for p, ids in clusters.items()}
+    params = list(model.parameters())
+    opts = {"SGD (torch default)": torch.optim.SGD(params, **HP),
+            "SGD fused": torch.optim.SGD(params, fused=True, **HP)}
+    for b in csgd_backends(device):
+        opts[f"C-SGD {b}"] = __import__("csgd_ext").CSGD(params, centripetal=CENTRIPETAL, clusters=clusters,
+                                                         backend=b, **HP)
+
+    def make(opt):
+        def train_step():
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return train_step
+
+    times = interleave({k: make(o) for k, o in opts.items()}, min_rounds=cfg.train_rounds,
+                       max_rounds=cfg.train_rounds, warmup=1, device=torch.device(device))
+    base = times["SGD (torch default)"].median
+    fused = times["SGD fused"].median
+    return [{"candidate": k, "net": net, "batch": cfg.train_batch, "median_s": t.median, "samples": len(t.samples),
+             "vs_default": t.median / base, "vs_fused": t.median / fused} for k, t in times.items()]
+
+
+def _latency_keep(model: nn.Module, net: str, keep: float):
+    """ResNet-50 "70%" prunes the bottlenecks' internal layers (conv1, conv2) only, as the paper; the CIFAR
+    ResNet-56 "5/8" keeps 5/8 of every coupled group (about 61% fewer FLOPs, as the paper)."""
+    if net != "resnet50":
+        return keep
+    return {name: max(1, round(keep * m.out_channels)) for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and name.startswith("layer") and name.endswith((".conv1", ".conv2"))}
+
+
+def _merged(model: nn.Module, net: str, keep: float):
+    """``(merged model, how)``: ``plan_clusters(method="even")`` + ``collapse`` + ``merge`` (so the merged model
+    computes the same function, checked by the caller), or ``(None, why not)``."""
+    import csgd_ext
+
+    missing = [n for n in ("plan_clusters", "collapse", "merge") if not hasattr(csgd_ext, n)]
+    if missing:
+        return None, f"not run: csgd_ext.{' / csgd_ext.'.join(missing)} not available yet"
+    example = torch.randn(nets.input_shape(net, 1))
+    plan = csgd_ext.plan_clusters(model, example, keep=_latency_keep(model, net, keep), method="even")
+    csgd_ext.collapse(model, plan)
+    what = "internal conv1/conv2" if net == "resnet50" else "every group"
+    return csgd_ext.merge(model, plan), f"plan_clusters(even, {what} at {keep:g}) + collapse + merge"
+
+
+def latency_section(cfg: Config, device="cpu", progress: bool = True) -> List[dict]:
+    """Inference latency (eval mode, ``torch.inference_mode``) of each unmerged model against its merged
+    (physically smaller) form, interleaved, medians over ``cfg.latency_rounds`` repeats."""
+    rows = []
+    for net, keep, batch in tqdm(cfg.latency, desc="inference latency", disable=not progress):
+        torch.manual_seed(0)
+        model = nets.resnet(net).eval()
+        merged, how = _merged(model, net, keep)
+        row = {"net": net, "keep": keep, "batch": batch, "how": how,
+               "params_before": sum(p.numel() for p in model.parameters())}
+        if merged is None:
+            rows.append(row)
+            continue
+        model, merged = model.to(device), merged.to(device).eval()
+        x = torch.randn(nets.input_shape(net, batch), device=device)
+
+        def fwd(m):
+            def run():
+                with torch.inference_mode():
+                    m(x)
+            return run
+
+        times = interleave({"unmerged": fwd(model), "merged": fwd(merged)}, min_rounds=cfg.latency_rounds,
+                           max_rounds=cfg.latency_rounds, warmup=1, device=torch.device(device))
+        with torch.inference_mode():
+            err = (model(x) - merged(x)).abs().max().item()
+        row.update(params_after=sum(p.numel() for p in merged.parameters()),
+                   unmerged_s=times["unmerged"].median, merged_s=times["merged"].median,
+                   speedup=times["unmerged"].median / times["merged"].median, max_abs_diff=err,
+                   samples=len(times["merged"].samples))
+        rows.append(row)
+    return rows
