@@ -1,0 +1,247 @@
+"""``python -m csgd_ext prune``: plan clusters for your own model and write the merged model.
+
+Typical workflow::
+
+    # 1. plan (the model's current weights, e.g. a trained checkpoint, drive the k-means clustering)
+    python -m csgd_ext prune --model mypkg.nets:make_net --input-shape 3,32,32 --keep 0.625 \\
+        --checkpoint trained.pt --plan-out plan.json
+    # 2. train with C-SGD in your own loop (csgd_ext.ClusterPlan.load("plan.json", model), csgd_ext.CSGD,
+    #    csgd_ext.train.fit), saving the weights (csgd_ext.save_checkpoint or torch.save(state_dict))
+    # 3. collapse + merge into a physically smaller model
+    python -m csgd_ext prune --model mypkg.nets:make_net --input-shape 3,32,32 --plan plan.json \\
+        --checkpoint csgd_trained.pt --out merged.pt
+
+``--model`` is ``package.module:factory`` (a zero-argument callable returning an ``nn.Module``) or a zoo
+name (``resnet20``, ``resnet56``, ``vgg16``, ...; ``--num-classes`` and the ``C`` of ``--input-shape`` are
+passed to it). ``--checkpoint`` reads a csgd_ext checkpoint, a plain ``state_dict`` file, or a dict holding
+one under ``"state_dict"``/``"model"``. ``--out`` is a csgd_ext checkpoint of the merged model with the plan
+embedded; reload it with :func:`load_merged`. Existing outputs are never overwritten without ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["register", "load_user_model", "parse_input_shape", "load_weights", "load_merged", "run_prune"]
+
+
+def _cli_error():
+    from .cli import CLIError
+
+    return CLIError
+
+
+def parse_input_shape(text: str) -> Tuple[int, ...]:
+    """``"3,32,32"`` -> ``(3, 32, 32)``; raises the CLI's error for anything but positive integers."""
+    parts = [p.strip() for p in str(text).replace("x", ",").split(",")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise _cli_error()(f"--input-shape must be C,H,W with positive integers, got {text!r}") from None
+    if len(shape) != 3 or any(s < 1 for s in shape):
+        raise _cli_error()(f"--input-shape must be C,H,W with positive integers, got {text!r}")
+    return shape
+
+
+def load_user_model(spec: str, in_channels: int, num_classes: int) -> nn.Module:
+    """Build ``package.module:factory()`` or the zoo model ``spec``; errors are one-line CLI errors."""
+    CLIError = _cli_error()
+    if ":" in spec:
+        mod_name, _, fn_name = spec.partition(":")
+        if not mod_name or not fn_name:
+            raise CLIError(f"--model must be package.module:factory or a zoo name, got {spec!r}")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(mod_name)
+        except Exception as e:  # noqa: BLE001 - ModuleNotFoundError, or the module's own import error
+            raise CLIError(f"--model: cannot import module {mod_name!r}: {type(e).__name__}: {_first_line(e)}") \
+                from None
+        factory = getattr(module, fn_name, None)
+        if factory is None or not callable(factory):
+            raise CLIError(f"--model: module {mod_name!r} has no callable {fn_name!r}")
+        try:
+            model = factory()
+        except Exception as e:  # noqa: BLE001 - any failure of user code becomes one line
+            raise CLIError(f"--model: factory {spec!r} failed: {type(e).__name__}: {_first_line(e)}") from None
+        if not isinstance(model, nn.Module):
+            raise CLIError(f"--model: factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    try:
+        from .models import get_model
+    except ImportError as e:
+        raise CLIError(f"--model: the model zoo is unavailable ({_first_line(e)})") from None
+    try:
+        return get_model(spec, num_classes=num_classes, in_channels=in_channels)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CLIError(f"--model: {spec!r} is not package.module:factory nor a zoo model ({_first_line(e)})") \
+            from None
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else ""
+
+
+def load_weights(model: nn.Module, path: str) -> str:
+    """Load ``path`` into ``model``: a csgd_ext checkpoint, a ``state_dict``, or ``{"state_dict"|"model": sd}``.
+
+    Returns a short description of what was read; raises the CLI's error for an unreadable/unfitting file.
+    """
+    CLIError = _cli_error()
+    if not os.path.isfile(path):
+        raise CLIError(f"--checkpoint: no such file {path!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"--checkpoint: cannot read {path!r} ({type(e).__name__}: {_first_line(e)})") from None
+    if isinstance(obj, dict) and obj.get("magic") == "csgd_ext.checkpoint":
+        from .checkpoint import load_checkpoint
+
+        try:
+            load_checkpoint(path, model=model, restore_rng=False)
+        except (ValueError, FileNotFoundError) as e:
+            raise CLIError(f"--checkpoint: {_first_line(e)}") from None
+        return "csgd_ext checkpoint"
+    sd = obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                sd = obj[key]
+                break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CLIError(f"--checkpoint: {path!r} holds no state_dict (a dict of tensors)")
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CLIError(f"--checkpoint: {path!r} does not fit the model: {_first_line(e)}") from None
+    return "state_dict"
+
+
+def load_merged(path: str, model: nn.Module) -> nn.Module:
+    """Rebuild the merged model written by ``prune --out`` from a fresh, unpruned ``model`` of the same kind.
+
+    Example::
+
+        small = load_merged("merged.pt", make_net())     # same factory as --model
+    """
+    from . import ClusterPlan, merge
+    from .checkpoint import read_checkpoint
+
+    payload = read_checkpoint(path)
+    plan_dict = payload.get("plan")
+    if plan_dict is None:
+        raise ValueError(f"{path!r} holds no cluster plan: not written by `python -m csgd_ext prune --out`")
+    plan = ClusterPlan.from_dict(plan_dict, model) if hasattr(ClusterPlan, "from_dict") else None
+    if plan is None:
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, "plan.json")
+            with open(p, "w") as f:
+                json.dump(plan_dict, f)
+            plan = ClusterPlan.load(p, model)
+    small = merge(model, plan)
+    small.load_state_dict(payload["model"])
+    return small
+
+
+def _check_outputs(args) -> None:
+    CLIError = _cli_error()
+    outs = [("--plan-out", args.plan_out), ("--out", args.out)]
+    for flag, path in outs:
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise CLIError(f"{flag}: {path!r} is a directory")
+        if os.path.exists(path) and not args.force:
+            raise CLIError(f"{flag}: {path!r} exists; pass --force to overwrite it")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise CLIError(f"{flag}: directory {parent!r} does not exist")
+    if args.out and args.checkpoint and os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
+        raise CLIError("--out must differ from --checkpoint (the input would be overwritten)")
+    if args.plan_out and args.out and os.path.abspath(args.plan_out) == os.path.abspath(args.out):
+        raise CLIError("--plan-out and --out must be different files")
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """The ``prune`` sub-command (see the module docstring)."""
+    from . import ClusterPlan, collapse, merge, plan_clusters
+
+    CLIError = _cli_error()
+    shape = parse_input_shape(args.input_shape)
+    if args.keep is not None and not (0.0 < args.keep <= 1.0):
+        raise CLIError(f"--keep must be in (0, 1], got {args.keep}")
+    if args.keep is None and args.plan is None:
+        raise CLIError("give --keep F (plan now) or --plan FILE (a plan written by --plan-out)")
+    if args.keep is not None and args.plan is not None:
+        raise CLIError("give either --keep or --plan, not both")
+    if args.plan is not None and not os.path.isfile(args.plan):
+        raise CLIError(f"--plan: no such file {args.plan!r}")
+    if args.plan_out is None and args.out is None:
+        raise CLIError("nothing to write: give --plan-out FILE and/or --out FILE")
+    _check_outputs(args)
+    model = load_user_model(args.model, shape[0], args.num_classes)
+    if args.checkpoint:
+        what = load_weights(model, args.checkpoint)
+        print(f"loaded {what} from {args.checkpoint}")
+    model.eval()
+    example = torch.zeros(1, *shape)
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"--input-shape {args.input_shape}: the model does not run on a 1x{shape[0]}x{shape[1]}x"
+                       f"{shape[2]} input ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        if args.plan is not None:
+            plan = ClusterPlan.load(args.plan, model)
+        else:
+            plan = plan_clusters(model, example, keep=args.keep, seed=args.seed)
+    except (ValueError, TypeError, OSError) as e:
+        raise CLIError(f"planning failed: {_first_line(e)}") from None
+    n_before = sum(p.numel() for p in model.parameters())
+    print(f"plan: {len(plan.groups)} coupled channel groups")
+    if args.plan_out:
+        plan.save(args.plan_out)
+        print(f"wrote plan to {args.plan_out}")
+    if args.out:
+        from .checkpoint import save_checkpoint
+
+        dev = float(collapse(model, plan))
+        small = merge(model, plan)
+        n_after = sum(p.numel() for p in small.parameters())
+        with torch.no_grad():
+            diff = float((model(example) - small.eval()(example)).abs().max())
+        save_checkpoint(args.out, model=small, plan=plan, rng=False,
+                        extra={"model": args.model, "input_shape": list(shape), "merged": True})
+        print(f"collapsed (largest intra-cluster deviation was {dev:.3g}); merged: params {n_before:,} -> "
+              f"{n_after:,}; max |output difference| collapsed vs merged {diff:.3g}")
+        print(f"wrote merged model to {args.out} (reload: csgd_ext.prune_cli.load_merged({args.out!r}, model))")
+    return 0
+
+
+def register(sub) -> None:
+    """Add the ``prune`` sub-command to the CLI's sub-parsers."""
+    p = sub.add_parser("prune", help="plan clusters for your model; collapse and merge it into a smaller one",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="package.module:factory or a zoo name (resnet20, vgg16, ...)")
+    p.add_argument("--input-shape", required=True, help="C,H,W of one input, e.g. 3,32,32")
+    p.add_argument("--keep", type=float, default=None, help="fraction of channels kept per group, in (0, 1]")
+    p.add_argument("--plan", default=None, help="use this plan (from --plan-out) instead of planning")
+    p.add_argument("--plan-out", default=None, help="write the cluster plan here")
+    p.add_argument("--checkpoint", default=None, help="weights to load before planning/merging")
+    p.add_argument("--out", default=None, help="write the collapsed, merged model here (csgd_ext checkpoint)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes for a zoo model (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.set_defaults(func=run_prune)

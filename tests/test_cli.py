@@ -1,0 +1,164 @@
+"""``python -m csgd_ext prune`` / ``demo`` / ``squeeze``: bad input gives one ``error:`` line, a non-zero exit,
+no traceback, and nothing overwritten; the happy path of ``prune`` writes a plan and a merged model."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from csgd_ext.cli import main
+
+USER_MODULE = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def make_net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def broken():
+        raise RuntimeError("cannot build: missing config")
+
+    def not_a_module():
+        return 42
+""")
+
+
+@pytest.fixture()
+def user_pkg(tmp_path, monkeypatch):
+    (tmp_path / "user_nets_for_cli.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    return tmp_path
+
+
+def run(argv, capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+PRUNE = ["prune", "--model", "user_nets_for_cli:make_net", "--input-shape", "3,16,16"]
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["prune", "--model", "no_such_pkg_xyz.nets:make", "--input-shape", "3,8,8", "--keep", "0.5",
+      "--plan-out", "p.json"], ["cannot import module", "no_such_pkg_xyz.nets"]),
+    (["prune", "--model", "user_nets_for_cli:nope", "--input-shape", "3,8,8", "--keep", "0.5",
+      "--plan-out", "p.json"], ["no callable", "nope"]),
+    (["prune", "--model", "user_nets_for_cli:broken", "--input-shape", "3,8,8", "--keep", "0.5",
+      "--plan-out", "p.json"], ["factory", "failed", "missing config"]),
+    (["prune", "--model", "user_nets_for_cli:not_a_module", "--input-shape", "3,8,8", "--keep", "0.5",
+      "--plan-out", "p.json"], ["not a torch.nn.Module"]),
+    (["prune", "--model", "not_a_zoo_net", "--input-shape", "3,8,8", "--keep", "0.5", "--plan-out", "p.json"],
+     ["not_a_zoo_net"]),
+    (PRUNE[:3] + ["--input-shape", "3,16", "--keep", "0.5", "--plan-out", "p.json"], ["--input-shape"]),
+    (PRUNE[:3] + ["--input-shape", "3,a,16", "--keep", "0.5", "--plan-out", "p.json"], ["--input-shape"]),
+    (PRUNE[:3] + ["--input-shape", "1,16,16", "--keep", "0.5", "--plan-out", "p.json"],
+     ["--input-shape", "does not run"]),
+    (PRUNE + ["--keep", "1.5", "--plan-out", "p.json"], ["--keep", "(0, 1]"]),
+    (PRUNE + ["--keep", "0", "--plan-out", "p.json"], ["--keep"]),
+    (PRUNE + ["--keep", "0.5"], ["nothing to write"]),
+    (PRUNE + ["--keep", "0.5", "--plan-out", "p.json", "--checkpoint", "missing.pt"], ["--checkpoint", "missing.pt"]),
+    (PRUNE + ["--plan", "missing.json", "--out", "m.pt"], ["--plan", "missing.json"]),
+    (["demo", "--keep", "1.5"], ["--keep"]),
+    (["demo", "--epochs", "0"], ["--epochs"]),
+    (["squeeze", "--seeds", "a,b"], ["--seeds"]),
+    (["squeeze", "--factor", "1"], ["factor"]),
+])
+def test_bad_input_is_one_line_error(user_pkg, capsys, argv, needles):
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, *needles)
+    assert not os.path.exists(user_pkg / "p.json") and not os.path.exists(user_pkg / "m.pt")
+
+
+def test_unreadable_and_unfitting_checkpoints(user_pkg, capsys):
+    (user_pkg / "garbage.pt").write_bytes(b"\x00not a torch file" * 10)
+    code, _, err = run(PRUNE + ["--keep", "0.5", "--plan-out", "p.json", "--checkpoint", "garbage.pt"], capsys)
+    assert_one_line_error(code, err, "--checkpoint", "garbage.pt")
+    torch.save({"other.weight": torch.zeros(3)}, user_pkg / "wrong.pt")
+    code, _, err = run(PRUNE + ["--keep", "0.5", "--plan-out", "p.json", "--checkpoint", "wrong.pt"], capsys)
+    assert_one_line_error(code, err, "--checkpoint", "does not fit")
+    assert not os.path.exists(user_pkg / "p.json")
+
+
+def test_existing_outputs_are_not_overwritten_without_force(user_pkg, capsys):
+    for name in ("p.json", "m.pt"):
+        (user_pkg / name).write_text("precious")
+    code, _, err = run(PRUNE + ["--keep", "0.5", "--plan-out", "p.json"], capsys)
+    assert_one_line_error(code, err, "p.json", "--force")
+    code, _, err = run(PRUNE + ["--keep", "0.5", "--plan-out", "new.json", "--out", "m.pt"], capsys)
+    assert_one_line_error(code, err, "m.pt", "--force")
+    torch.save(__import__("user_nets_for_cli").make_net().state_dict(), user_pkg / "w.pt")
+    before = (user_pkg / "w.pt").read_bytes()
+    code, _, err = run(PRUNE + ["--keep", "0.5", "--checkpoint", "w.pt", "--out", "w.pt", "--force"], capsys)
+    assert_one_line_error(code, err, "--out must differ")
+    os.makedirs(user_pkg / "demo_out")
+    (user_pkg / "demo_out" / "results.json").write_text("precious")
+    code, _, err = run(["demo", "--out", "demo_out"], capsys)
+    assert_one_line_error(code, err, "results.json", "--force")
+    for name in ("p.json", "m.pt", "demo_out/results.json"):
+        assert (user_pkg / name).read_text() == "precious"
+    assert (user_pkg / "w.pt").read_bytes() == before and not os.path.exists(user_pkg / "new.json")
+
+
+def test_prune_plans_merges_and_reloads(user_pkg, capsys):
+    import csgd_ext
+    from csgd_ext.prune_cli import load_merged
+
+    mod = __import__("user_nets_for_cli")
+    net = mod.make_net()
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    torch.save({"state_dict": net.state_dict()}, user_pkg / "trained.pt")
+    code, out, err = run(PRUNE + ["--keep", "0.5", "--checkpoint", "trained.pt", "--plan-out", "plan.json"], capsys)
+    assert code == 0, err
+    assert "wrote plan" in out
+    net.eval()
+    plan = csgd_ext.ClusterPlan.load(str(user_pkg / "plan.json"), net)
+    code, out, err = run(PRUNE + ["--plan", "plan.json", "--checkpoint", "trained.pt", "--out", "merged.pt"], capsys)
+    assert code == 0, err
+    assert "wrote merged model" in out
+    small = load_merged(str(user_pkg / "merged.pt"), mod.make_net()).eval()
+    csgd_ext.collapse(net, plan)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref, got = net(x), small(x)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in net.parameters())
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # --force overwrites
+    code, _, err = run(PRUNE + ["--plan", "plan.json", "--checkpoint", "trained.pt", "--out", "merged.pt",
+                                "--force"], capsys)
+    assert code == 0, err
+
+
+def test_real_process_prints_one_line_and_no_traceback(user_pkg):
+    (user_pkg / "garbage.pt").write_bytes(b"junk")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(user_pkg)] + sys.path))
+    r = subprocess.run([sys.executable, "-m", "csgd_ext", *PRUNE, "--keep", "0.5", "--plan-out", "p.json",
+                        "--checkpoint", "garbage.pt"], capture_output=True, text=True, cwd=user_pkg, env=env,
+                       timeout=120)
+    assert r.returncode != 0
+    assert_one_line_error(r.returncode, r.stderr, "--checkpoint")
