@@ -11,7 +11,7 @@ resnet20       CIFAR ResNet, official C-SGD ``RCNet``      3 x 32 x 32   272,474
 resnet56       CIFAR ResNet-56, official C-SGD ``RCNet``   3 x 32 x 32   855,770            ~126 M
 resnet110      CIFAR ResNet-110, official C-SGD ``RCNet``  3 x 32 x 32   1,730,714          ~253 M
 vgg16          CIFAR VGG-16, C-SGD ``VCNet`` + 2x2 head    3 x 32 x 32   15,773,130         ~314 M
-densenet40     DenseNet-40, growth 12 (Huang et al.)       3 x 32 x 32   1,019,722          ~283 M
+densenet40     DenseNet-40, growth 12 (Huang et al.)       3 x 32 x 32   1,019,722          ~265 M
 resnet50       torchvision ``resnet50`` (v1.5)             3 x 224 x 224 25,557,032         ~4.09 G
 mobilenetv2    torchvision ``mobilenet_v2``                3 x 224 x 224 3,504,872          ~301 M
 =============  ==========================================  ============  =================  ==========

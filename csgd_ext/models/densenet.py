@@ -10,7 +10,7 @@ and a linear classifier. No dropout. Channel counts at width 1: 16 -> 160 -> 304
 Example::
 
     from csgd_ext.models import densenet40
-    model = densenet40()                 # 1,019,722 parameters (10 classes), ~283 M MACs at 3x32x32
+    model = densenet40()                 # 1,019,722 parameters (10 classes), ~265 M MACs at 3x32x32
     slim = densenet40(width=0.5)         # growth 6, stem 8
 """
 
