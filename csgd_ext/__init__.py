@@ -13,5 +13,7 @@ from .layout import ClusterLayout  # noqa: E402
 from .ops import BackendUnavailableError, available_backends  # noqa: E402
 from .optim import CSGD  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from .merge import collapse, deviation, merge  # noqa: E402
+from .plan import ClusterPlan, plan_clusters  # noqa: E402
 
-__all__ = ["CSGD", "save_checkpoint", "load_checkpoint", "available_backends", "BackendUnavailableError", "ClusterLayout", "__version__"]
+__all__ = ["CSGD", "plan_clusters", "ClusterPlan", "deviation", "collapse", "merge", "save_checkpoint", "load_checkpoint", "available_backends", "BackendUnavailableError", "ClusterLayout", "__version__"]

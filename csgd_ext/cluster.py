@@ -1,0 +1,96 @@
+"""Channel clustering: which channels of a coupled group become one.
+
+Two methods, both deterministic and returning canonical labels (cluster ids numbered by their first member,
+so label 0 holds channel 0 and ``labels[i] <= max(labels[:i]) + 1``):
+
+* ``"kmeans"`` - scikit-learn ``KMeans(n_clusters=width, n_init=10, random_state=seed)`` on one feature row
+  per channel (the official C-SGD recipe: flattened kernels). Always exactly ``width`` non-empty clusters.
+* ``"even"`` - contiguous, equal splits (``numpy.array_split`` of ``range(n)``).
+
+Example::
+
+    >>> import torch
+    >>> even_labels(5, 2).tolist()
+    [0, 0, 0, 1, 1]
+    >>> cluster_channels(torch.tensor([[0.0], [10.0], [0.1], [10.1]]), 2, "kmeans", seed=0).tolist()
+    [0, 1, 0, 1]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["METHODS", "cluster_channels", "even_labels", "canonical_labels", "target_width"]
+
+METHODS = ("kmeans", "even")
+
+
+def target_width(keep, n: int, where: str) -> int:
+    """``max(1, round(keep * n))`` for a fraction ``keep`` in (0, 1]; ValueError naming ``where`` otherwise."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"keep must be a float in (0, 1] or a dict {{module name: width}}, got "
+                        f"{type(keep).__name__}")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    return max(1, min(n, int(round(keep * n))))
+
+
+def canonical_labels(labels) -> np.ndarray:
+    """Renumber cluster ids by first occurrence (so equal partitions give equal labels)."""
+    labels = np.asarray(labels)
+    remap = {}
+    out = np.empty(len(labels), dtype=np.int64)
+    for i, lab in enumerate(labels.tolist()):
+        out[i] = remap.setdefault(lab, len(remap))
+    return out
+
+
+def even_labels(n: int, width: int) -> np.ndarray:
+    """Contiguous equal splits of ``n`` channels into ``width`` clusters."""
+    labels = np.empty(n, dtype=np.int64)
+    for c, chunk in enumerate(np.array_split(np.arange(n), width)):
+        labels[chunk] = c
+    return labels
+
+
+def _fill_to_width(labels: np.ndarray, width: int) -> np.ndarray:
+    """KMeans may return fewer distinct clusters on duplicate points: split the largest ones (deterministic)."""
+    labels = labels.copy()
+    nxt = int(labels.max()) + 1
+    while len(np.unique(labels)) < width:
+        ids, counts = np.unique(labels, return_counts=True)
+        big = ids[np.argmax(counts)]
+        members = np.flatnonzero(labels == big)
+        labels[members[-1]] = nxt
+        nxt += 1
+    return labels
+
+
+def cluster_channels(features, width: int, method: str = "kmeans", seed: int = 0) -> np.ndarray:
+    """Cluster the ``n`` rows of ``features`` (an ``(n, d)`` tensor/array) into ``width`` clusters.
+
+    Returns canonical int64 labels of length ``n`` with exactly ``width`` distinct values.
+    """
+    feats = features.detach().double().cpu().numpy() if isinstance(features, torch.Tensor) else \
+        np.asarray(features, dtype=np.float64)
+    n = feats.shape[0]
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not 1 <= width <= n:
+        raise ValueError(f"width must be in [1, {n}], got {width}")
+    if width == n:
+        return np.arange(n, dtype=np.int64)
+    if width == 1:
+        return np.zeros(n, dtype=np.int64)
+    if method == "even":
+        return even_labels(n, width)
+    import warnings
+
+    from sklearn.cluster import KMeans
+
+    feats = feats.reshape(n, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning on duplicate points: handled below
+        km = KMeans(n_clusters=width, n_init=10, random_state=seed).fit(feats)
+    return canonical_labels(_fill_to_width(canonical_labels(km.labels_), width))

@@ -1,0 +1,320 @@
+"""Coupled-channel analysis: which layers share output channels, and can a merge of them be exact?
+
+:func:`analyze` traces a model once with torch-pruning's ``DependencyGraph`` and turns every pruning
+group into a :class:`CoupledGroup`:
+
+* **producers** - layers whose output channels are the group's channels and are clustered: conv/linear
+  output rows, depthwise convs, batch/instance norms (affine params and running stats), per-channel PReLU.
+  ``index[r]`` is the producer's channel for root channel ``r`` (``-1`` where the producer does not carry it,
+  e.g. one input of a concatenation that feeds a residual add).
+* **consumers** - conv/linear layers that read the channels; ``index[r]`` lists the consumer's input features
+  for root channel ``r`` (one per channel, ``H*W`` for a flatten-to-linear head, shifted by the offset of a
+  concatenation).
+
+Groups whose channels pass through an op for which "identical channels -> keep one, sum the consumers" is not
+exact (GroupNorm, LayerNorm, a split/slice, a permute or a channel shuffle, a reduction over channels, an op
+torch-pruning does not know, a grouped conv) or that reach the model's output are returned in ``skipped`` with
+the reason, never silently clustered.
+
+Example::
+
+    groups, skipped = analyze(model, torch.randn(1, 3, 32, 32))
+    for g in groups:
+        print(g.root, g.width, [p.name for p in g.producers], [c.name for c in g.consumers])
+    for modules, reason in skipped:
+        print(modules, reason)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["Member", "CoupledGroup", "analyze", "module_kind", "resolve_modules"]
+
+PRODUCER_KINDS = ("conv", "linear", "depthwise", "norm", "prelu")
+
+# Ops (autograd node names without the "Backward<N>" suffix) that act on each channel independently:
+# identical input channels give identical output channels, and the channel axis does not move.
+_CHANNELWISE = {
+    "Relu", "Hardtanh", "LeakyRelu", "Elu", "Gelu", "Silu", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid",
+    "Mish", "Softplus", "Threshold", "Add", "Sub", "Mul", "Div", "Neg", "Clone", "Abs", "Pow", "Exp",
+    "Clamp", "ClampMin", "ClampMax", "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices",
+    "AvgPool1D", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool1D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D",
+    "AdaptiveMaxPool1D", "AdaptiveMaxPool2D", "AdaptiveMaxPool3D", "UpsampleNearest1D", "UpsampleNearest2D",
+    "UpsampleNearest3D", "UpsampleBilinear2D", "UpsampleBicubic2D", "UpsampleTrilinear3D", "ConstantPadNd",
+    "ReflectionPad1D", "ReflectionPad2D", "ReplicationPad1D", "ReplicationPad2D", "NativeDropout",
+    "ToCopy", "Alias", "Squeeze", "Unsqueeze", "Expand", "MaxPool2D",
+}
+_REDUCTIONS = {"Mean", "Sum", "Amax", "Amin", "Max", "Min", "Std", "Var", "Logsumexp"}
+
+
+@dataclass
+class Member:
+    """One layer of a coupled group. ``index``: see the module docstring."""
+
+    name: str
+    kind: str
+    index: list
+
+
+@dataclass
+class CoupledGroup:
+    """A set of coupled channels: ``width`` root channels shared by ``producers`` and read by ``consumers``."""
+
+    root: str
+    width: int
+    producers: List[Member] = field(default_factory=list)
+    consumers: List[Member] = field(default_factory=list)
+
+    @property
+    def modules(self) -> List[str]:
+        return [m.name for m in self.producers] + [m.name for m in self.consumers]
+
+
+def module_kind(m: nn.Module):
+    """``(kind, None)`` for a layer a merge knows, else ``(None, reason)``."""
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return None, f"{type(m).__name__} (transposed convolutions are not supported)"
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if m.groups == 1:
+            return "conv", None
+        if m.groups == m.in_channels == m.out_channels:
+            return "depthwise", None
+        return None, f"grouped {type(m).__name__} (groups={m.groups})"
+    if isinstance(m, nn.Linear):
+        return "linear", None
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return "norm", None
+    if isinstance(m, nn.PReLU):
+        return "prelu", None
+    if isinstance(m, nn.GroupNorm):
+        return None, "GroupNorm (normalizes across channels: a merge would change its statistics)"
+    if isinstance(m, nn.LayerNorm):
+        return None, "LayerNorm (normalizes across channels: a merge would change its statistics)"
+    return None, f"{type(m).__name__} (no exact merge rule for this layer)"
+
+
+def resolve_modules(model: nn.Module, items: Iterable, what: str = "ignored_layers") -> List[nn.Module]:
+    """Modules named (or given) in ``items``, with all their submodules; unknown names raise ValueError."""
+    by_name = dict(model.named_modules())
+    known = {id(m) for m in by_name.values()}
+    out = []
+    if isinstance(items, (str, nn.Module)):
+        items = [items]
+    for it in items:
+        if isinstance(it, str):
+            if it not in by_name:
+                raise ValueError(f"{what}: {type(model).__name__} has no module named {it!r}")
+            m = by_name[it]
+        elif isinstance(it, nn.Module):
+            if id(it) not in known:
+                raise ValueError(f"{what}: {type(it).__name__} module is not part of the model")
+            m = it
+        else:
+            raise TypeError(f"{what} must hold module names or nn.Modules, got {type(it).__name__}")
+        out.extend(m.modules())
+    return out
+
+
+def _op_name(grad_fn) -> str:
+    try:
+        return re.sub(r"Backward\d*$", "", grad_fn.name())
+    except Exception:  # no grad_fn / no name
+        return "Unknown"
+
+
+def _saved_ndim(grad_fn):
+    for attr in ("_saved_self_sym_sizes", "_saved_self"):
+        v = getattr(grad_fn, attr, None)
+        if v is not None:
+            return len(v.shape) if isinstance(v, torch.Tensor) else len(v)
+    return None
+
+
+def _reduces_channels(grad_fn) -> bool:
+    dims = getattr(grad_fn, "_saved_dim", None)
+    nd = _saved_ndim(grad_fn)
+    if dims is None or nd is None:
+        return True  # a full reduction
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    return nd < 2 or 1 in {d % nd for d in dims} or len(dims) == 0
+
+
+def _reaches_linear(node, tp_ops, depth: int = 0) -> bool:
+    """A reshape is exact only as a flatten into linear layers (maybe through channel-wise ops)."""
+    if depth > 8 or not node.outputs:
+        return False
+    for out in node.outputs:
+        m = out.module
+        if isinstance(m, nn.Linear):
+            continue
+        if isinstance(m, tp_ops._ElementWiseOp) and _op_name(out.grad_fn) in _CHANNELWISE:
+            if not _reaches_linear(out, tp_ops, depth + 1):
+                return False
+            continue
+        return False
+    return True
+
+
+def _virtual_op_problem(node, tp_ops):
+    """None if the traced (non-module) op keeps a merge exact, else the reason."""
+    m = node.module
+    name = _op_name(node.grad_fn)
+    if isinstance(m, tp_ops._OutputOp):
+        return "its channels reach the model output (an output layer's channels are never pruned)"
+    if isinstance(m, tp_ops._ConcatOp):
+        nd = _saved_ndim(node.grad_fn)
+        dim = getattr(node.grad_fn, "_saved_dim", 1)
+        if nd is not None and dim % max(nd, 1) != 1 and dim != 1:
+            return f"concatenation along dim {dim} (not the channel dim)"
+        return None
+    if isinstance(m, tp_ops._ExpandOp):
+        return None
+    if isinstance(m, tp_ops._ReshapeOp):
+        sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+        if sizes is not None and (len(sizes) <= 2 or all(int(s) == 1 for s in sizes[2:])):
+            return None  # (N, C) <-> (N, C, 1, 1): channels do not move
+        if _reaches_linear(node, tp_ops):
+            return None  # flatten head
+        return f"{name} reshapes a feature map (e.g. a channel shuffle): no exact merge"
+    if isinstance(m, (tp_ops._SplitOp, tp_ops._SliceOp, tp_ops._UnbindOp)):
+        return f"{name} (split/slice of channels: cluster members may land in different branches)"
+    if isinstance(m, tp_ops._ElementWiseOp):
+        if name in _CHANNELWISE:
+            return None
+        if name in _REDUCTIONS:
+            if _reduces_channels(node.grad_fn):
+                return f"{name} reduces over the channel dim: no exact merge"
+            return None
+        if name in ("Permute", "Transpose", "T"):
+            return f"{name} moves the channel dim: no exact merge"
+        return f"unknown op {name!r}: no exact merge rule"
+    return f"{type(m).__name__} (no exact merge rule)"
+
+
+def _trace(model, example_inputs):
+    import torch_pruning as tp
+
+    calls: Dict[nn.Module, int] = {}
+
+    def hook(mod, inp, out):
+        calls[mod] = calls.get(mod, 0) + 1
+
+    watched = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear,
+                                                              nn.modules.batchnorm._NormBase, nn.PReLU,
+                                                              nn.GroupNorm, nn.LayerNorm))]
+    handles = [m.register_forward_hook(hook) for m in watched]
+    was_training = {m: m.training for m in model.modules()}
+    DG = tp.DependencyGraph()
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)  # tp tries model(*inputs) first: never unpack a batch
+    try:
+        with torch.enable_grad():
+            DG.build_dependency(model, example_inputs=example_inputs, verbose=False)
+    except Exception as e:  # noqa: BLE001 - any failure of the trace is the user's model/inputs
+        raise ValueError(f"cannot trace {type(model).__name__} with the example inputs: forward or the "
+                         f"autograd graph walk failed with {type(e).__name__}: {e}") from e
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in was_training.items():
+            m.training = t
+    names = {m: n for n, m in model.named_modules()}
+    for m in watched:
+        if calls.get(m) and m not in DG.module2node and any(p.requires_grad for p in m.parameters()):
+            raise ValueError(f"cannot trace {type(model).__name__}: module {names[m]!r} ({type(m).__name__}) "
+                             "ran in forward but is not connected to the output through autograd "
+                             "(detach(), torch.no_grad() or a non-torch op such as .numpy() inside forward)")
+    if not any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in DG.module2node):
+        raise ValueError(f"cannot trace {type(model).__name__}: no conv/linear layer is connected to the output "
+                         "through autograd (does forward detach its result or run under torch.no_grad()?)")
+    reused = {m for m, c in calls.items() if c > 1}
+    return DG, names, reused
+
+
+def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> Tuple[List[CoupledGroup], list]:
+    """Trace ``model`` and return ``(groups, skipped)``; ``skipped`` holds ``(module names, reason)`` pairs.
+
+    Raises ValueError when the model cannot be traced (naming the module or op) or an ignored layer is unknown.
+    """
+    import torch_pruning as tp
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    ignored = {id(m) for m in resolve_modules(model, ignored_layers)}
+    DG, names, reused = _trace(model, example_inputs)
+    groups: List[CoupledGroup] = []
+    skipped: list = []
+    roots = (nn.modules.conv._ConvNd, nn.Linear)
+    for g in DG.get_all_groups(root_module_types=roots):
+        root_mod = g[0].dep.target.module
+        n = len(g[0].idxs)
+        root = names.get(root_mod, repr(root_mod))
+        reasons: List[str] = []
+        prod: Dict[str, Dict[int, set]] = {}
+        cons: Dict[str, Dict[int, list]] = {}
+        kinds: Dict[str, str] = {}
+        involved: List[str] = []
+        for item in g:
+            dep = item.dep
+            m = dep.target.module
+            if not isinstance(m, nn.Module) or m not in names:
+                if not dep.target.inputs and not isinstance(m, tp.ops._OutputOp):
+                    continue  # an op on parameters only (e.g. a linear layer's weight.t()): not on the channels
+                if isinstance(m, nn.Parameter):
+                    reasons.append("a bare nn.Parameter (outside a standard layer) acts on the channels")
+                    continue
+                prob = _virtual_op_problem(dep.target, tp.ops)
+                if prob is None and not dep.target.outputs:
+                    prob = "its channels reach the model output (an output layer's channels are never pruned)"
+                if prob:
+                    reasons.append(prob)
+                continue
+            name = names[m]
+            if name not in involved:
+                involved.append(name)
+            if id(m) in ignored:
+                reasons.append(f"{name!r} is in ignored_layers")
+            if m in reused:
+                reasons.append(f"{name!r} is called more than once in forward (shared weights)")
+            kind, why = module_kind(m)
+            if kind is None:
+                reasons.append(f"{name!r} is a {why}")
+                continue
+            kinds[name] = kind
+            is_out = DG.is_out_channel_pruning_fn(dep.handler)
+            if (is_out or kind not in ("conv", "linear")) and not dep.target.outputs:
+                reasons.append(f"{name!r} produces a model output (an output layer's channels are never pruned)")
+            if kind in ("conv", "linear") and not is_out:
+                slot = cons.setdefault(name, {})
+                for i, r in zip(item.idxs, item.root_idxs):
+                    slot.setdefault(r, []).append(int(i))
+            else:
+                slot = prod.setdefault(name, {})
+                for i, r in zip(item.idxs, item.root_idxs):
+                    slot.setdefault(r, set()).add(int(i))
+        if not reasons:
+            for name, slot in prod.items():
+                seen = {}
+                for r, idx in slot.items():
+                    for i in idx:
+                        if len(idx) > 1 or i in seen:
+                            reasons.append(f"{name!r} carries a channel more than once (no 1:1 channel map)")
+                            break
+                        seen[i] = r
+        if reasons:
+            skipped.append((tuple(involved), "; ".join(dict.fromkeys(reasons))))
+            continue
+        grp = CoupledGroup(root=root, width=n)
+        for name, slot in prod.items():
+            grp.producers.append(Member(name, kinds[name], [next(iter(slot[r])) if r in slot else -1
+                                                             for r in range(n)]))
+        for name, slot in cons.items():
+            grp.consumers.append(Member(name, kinds[name], [sorted(set(slot.get(r, []))) for r in range(n)]))
+        groups.append(grp)
+    return groups, skipped
