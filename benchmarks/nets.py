@@ -32,20 +32,26 @@ def source() -> str:
 
 def input_shape(name: str, batch: int) -> tuple:
     """The input tensor shape of ``name`` at ``batch`` (CIFAR 32x32 or ImageNet 224x224)."""
-    if name == "resnet56":
+    if name in ("resnet56", "resnet20"):
         return (batch, 3, 32, 32)
     if name == "resnet50":
         return (batch, 3, 224, 224)
+    if _zoo() is not None:
+        from csgd_ext import models
+        return (batch, *models.default_input_shape(name))
     raise ValueError(f"unknown network {name!r}; choose 'resnet56' or 'resnet50'")
 
 
 def resnet(name: str) -> nn.Module:
-    """A fresh ``resnet56`` or ``resnet50`` (zoo if available, else the local fallback)."""
-    if name not in ("resnet56", "resnet50"):
-        raise ValueError(f"unknown network {name!r}; choose 'resnet56' or 'resnet50'")
+    """A fresh ``resnet56`` or ``resnet50`` (zoo if available, else the local fallback); with the zoo, any
+    of its names (``resnet20`` is used by smoke runs)."""
     get = _zoo()
     if get is not None:
         return get(name)
+    if name not in ("resnet56", "resnet50", "resnet20"):
+        raise ValueError(f"unknown network {name!r}; choose 'resnet56' or 'resnet50'")
+    if name == "resnet20":
+        return _CifarResNet(3)
     return _CifarResNet(9) if name == "resnet56" else _ResNet50()
 
 

@@ -172,21 +172,32 @@ def targets(step_rows: List[dict], train_rows: List[dict], latency_rows: List[di
     return out
 
 
+def _how_much(ratio: float) -> str:
+    """``1.3 -> '30% slower'``, ``0.5 -> '2x faster'``.
+
+    >>> _how_much(1.3), _how_much(0.5)
+    ('30.0% slower', '2.00x faster')
+    """
+    if _nan(ratio):
+        return "n/a"
+    if ratio >= 1:
+        return f"{(ratio - 1) * 100:.1f}% slower"
+    return f"{1 / ratio:.2f}x faster"
+
+
 def slower_lines(step_rows: List[dict], train_rows: List[dict]) -> List[str]:
     """Plain sentences: where C-SGD is slower than plain SGD, and by how much."""
     lines = []
     for r in step_rows:
         if r["candidate"].startswith("C-SGD") and not _nan(r["vs_fused"]):
-            word = "slower" if r["vs_fused"] > 1 else "faster"
-            pct = abs(r["vs_fused"] - 1) * 100
             lines.append(f"- {r['net']} step, {r['candidate']}: {fmt_ratio(r['vs_fused'])} the time of SGD fused "
-                         f"({pct:.0f}% {word}); {fmt_ratio(r['vs_foreach'])} the time of SGD foreach.")
+                         f"({_how_much(r['vs_fused'])}); {fmt_ratio(r['vs_foreach'])} the time of SGD foreach "
+                         f"({_how_much(r['vs_foreach'])}).")
     for r in train_rows:
         if r["candidate"].startswith("C-SGD"):
-            word = "slower" if r["vs_fused"] > 1 else "faster"
             lines.append(f"- training step ({r['net']}, batch {r['batch']}), {r['candidate']}: "
-                         f"{r['vs_fused']:.3f}x SGD fused ({abs(r['vs_fused'] - 1) * 100:.1f}% {word}), "
-                         f"{r['vs_default']:.3f}x SGD (torch default).")
+                         f"{r['vs_fused']:.3f}x SGD fused ({_how_much(r['vs_fused'])}), "
+                         f"{r['vs_default']:.3f}x SGD (torch default) ({_how_much(r['vs_default'])}).")
     return lines
 
 

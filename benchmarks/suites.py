@@ -47,29 +47,32 @@ class Config:
     sweep_counts: tuple
     sweep_total: int
     memory_net: str
+    train_net: str
     train_batch: int
     train_rounds: int
     latency: tuple               # (net, keep, batch) triples
     latency_rounds: int
     copy_numel: int
+    min_sample_s: float = 2e-3   # calls per timing sample are batched up to this duration
 
 
 CONFIGS: Dict[str, Config] = {
     "smoke": Config("smoke", nets=("tiny",), keeps=(0.625, 1.0), dense_keeps=(0.625,), min_rounds=2,
                     max_rounds=2, budget_s=0.2, cap_s=0.2, sweep_sizes=(1_000,), sweep_counts=(1, 4),
-                    sweep_total=1 << 12, memory_net="tiny", train_batch=2, train_rounds=1,
-                    latency=(("resnet56", 0.625, 2),), latency_rounds=1, copy_numel=1 << 20),
+                    sweep_total=1 << 12, memory_net="tiny", train_net="resnet20", train_batch=2,
+                    train_rounds=1, latency=(("resnet20", 0.625, 2),), latency_rounds=1, copy_numel=1 << 20,
+                    min_sample_s=0.0),
     "quick": Config("quick", nets=("resnet56", "resnet50"), keeps=(0.625, 0.5, 1.0), dense_keeps=(0.625,),
                     min_rounds=3, max_rounds=30, budget_s=6.0, cap_s=4.0,
                     sweep_sizes=(1_000, 10_000, 100_000, 1_000_000, 10_000_000), sweep_counts=(1, 16, 128, 1024),
-                    sweep_total=1 << 20, memory_net="resnet50", train_batch=64, train_rounds=3,
+                    sweep_total=1 << 20, memory_net="resnet50", train_net="resnet56", train_batch=64, train_rounds=3,
                     latency=(("resnet56", 0.625, 64), ("resnet50", 0.7, 1)), latency_rounds=5,
                     copy_numel=1 << 25),
     "full": Config("full", nets=("resnet56", "resnet50"), keeps=(0.625, 0.5, 1.0), dense_keeps=(0.625, 0.5, 1.0),
                    min_rounds=7, max_rounds=200, budget_s=30.0, cap_s=15.0,
                    sweep_sizes=(1_000, 10_000, 100_000, 1_000_000, 10_000_000),
                    sweep_counts=(1, 16, 128, 1024), sweep_total=1 << 22, memory_net="resnet50",
-                   train_batch=64, train_rounds=11,
+                   train_net="resnet56", train_batch=64, train_rounds=11,
                    latency=(("resnet56", 0.625, 64), ("resnet56", 0.625, 1), ("resnet50", 0.7, 8)),
                    latency_rounds=15, copy_numel=1 << 26),
 }
@@ -111,7 +114,7 @@ def step_section(cfg: Config, bw: float, device="cpu", progress: bool = True) ->
             cands[f"dense (official) @ {keep_label(k)}"] = opt.step
         del ws_by_keep
         times = interleave(cands, min_rounds=cfg.min_rounds, max_rounds=cfg.max_rounds, budget_s=cfg.budget_s,
-                           cap_s=cfg.cap_s, device=torch.device(device))
+                           cap_s=cfg.cap_s, device=torch.device(device), min_sample_s=cfg.min_sample_s)
         rows += _pool_rows(times, numel, bw, "candidate", {"net": net, "numel": numel})
         del holders, cands
         gc.collect()
@@ -127,7 +130,8 @@ def _sweep_pool(ws, bw, cfg, device, extra) -> List[dict]:
         holders.append((w, opt))
         cands[f"SGD {kind[4:]}" if kind.startswith("sgd-") else f"C-SGD {kind[5:]} @ 5/8"] = opt.step
     times = interleave(cands, min_rounds=cfg.min_rounds, max_rounds=cfg.max_rounds,
-                       budget_s=cfg.budget_s / 3, cap_s=cfg.cap_s, device=torch.device(device))
+                       budget_s=cfg.budget_s / 3, cap_s=cfg.cap_s, device=torch.device(device),
+                       min_sample_s=cfg.min_sample_s)
     return _pool_rows(times, ws.numel, bw, "candidate", extra)
 
 
@@ -208,13 +212,14 @@ def _cluster_model(model: nn.Module, keep: float, seed: int = 0) -> Dict[nn.Para
     return out
 
 
-def train_section(cfg: Config, device="cpu", net: str = "resnet56", keep: float = 0.625) -> List[dict]:
+def train_section(cfg: Config, device="cpu", net: Optional[str] = None, keep: float = 0.625) -> List[dict]:
     """Forward + backward + step of ``net`` at ``cfg.train_batch``, interleaved: torch SGD (default, fused)
     against C-SGD (every available backend) at ``keep``, all on the same model, batch and loss."""
+    net = net or cfg.train_net
     torch.manual_seed(0)
     model = nets.resnet(net).to(device).train()
     x = torch.randn(nets.input_shape(net, cfg.train_batch), device=device)
-    y = torch.randint(0, 10 if net == "resnet56" else 1000, (cfg.train_batch,), device=device)
+    y = torch.randint(0, 1000 if net == "resnet50" else 10, (cfg.train_batch,), device=device)
     clusters = _cluster_model(model, keep)
     clusters = {p: ids.to(device) for p, ids in clusters.items()}
     params = list(model.parameters())

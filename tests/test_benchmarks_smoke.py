@@ -1,0 +1,135 @@
+"""The benchmarks' shared baselines and report generation (what is timed is tested).
+
+* ``benchmarks.baselines.DenseCSGD`` (the official dense merge-matrix C-SGD + ``torch.optim.SGD``) equals
+  ``csgd_ext.CSGD`` over several steps, parameters and momentum buffers;
+* the timing helper interleaves and caps; the target verdicts flip at their limits;
+* ``benchmarks/run.py --smoke`` exercises every section and the table generation without writing RESULTS.md.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+import csgd_ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import report, run  # noqa: E402
+from benchmarks.baselines import DenseCSGD, dense_matrices, sgd  # noqa: E402
+from benchmarks.timing import interleave  # noqa: E402
+from benchmarks.workloads import make_ids, param_set, state_bytes, make_optimizer  # noqa: E402
+
+HPS = [dict(momentum=0.9, nesterov=True, weight_decay=1e-4, centripetal=3e-2),
+       dict(momentum=0.9, nesterov=False, weight_decay=5e-4, centripetal=1e-1),
+       dict(momentum=0.0, nesterov=False, weight_decay=0.0, centripetal=5e-2)]
+
+
+def _params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(12, 3, 3, 3), (12,), (12,), (8, 12, 1, 1), (5, 8)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ids = {0: torch.tensor([0, 1, 0, 2, 2, 2, 3, 1, 0, 4, 4, 5]), 3: make_ids(8, 0.5, gen)}
+    ids[1] = ids[2] = ids[0]
+    return ps, ids
+
+
+@pytest.mark.parametrize("hp", HPS, ids=["nesterov", "momentum", "plain"])
+def test_dense_official_equals_csgd(backend, hp):
+    a, ids = _params()
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    hp = dict(hp)
+    c = hp.pop("centripetal")
+    dense = DenseCSGD(a, lr=0.05, centripetal=c, clusters={a[i]: v for i, v in ids.items()}, **hp)
+    ours = csgd_ext.CSGD(b, lr=0.05, centripetal=c, clusters={b[i]: v for i, v in ids.items()},
+                         backend=backend, **hp)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for p, q in zip(a, b):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        dense.step()
+        ours.step()
+    for i, (p, q) in enumerate(zip(a, b)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"param {i}")
+        if hp["momentum"]:
+            torch.testing.assert_close(dense.sgd.state[p]["momentum_buffer"], ours.state[q]["momentum_buffer"],
+                                       rtol=1e-5, atol=1e-6, msg=f"momentum buffer {i}")
+    # the clustered rows really moved towards their means (the comparison is not vacuous)
+    assert not torch.allclose(a[0], _params()[0][0])
+
+
+def test_dense_matrices_and_misuse():
+    M, D = dense_matrices(torch.tensor([3, 1, 3, 3]), weight_decay=0.1, centripetal=2.0)
+    torch.testing.assert_close(M.sum(1), torch.ones(4))
+    torch.testing.assert_close(M @ M, M)  # a projection onto cluster means
+    torch.testing.assert_close(D, 0.1 * torch.eye(4) + 2.0 * (torch.eye(4) - M))
+    with pytest.raises(TypeError, match="ids"):
+        dense_matrices(torch.tensor([0.0, 1.0]), 0.0, 0.0)
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="one id per row"):
+        DenseCSGD([p], lr=0.1, clusters={p: torch.tensor([0, 1])})
+    with pytest.raises(ValueError, match="impl"):
+        sgd([p], impl="magic", lr=0.1, momentum=0.0, weight_decay=0.0, nesterov=False)
+
+
+def test_workloads_and_state_bytes():
+    ws = param_set("tiny", keep=0.5)
+    assert ws.numel == sum(p.numel() for p in ws.params) and ws.clusters
+    for ids in ws.cluster_index.values():
+        assert ids.unique().numel() == max(1, round(0.5 * ids.numel()))
+    opt = make_optimizer("sgd-fused", ws.clone())
+    opt.step()
+    assert state_bytes(opt) == ws.numel * 4  # one momentum buffer per parameter
+    dense = make_optimizer("dense", ws.clone())
+    dense.step()
+    assert state_bytes(dense) == ws.numel * 4 + dense.state_bytes() > ws.numel * 4
+
+
+def test_interleave_alternates_and_caps():
+    order = []
+    cands = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    t = interleave(cands, min_rounds=4, max_rounds=4, warmup=1, min_sample_s=0.0)
+    assert [len(t[k].samples) for k in "ab"] == [4, 4]
+    assert order[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # start rotates each round
+    t = interleave(cands, min_rounds=2, max_rounds=6, cap_s=0.0, min_sample_s=0.0)
+    assert len(t["a"].samples) == 2  # capped once it had its minimum
+
+
+def _rows(native_vs_fused, dense_over_native, train_ratio, speedup):
+    step = [{"net": "resnet50", "candidate": "SGD fused", "median_s": 1.0, "vs_fused": 1.0},
+            {"net": "resnet50", "candidate": "C-SGD native @ 5/8", "median_s": native_vs_fused,
+             "vs_fused": native_vs_fused},
+            {"net": "resnet50", "candidate": "dense (official) @ 5/8",
+             "median_s": native_vs_fused * dense_over_native, "vs_fused": 0.0}]
+    train = [{"candidate": "SGD fused", "median_s": 1.0, "batch": 64},
+             {"candidate": "C-SGD native", "median_s": train_ratio, "batch": 64}]
+    lat = [{"net": "resnet56", "keep": 0.625, "batch": 64, "speedup": speedup, "how": "x"}]
+    return step, train, lat
+
+
+def test_target_verdicts_flip_at_the_limits():
+    met = report.targets(*_rows(1.10, 150, 1.02, 1.8), native_reason=None)
+    assert [r[2] for r in met] == ["MET"] * 4
+    missed = report.targets(*_rows(1.20, 50, 1.10, 1.2), native_reason=None)
+    assert [r[2] for r in missed] == ["MISSED"] * 4
+    none = report.targets([], [], [], native_reason="not built")
+    assert all(r[2].startswith("NOT MEASURED") for r in none)
+
+
+def test_run_smoke_prints_every_section_and_leaves_results_alone(capsys):
+    results = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+    before = open(results).read() if os.path.exists(results) else None
+    assert run.main(["--smoke", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("## Targets", "## Optimizer step", "## Sweeps", "## Optimizer memory", "## Training step",
+                    "## Inference latency", "measured copy bandwidth"):
+        assert heading in out, heading
+    assert "| SGD fused |" in out and "dense (official) @ 5/8" in out
+    assert "C-SGD reference @ 5/8" in out and "C-SGD triton" not in out  # no interpreted Triton timings
+    if not torch.cuda.is_available():
+        assert "GPU: not run (no GPU lent)" in out
+    assert (open(results).read() if os.path.exists(results) else None) == before
