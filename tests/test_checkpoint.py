@@ -319,3 +319,18 @@ def test_kill_at_a_random_moment_of_a_save_loop(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))
     ck = csgd_ext.load_checkpoint(tmp_path / "ck.pt", model=model)
     assert ck.step >= 3 and torch.all(model[0].weight == ck.step)
+
+
+def test_real_cluster_plan_round_trip(tmp_path):
+    model = make_model()
+    plan = csgd_ext.plan_clusters(model, torch.randn(2, 3, 8, 8), keep=0.5, seed=0)
+    opt = csgd_ext.CSGD(model.parameters(), lr=0.1, momentum=0.9)
+    csgd_ext.save_checkpoint(tmp_path / "ck.pt", model=model, optimizer=opt, plan=plan, step=5)
+    assert read_checkpoint(tmp_path / "ck.pt")["plan"] == plan.to_dict()  # JSON form, no pickled objects
+    m2 = make_model(seed=3)
+    ck = csgd_ext.load_checkpoint(tmp_path / "ck.pt", model=m2)
+    assert isinstance(ck.plan, csgd_ext.ClusterPlan) and ck.plan.to_dict() == plan.to_dict()
+    assert ck.plan.model is m2  # bound to the model it was loaded onto
+    with pytest.raises(ValueError, match=r"ck\.pt.*plan does not match"):  # another architecture
+        csgd_ext.load_checkpoint(tmp_path / "ck.pt", model=torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)),
+                                 strict=False)
