@@ -106,7 +106,7 @@ def _add_common_run_args(p: argparse.ArgumentParser, default_out: str, epochs: i
     # small-size knobs (tests, experiments)
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64, help=hidden)
     p.add_argument("--lr", type=float, default=0.05, help=hidden)
-    p.add_argument("--centripetal", type=float, default=0.3, help=hidden)
+    p.add_argument("--centripetal", type=float, default=3.0, help=hidden)
     p.add_argument("--limit", type=_positive_int("--limit"), default=None, help=hidden)
     p.add_argument("--threads", type=_positive_int("--threads"), default=1, help=hidden)
 
@@ -149,7 +149,7 @@ def _register_squeeze(sub) -> None:
                                        "training the original width directly (several seeds)")
     p.add_argument("--factor", type=_positive_int("--factor"), default=2, help="width factor K (default 2)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    _add_common_run_args(p, "csgd_squeeze_out", 3)
+    _add_common_run_args(p, "csgd_squeeze_out", 2)
     p.set_defaults(func=_cmd_squeeze)
 
 

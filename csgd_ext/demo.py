@@ -1,0 +1,312 @@
+"""The end-to-end demo on real data: ``python -m csgd_ext demo``.
+
+Trains a narrow ResNet-20 from the zoo on the embedded MNIST split, plans clusters at ``--keep`` width,
+trains with C-SGD, collapses and merges, then reports accuracy before/after, the largest logit difference,
+params/FLOPs, CPU inference latency and optimizer step time (C-SGD vs SGD, side by side). Writes
+``DIR/results.json`` and PNG plots.
+
+Example::
+
+    from csgd_ext.demo import DemoConfig, run_demo
+    results = run_demo(DemoConfig(epochs=2, out="demo_out"))
+    print(results["base_accuracy"], results["merged_accuracy"])
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import data as data_mod
+from .train import DeviationLogger, evaluate, fit, predict
+
+__all__ = ["DemoConfig", "run_demo", "format_table", "set_determinism", "make_sgd", "make_csgd",
+           "count_flops_params", "latency_pair_ms", "step_time_ms"]
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class DemoConfig:
+    """Every knob of the demo; the CLI exposes the public ones, tests use the small-size ones."""
+
+    epochs: int = 3                 # epochs of base training, and again of C-SGD training
+    keep: float = 0.625             # fraction of channels kept in every coupled group
+    seed: int = 0
+    out: str = "csgd_demo_out"
+    arch: str = "resnet20"
+    width: float = 0.5              # zoo width multiplier (resnet20 at 0.5: 8/16/32 channels)
+    batch_size: int = 64
+    lr: float = 0.05
+    weight_decay: float = 1e-4
+    # strong pull: with Nesterov momentum, lr * centripetal ~ 0.15 shrinks the intra-cluster deviation ~10x
+    # per ~15 steps, so a few hundred steps make cluster members equal to float precision
+    centripetal: float = 3.0
+    vector_centripetal_scale: float = 1.0
+    limit: Optional[int] = None     # samples per class (tiny runs); None: all 500
+    threads: int = 1                # 1: on a shared 2-core box, 2 OpenMP threads can be far slower
+    latency_repeats: int = 30
+    step_repeats: int = 30
+    compare: bool = False
+    progress: bool = True
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not isinstance(self.keep, (int, float)) or not 0.0 < self.keep < 1.0:
+            raise ValueError(f"keep must be in (0, 1), got {self.keep!r}")
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+
+
+def set_determinism(seed: int, threads: int) -> None:
+    """Seed torch, fix the intra-op thread count and ask for deterministic algorithms."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def make_sgd(params, lr: float, weight_decay: float) -> torch.optim.SGD:
+    """The baseline optimizer of every run: SGD, momentum 0.9, Nesterov."""
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def make_csgd(plan, lr: float, weight_decay: float, centripetal: float, vector_centripetal_scale: float = 1.0):
+    """C-SGD over ``plan`` with the same momentum/Nesterov as :func:`make_sgd`."""
+    from . import CSGD
+
+    groups = plan.param_groups(lr=lr, weight_decay=weight_decay, centripetal=centripetal,
+                               vector_centripetal_scale=vector_centripetal_scale)
+    return CSGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay,
+                centripetal=centripetal, clusters=plan.clusters)
+
+
+def cosine(opt: torch.optim.Optimizer, steps: int):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+
+
+def count_flops_params(model: nn.Module, example: torch.Tensor) -> Tuple[int, int]:
+    """``(flops, params)`` of ``model`` for one ``example`` batch, via :mod:`csgd_ext.flops`."""
+    from .flops import count_flops_params as cfp
+
+    r = cfp(model, example)
+    if isinstance(r, tuple):
+        return int(r[0]), int(r[1])
+    if isinstance(r, dict):
+        return int(r["flops"]), int(r["params"])
+    return int(getattr(r, "flops")), int(getattr(r, "params"))
+
+
+def latency_pair_ms(a: nn.Module, b: nn.Module, example: torch.Tensor, repeats: int,
+                    threads: int = 1) -> Tuple[float, float]:
+    """Median CPU latencies (ms) of ``a`` and ``b``, interleaved round by round (same load for both)."""
+    from .latency import measure_latency_interleaved
+
+    r = measure_latency_interleaved({"a": a, "b": b}, example, repeats=repeats, warmup=5, threads=threads)
+    return float(r["a"]["median_ms"]), float(r["b"]["median_ms"])
+
+
+def step_time_ms(model: nn.Module, plan, cfg: DemoConfig) -> Dict[str, float]:
+    """Optimizer step time (ms, medians, interleaved) on ``model``'s parameters: C-SGD over ``plan`` vs
+    ``torch.optim.SGD`` as constructed by default on CPU (single-tensor loop) and with ``fused=True``."""
+    copies = [copy.deepcopy(model) for _ in range(3)]
+    plan_c = _plan_for(copies[0], plan)
+    for m in copies:
+        g = torch.Generator().manual_seed(0)
+        for p in m.parameters():
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * 1e-3
+    opts = {"csgd": make_csgd(plan_c, 1e-4, cfg.weight_decay, cfg.centripetal),
+            "sgd": make_sgd(copies[1].parameters(), 1e-4, cfg.weight_decay)}
+    try:
+        opts["sgd_fused"] = torch.optim.SGD(copies[2].parameters(), lr=1e-4, momentum=0.9, nesterov=True,
+                                            weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # fused SGD unavailable in this torch build
+        pass
+    times: Dict[str, list] = {k: [] for k in opts}
+    for i in range(3 + cfg.step_repeats):
+        for k, o in opts.items():
+            t0 = time.perf_counter()
+            o.step()
+            if i >= 3:
+                times[k].append(time.perf_counter() - t0)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    out = {"step_ms_csgd": ms["csgd"], "step_ms_sgd": ms["sgd"], "step_time_ratio": ms["csgd"] / ms["sgd"],
+           "csgd_backend": _backend_used(opts["csgd"])}
+    if "sgd_fused" in ms:
+        out["step_ms_sgd_fused"] = ms["sgd_fused"]
+        out["step_time_ratio_vs_fused"] = ms["csgd"] / ms["sgd_fused"]
+    return out
+
+
+def _backend_used(opt) -> str:
+    try:
+        from . import ops
+
+        dev = next(p.device for g in opt.param_groups for p in g["params"])
+        return ops.resolve(opt.backend, dev).NAME
+    except Exception:  # noqa: BLE001 - informative only
+        return str(getattr(opt, "backend", "?"))
+
+
+def _plan_for(model: nn.Module, plan):
+    """The same plan re-bound to a copy of its model (plans map parameters by identity)."""
+    import tempfile
+
+    from . import ClusterPlan
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "plan.json")
+        plan.save(path)
+        return ClusterPlan.load(path, model)
+
+
+def _build(cfg: DemoConfig, width: float) -> nn.Module:
+    from .models import get_model
+
+    return get_model(cfg.arch, width=width, num_classes=data_mod.NUM_CLASSES, in_channels=1)
+
+
+def train_base(cfg: DemoConfig, train_loader, width: Optional[float] = None, epochs: Optional[int] = None,
+               desc: str = "base (SGD)") -> nn.Module:
+    """A zoo model trained with SGD + cosine LR for ``epochs``."""
+    model = _build(cfg, cfg.width if width is None else width)
+    ep = cfg.epochs if epochs is None else epochs
+    opt = make_sgd(model.parameters(), cfg.lr, cfg.weight_decay)
+    fit(model, train_loader, opt, epochs=ep, scheduler=cosine(opt, ep * len(train_loader)),
+        progress=cfg.progress, desc=desc)
+    return model
+
+
+def train_csgd(model: nn.Module, plan, cfg: DemoConfig, train_loader, epochs: Optional[int] = None,
+               log_every: int = 10, desc: str = "C-SGD") -> DeviationLogger:
+    """Train ``model`` in place with C-SGD over ``plan``; returns the deviation log."""
+    ep = cfg.epochs if epochs is None else epochs
+    opt = make_csgd(plan, cfg.lr, cfg.weight_decay, cfg.centripetal, cfg.vector_centripetal_scale)
+    dev = DeviationLogger(plan, every=log_every)
+    dev.record(model, 0)
+    fit(model, train_loader, opt, epochs=ep, scheduler=cosine(opt, ep * len(train_loader)),
+        callbacks=[dev], progress=cfg.progress, desc=desc)
+    dev.record(model, len(train_loader) * ep)
+    return dev
+
+
+def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
+    """Run the demo; returns the results dict (also written to ``cfg.out/results.json``)."""
+    from . import collapse, merge, plan_clusters
+    from . import plots
+
+    cfg.validate()
+    t_start = time.perf_counter()
+    set_determinism(cfg.seed, cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    split = data_mod.mnist_split(0.2, cfg.seed, cfg.limit)
+    train_loader = data_mod.make_loader(split.x_train, split.y_train, cfg.batch_size, True, cfg.seed)
+    test_loader = data_mod.make_loader(split.x_test, split.y_test, 500, False)
+    example = split.x_test[:1]
+
+    torch.manual_seed(cfg.seed)
+    base = train_base(cfg, train_loader)
+    base_acc = evaluate(base, test_loader)
+
+    model = copy.deepcopy(base)
+    plan = plan_clusters(model, example, keep=cfg.keep, seed=cfg.seed)
+    if cfg.progress:
+        print(f"planned {len(plan.groups)} coupled groups at keep={cfg.keep}", flush=True)
+    dev = train_csgd(model, plan, cfg, train_loader)
+    csgd_logits = predict(model, test_loader)
+    csgd_acc = evaluate(model, test_loader)
+    collapsed_dev = float(collapse(model, plan))
+    collapsed_logits = predict(model, test_loader)
+    merged = merge(model, plan)
+    merged_logits = predict(merged, test_loader)
+    merged_acc = evaluate(merged, test_loader)
+
+    flops_b, params_b = count_flops_params(base, example)
+    flops_a, params_a = count_flops_params(merged, example)
+    lat_b, lat_a = latency_pair_ms(base, merged, example, cfg.latency_repeats, cfg.threads)
+    big = split.x_test[:64]
+    lat64_b, lat64_a = latency_pair_ms(base, merged, big, max(3, cfg.latency_repeats // 2), cfg.threads)
+    steps = step_time_ms(base, plan, cfg)
+
+    res: Dict[str, Any] = {
+        "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+        "model": f"{cfg.arch} width={cfg.width} in_channels=1",
+        "n_train": int(split.y_train.numel()), "n_test": int(split.y_test.numel()),
+        "n_groups": len(plan.groups),
+        "base_accuracy": 100.0 * base_acc,
+        "csgd_accuracy_before_merge": 100.0 * csgd_acc,
+        "merged_accuracy": 100.0 * merged_acc,
+        "predictions_identical": bool(torch.equal(csgd_logits.argmax(1), merged_logits.argmax(1))),
+        "max_logit_diff": float((csgd_logits - merged_logits).abs().max()),
+        "max_logit_diff_collapsed_vs_merged": float((collapsed_logits - merged_logits).abs().max()),
+        "deviation_at_collapse": collapsed_dev,
+        "params_before": params_b, "params_after": params_a,
+        "flops_before": flops_b, "flops_after": flops_a,
+        "flops_reduction": 1.0 - flops_a / flops_b,
+        "latency_ms_before": lat_b, "latency_ms_after": lat_a,
+        "latency_batch": int(example.shape[0]),
+        "latency64_ms_before": lat64_b, "latency64_ms_after": lat64_a,
+        **steps,
+        "deviation": {"steps": dev.steps, "values": dev.values},
+        "threads": torch.get_num_threads(),
+    }
+    res["plots"] = [
+        plots.plot_deviation(dev.steps, dev.values, os.path.join(cfg.out, "deviation.png")),
+        plots.plot_before_after(["base", "C-SGD", "merged"],
+                                [res["base_accuracy"], res["csgd_accuracy_before_merge"], res["merged_accuracy"]],
+                                [flops_b, flops_b, flops_a], os.path.join(cfg.out, "accuracy_flops.png")),
+    ]
+    if cfg.compare:
+        from .compare import run_comparison
+
+        cmp = run_comparison(base, res, cfg, train_loader, test_loader, example)
+        res["compare"] = cmp
+        res["plots"].append(cmp["plot"])
+    res["wall_s"] = time.perf_counter() - t_start
+    with open(os.path.join(cfg.out, RESULTS_FILE), "w") as f:
+        json.dump(res, f, indent=2)
+    return res
+
+
+def format_table(res: Dict[str, Any]) -> str:
+    """The demo's human-readable result table."""
+    rows = [
+        ("model", res["model"]),
+        ("train / test samples", f"{res['n_train']} / {res['n_test']} (real MNIST digits)"),
+        ("base accuracy", f"{res['base_accuracy']:.2f} %"),
+        ("C-SGD accuracy before merge", f"{res['csgd_accuracy_before_merge']:.2f} %"),
+        ("merged accuracy", f"{res['merged_accuracy']:.2f} %"),
+        ("identical predictions (before vs merged)", str(res["predictions_identical"])),
+        ("max |logit difference|", f"{res['max_logit_diff']:.3g}"),
+        ("params before -> after", f"{res['params_before']:,} -> {res['params_after']:,}"),
+        ("FLOPs before -> after", f"{res['flops_before']:,} -> {res['flops_after']:,} "
+                                  f"(-{100 * res['flops_reduction']:.1f} %)"),
+        ("CPU latency before -> after (batch 1, median)",
+         f"{res['latency_ms_before']:.3f} ms -> {res['latency_ms_after']:.3f} ms"),
+        ("CPU latency before -> after (batch 64, median)",
+         f"{res['latency64_ms_before']:.2f} ms -> {res['latency64_ms_after']:.2f} ms "
+         f"(x{res['latency64_ms_before'] / res['latency64_ms_after']:.2f})"),
+        ("optimizer step C-SGD vs SGD default (median)",
+         f"{res['step_ms_csgd']:.3f} ms vs {res['step_ms_sgd']:.3f} ms "
+         f"(x{res['step_time_ratio']:.2f}, backend {res['csgd_backend']})"),
+        ("optimizer step SGD fused=True (median)",
+         f"{res['step_ms_sgd_fused']:.3f} ms (C-SGD / fused SGD x{res['step_time_ratio_vs_fused']:.2f})"
+         if "step_ms_sgd_fused" in res else "n/a"),
+        ("wall time", f"{res.get('wall_s', float('nan')):.1f} s on {res['threads']} threads"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(w)}  {v}" for k, v in rows]
+    if "compare" in res:
+        from .compare import format_comparison
+
+        lines += ["", format_comparison(res["compare"])]
+    return "\n".join(lines)
