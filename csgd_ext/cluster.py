@@ -90,7 +90,10 @@ def cluster_channels(features, width: int, method: str = "kmeans", seed: int = 0
     from sklearn.cluster import KMeans
 
     feats = feats.reshape(n, -1)
-    with warnings.catch_warnings():
+    from threadpoolctl import threadpool_limits
+
+    # one thread: bit-for-bit the same result on every machine, and much faster for these small problems
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore")  # ConvergenceWarning on duplicate points: handled below
         km = KMeans(n_clusters=width, n_init=10, random_state=seed).fit(feats)
     return canonical_labels(_fill_to_width(canonical_labels(km.labels_), width))

@@ -49,6 +49,23 @@ def _channel_tensors(m: nn.Module, with_buffers: bool):
     return out
 
 
+def _ids(clusters: List[List[int]], n: int, device) -> torch.Tensor:
+    """Per-channel cluster id (a channel outside every cluster is its own cluster)."""
+    ids = torch.arange(n, dtype=torch.long)
+    for cl in clusters:
+        ids[cl] = cl[0]
+    return ids.to(device)
+
+
+def _cluster_mean(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``mean_{C(i)} t`` broadcast back to every row ``i`` (computed in fp32 or fp64)."""
+    dt = torch.float64 if t.dtype == torch.float64 else torch.float32
+    tf = t.detach().to(dt).reshape(t.shape[0], -1)  # 2-D: index_add_ is slow on N-D tensors on CPU
+    sums = torch.zeros_like(tf).index_add_(0, ids, tf)
+    counts = torch.bincount(ids, minlength=t.shape[0]).to(dt).clamp_min(1)
+    return (sums / counts[:, None]).index_select(0, ids).reshape(t.shape)
+
+
 @torch.no_grad()
 def deviation(model: nn.Module, plan) -> float:
     """Largest intra-cluster deviation ``max |w_i - mean_{C(i)} w|`` over the plan's clustered parameters."""
@@ -57,11 +74,9 @@ def deviation(model: nn.Module, plan) -> float:
     worst = 0.0
     for name, clusters in plan.producer_clusters().items():
         for _, t in _channel_tensors(mods[name], with_buffers=False):
-            tf = t.detach().float()
-            for cl in clusters:
-                rows = tf[cl]
-                d = (rows - rows.mean(0, keepdim=True)).abs().max().item()
-                worst = max(worst, d)
+            ids = _ids(clusters, t.shape[0], t.device)
+            worst = max(worst, (t.detach().to(torch.float64) - _cluster_mean(t, ids).to(torch.float64))
+                        .abs().max().item())
     return worst
 
 
@@ -73,10 +88,7 @@ def collapse(model: nn.Module, plan) -> float:
     mods = dict(model.named_modules())
     for name, clusters in plan.producer_clusters().items():
         for _, t in _channel_tensors(mods[name], with_buffers=True):
-            for cl in clusters:
-                idx = torch.tensor(cl, device=t.device)
-                mean = t.index_select(0, idx).float().mean(0, keepdim=True)
-                t.index_copy_(0, idx, mean.to(t.dtype).expand(len(cl), *t.shape[1:]).contiguous())
+            t.copy_(_cluster_mean(t, _ids(clusters, t.shape[0], t.device)).to(t.dtype))
     return seen
 
 
@@ -154,16 +166,17 @@ def merge(model: nn.Module, plan) -> nn.Module:
     # 1. values: producers -> cluster means, consumers -> summed slices (all at the original shapes)
     for name, clusters in plan.producer_clusters().items():
         for _, t in _channel_tensors(mods[name], with_buffers=True):
-            for cl in clusters:
-                t[cl[0]] = t[cl].float().mean(0).to(t.dtype)
+            t.copy_(_cluster_mean(t, _ids(clusters, t.shape[0], t.device)).to(t.dtype))
     for name, clusters in plan.consumer_clusters().items():
         w = mods[name].weight
+        target = torch.arange(w.shape[1], dtype=torch.long)
         for cl in clusters:
-            keep = torch.tensor(cl[0], device=w.device)
-            acc = w.index_select(1, keep).float()
             for member in cl[1:]:
-                acc += w.index_select(1, torch.tensor(member, device=w.device)).float()
-            w.index_copy_(1, keep, acc.to(w.dtype))
+                target[member] = torch.tensor(cl[0])  # j-th feature of a member -> j-th of the kept one
+        dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+        wt = w.detach().transpose(0, 1).to(dt).reshape(w.shape[1], -1)  # (in, out * k...) 2-D for index_add_
+        acc = torch.zeros_like(wt).index_add_(0, target.to(w.device), wt)
+        w.copy_(acc.reshape(w.shape[1], w.shape[0], *w.shape[2:]).transpose(0, 1).to(w.dtype))
     # 2. shapes: drop the removed members
     out_rm, in_rm = _removed(plan)
     for name in sorted(set(out_rm) | set(in_rm)):

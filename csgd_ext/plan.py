@@ -164,7 +164,7 @@ class ClusterPlan:
                     continue
                 ids = torch.arange(p.shape[0], dtype=torch.int64)
                 for cl in clusters:
-                    ids[cl] = ids[cl[0]]
+                    ids[cl] = int(cl[0])
                 _, ids = torch.unique(ids, return_inverse=True)
                 out[f"{name}.{pname}" if name else pname] = (p, ids.to(p.device))
         return out
