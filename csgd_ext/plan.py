@@ -89,6 +89,8 @@ def _fingerprint_mismatch(expected: Mapping, actual: Mapping) -> Optional[str]:
         if name not in actual:
             return f"the model has no module {name!r} ({typ}) that the plan refers to"
         atyp, ashapes = actual[name]
+        if atyp != typ and name == "":
+            return f"the model is a {atyp}, the plan was made for a {typ}"
         if atyp != typ:
             return f"module {name!r} is a {atyp}, the plan expects a {typ}"
         for k, s in shapes.items():
