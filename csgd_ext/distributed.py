@@ -16,7 +16,7 @@ Not supported for *clustered* parameters (raises ``ValueError`` when clusters ar
 * FSDP1 (``FullyShardedDataParallel``): ``FlatParameter`` concatenates and shards many tensors; its rows are
   not output channels (and with ``use_orig_params=True`` the original parameters are views into it).
 * ``ZeroRedundancyOptimizer(optimizer_class=CSGD, clusters=...)``: each rank's local optimizer holds only a
-  partition of the parameters, so clusters naming the others are refused as unknown parameters.
+  partition of the parameters, so a rank given clusters for parameters it does not hold raises ``ValueError``.
 
 Unclustered parameters of such models are plain SGD and are not checked here.
 """

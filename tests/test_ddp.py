@@ -86,6 +86,13 @@ _WORKER = textwrap.dedent("""
         csgd_ext.CSGD(m2.named_parameters(), lr=0.1, clusters={{"conv1.weight": torch.arange(8) // 2}})
     except Exception as e:
         errors["fully_shard"] = f"{{type(e).__name__}}: {{e}}"
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        m3 = build()
+        ZeroRedundancyOptimizer(m3.parameters(), optimizer_class=csgd_ext.CSGD, lr=0.1,
+                                clusters={{m3.conv1.weight: torch.arange(8) // 2, m3.fc.weight: torch.arange(3)}})
+    except Exception as e:
+        errors["zero"] = f"{{type(e).__name__}}: {{e}}"
     result["errors"] = errors
     torch.save(result, f"{{out}}.rank{{rank}}.pt")
     dist.barrier()
@@ -174,3 +181,6 @@ def test_sharded_parameters_are_refused_clearly(ddp_run):
         assert r["errors"]["dtensor"].startswith("ValueError") and "DTensor" in r["errors"]["dtensor"]
         msg = r["errors"]["fully_shard"]
         assert msg.startswith("ValueError") and "'conv1.weight'" in msg and "DistributedDataParallel" in msg
+    # ZeRO: each rank's CSGD holds a partition only; a rank given clusters for another rank's parameters refuses
+    zero = [r["errors"]["zero"] for r in (r0, r1) if "zero" in r["errors"]]
+    assert zero and all(e.startswith("ValueError") and "not one of the optimizer's parameters" in e for e in zero)
