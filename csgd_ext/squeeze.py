@@ -101,6 +101,8 @@ def run_squeeze(cfg: SqueezeConfig) -> Dict[str, Any]:
         squeezed_acc.append(a_s)
         per_seed.append({"seed": seed, "narrow_accuracy": a_n, "wide_csgd_accuracy_before_merge": a_w,
                          "squeezed_accuracy": a_s, "final_deviation": dev.values[-1]})
+        print(f"seed {seed}: narrow {a_n:.2f} %, {cfg.factor}x wide C-SGD {a_w:.2f} % -> squeezed {a_s:.2f} %",
+              flush=True)
     res = {"config": asdict(cfg), "per_seed": per_seed, "narrow": _stats(narrow_acc),
            "squeezed": _stats(squeezed_acc), **flops,
            "steps_per_run": cfg.epochs * len(train_loader),

@@ -1,22 +1,37 @@
 """A plain training helper: any model, any ``DataLoader``, any optimizer (``CSGD`` or not).
 
-Run C-SGD on your own model in a few lines (plan -> CSGD -> fit -> collapse -> merge)::
+Run C-SGD on your own model in a few lines (train -> plan -> CSGD -> fit -> collapse -> merge)::
 
     import torch, csgd_ext
-    from csgd_ext.train import fit, evaluate, DeviationLogger
+    from csgd_ext.data import mnist_loaders
+    from csgd_ext.models import get_model
 
-    example = torch.randn(1, 1, 28, 28)
-    plan = csgd_ext.plan_clusters(model, example, keep=0.625)
-    opt = csgd_ext.CSGD(plan.param_groups(lr=0.05, weight_decay=1e-4, centripetal=3e-3),
+    torch.manual_seed(0)
+    train_loader, test_loader = mnist_loaders(batch_size=64, seed=0)   # or your own DataLoaders
+    model = get_model("resnet20", width=0.5, num_classes=10, in_channels=1)  # or your own nn.Module
+
+    # 1. train normally, with any optimizer
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    csgd_ext.fit(model, train_loader, opt, epochs=3)
+
+    # 2. plan: cluster every coupled group of output channels down to 5/8 of its width
+    plan = csgd_ext.plan_clusters(model, torch.randn(1, 1, 28, 28), keep=0.625)
+
+    # 3. C-SGD: cluster members receive their cluster's mean gradient plus a pull to the cluster mean
+    opt = csgd_ext.CSGD(plan.param_groups(lr=0.05, weight_decay=1e-4, centripetal=3.0, vector_centripetal_scale=1.0),
                         lr=0.05, momentum=0.9, nesterov=True, clusters=plan.clusters)
-    dev = DeviationLogger(plan, every=20)              # records csgd_ext.deviation(model, plan)
-    fit(model, train_loader, opt, epochs=3, callbacks=[dev])
-    csgd_ext.collapse(model, plan)                     # snap every cluster exactly to its mean
-    small = csgd_ext.merge(model, plan)                # physically smaller, same predictions
-    print(evaluate(small, test_loader))                # accuracy in [0, 1]
+    dev = csgd_ext.DeviationLogger(plan, every=20)     # records csgd_ext.deviation(model, plan)
+    csgd_ext.fit(model, train_loader, opt, epochs=3, callbacks=[dev])
+
+    # 4. snap clusters exactly to their means, then merge into a physically smaller model
+    csgd_ext.collapse(model, plan)
+    small = csgd_ext.merge(model, plan)
+    print(csgd_ext.evaluate(model, test_loader), csgd_ext.evaluate(small, test_loader))  # same accuracy
 
 ``fit`` also takes ``scheduler=`` (stepped once per optimizer step), ``scaler=torch.amp.GradScaler(...)``
-and ``autocast=torch.bfloat16`` (mixed precision), ``max_steps=`` and ``progress=False``.
+and ``autocast=torch.bfloat16`` (mixed precision), ``max_steps=`` and ``progress=False``. The centripetal
+strength is a budget choice: ``lr * centripetal`` of about 0.15 with Nesterov momentum makes members equal to
+float precision within a few hundred steps (the official recipe, 3e-3, is meant for hundreds of epochs).
 """
 
 from __future__ import annotations

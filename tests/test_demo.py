@@ -1,0 +1,97 @@
+"""``python -m csgd_ext demo`` end to end at a tiny size (real MNIST digits), plus the squeeze experiment."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from csgd_ext.cli import main
+
+# Tiny but real: 130 train / 30 test digits, 130 SGD steps then 130 C-SGD steps (batch 2). A strong centripetal
+# term (lr * centripetal = 0.5 at the start, Nesterov momentum) makes cluster members equal to float precision
+# within ~30 steps; the remaining steps let the BN running statistics of cluster members (an EMA with
+# momentum 0.1) become equal too, so the unmerged model's eval-mode predictions are those of the merged one.
+TINY = ["--epochs", "2", "--limit", "16", "--batch-size", "2", "--centripetal", "10", "--latency-repeats", "3",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    n = torch.get_num_threads()
+    code = main(["demo", "--out", str(out), "--compare", *TINY])
+    torch.set_num_threads(n)
+    assert code == 0
+    with open(out / "results.json") as f:
+        return out, json.load(f)
+
+
+def test_demo_merge_is_lossless_and_smaller(demo_run):
+    out, r = demo_run
+    assert r["predictions_identical"] is True
+    assert r["merged_accuracy"] == r["csgd_accuracy_before_merge"]
+    assert r["max_logit_diff"] < 1e-3
+    assert r["max_logit_diff_collapsed_vs_merged"] < 1e-4
+    assert r["params_after"] < r["params_before"] and r["flops_after"] < r["flops_before"]
+    # 5/8 width: roughly (5/8)^2 of the conv FLOPs
+    assert 0.3 < r["flops_after"] / r["flops_before"] < 0.5
+    dev = r["deviation"]["values"]
+    assert dev[0] > 0 and dev[-1] < 1e-4 * dev[0]
+    for key in ("base_accuracy", "latency_ms_before", "latency_ms_after", "step_ms_csgd", "step_ms_sgd",
+                "step_time_ratio"):
+        assert isinstance(r[key], float) and r[key] > 0, key
+
+
+def test_demo_writes_plots_and_comparison(demo_run):
+    out, r = demo_run
+    assert len(r["plots"]) == 3
+    for p in r["plots"]:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert {os.path.basename(p) for p in r["plots"]} == {"deviation.png", "accuracy_flops.png",
+                                                          "accuracy_vs_flops.png"}
+    rows = {row["method"]: row for row in r["compare"]["rows"]}
+    assert set(rows) == {"base (unpruned)", "C-SGD merged (no finetune)", "L1 prune (no finetune)",
+                         "L1 prune + finetune"}
+    # same kept width: L1 pruning and the merged C-SGD model have the same FLOPs and params
+    assert rows["L1 prune (no finetune)"]["flops"] == rows["C-SGD merged (no finetune)"]["flops"]
+    assert rows["L1 prune (no finetune)"]["params"] == rows["C-SGD merged (no finetune)"]["params"]
+
+
+def test_demo_refuses_to_overwrite_then_force_is_deterministic(demo_run, capsys):
+    out, r = demo_run
+    before = (out / "results.json").read_text()
+    assert main(["demo", "--out", str(out), *TINY]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+    n = torch.get_num_threads()
+    assert main(["demo", "--out", str(out), "--force", *TINY]) == 0
+    torch.set_num_threads(n)
+    with open(out / "results.json") as f:
+        r2 = json.load(f)
+    for key in ("base_accuracy", "csgd_accuracy_before_merge", "merged_accuracy", "params_after", "flops_after"):
+        assert r2[key] == r[key], key
+    assert r2["deviation"]["values"] == r["deviation"]["values"]  # bit-identical run with the same seed
+
+
+def test_squeeze_reports_mean_and_spread_over_seeds(tmp_path, capsys):
+    out = tmp_path / "sq"
+    n = torch.get_num_threads()
+    code = main(["squeeze", "--factor", "2", "--seeds", "0,1", "--epochs", "1", "--limit", "8",
+                 "--batch-size", "4", "--centripetal", "10", "--no-progress", "--out", str(out)])
+    torch.set_num_threads(n)
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "mean" in printed and "std" in printed
+    with open(out / "squeeze_results.json") as f:
+        r = json.load(f)
+    assert [s["seed"] for s in r["per_seed"]] == [0, 1]
+    for key in ("narrow", "squeezed"):
+        vals = r[key]["values"]
+        assert len(vals) == 2 and r[key]["mean"] == pytest.approx(sum(vals) / 2)
+        assert r[key]["std"] >= 0
+    # squeezed back to exactly the original width
+    assert r["squeezed_params"] == r["narrow_params"] and r["squeezed_flops"] == r["narrow_flops"]
+    with open(r["plot"], "rb") as f:
+        assert f.read(4) == b"\x89PNG"
