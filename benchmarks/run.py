@@ -30,70 +30,98 @@ from benchmarks import machine, nets, report, suites  # noqa: E402
 SECTIONS = ("step", "sweep", "memory", "train", "latency")
 
 
+def _device_sections(cfg, sections, device: str, progress: bool):
+    """Run the sections on ``device``; returns ``(bw, step, sweep, mem, train, lat)`` rows."""
+    bw = suites.copy_bandwidth_gbs(cfg, device=device)
+    step = suites.step_section(cfg, bw, device=device, progress=progress) if "step" in sections else []
+    sweep = suites.sweep_section(cfg, bw, device=device, progress=progress) if "sweep" in sections else []
+    mem = suites.memory_section(cfg, device=device) if "memory" in sections else []
+    train = suites.train_section(cfg, device=device) if "train" in sections else []
+    lat = suites.latency_section(cfg, device=device, progress=progress) if "latency" in sections else []
+    return bw, step, sweep, mem, train, lat
+
+
+def _device_markdown(cfg, device: str, results, native_reason) -> List[str]:
+    bw, step, sweep, mem, train, lat = results
+    h = "##" if device == "cpu" else "###"
+    md = [f"{h} Targets", "", report.table(["target", "measured", "verdict"],
+                                           report.targets(step, train, lat, native_reason)), ""]
+    slower = report.slower_lines(step, train)
+    if slower:
+        md += [f"{h} Where C-SGD stands against plain SGD", ""] + slower + [""]
+    if step:
+        md += [f"{h} Optimizer step", "", report.step_table(step)]
+        only = ("; in this mode it and the reference backend (the readable spec, not a contender) are timed "
+                "at " + ", ".join(report.keep_name(k) for k in cfg.slow_keeps) + " only"
+                if len(cfg.slow_keeps) < len(cfg.keeps) else "")
+        md += ["The dense approach's cost does not depend on the clustering (two n x n products per parameter "
+               f"whatever the clusters){only}. Its GB/s is the same 20 B/element bookkeeping, not its real "
+               "traffic.", ""]
+        if not cfg.reference_everywhere:
+            md += ["The sweeps and the training step leave the reference backend out in this mode (full mode "
+                   "times it).", ""]
+    if sweep:
+        md += [f"{h} Sweeps", "", report.sweep_table(sweep)]
+    if mem:
+        md += [f"{h} Optimizer memory", "", report.memory_table(mem), "",
+               "Computed state = momentum buffers + cluster ids/layouts (+ the dense n x n matrices). Measured = "
+               "growth of resident (GPU: allocated) memory over the first step, and the peak above the steady "
+               "level during a later step (temporaries); CPU RSS has allocator noise of a few MiB.", ""]
+    if train:
+        md += [f"{h} Training step", "", report.train_table(train), ""]
+    if lat:
+        md += [f"{h} Inference latency: merged vs unmerged", "", report.latency_table(lat), "",
+               "Eval mode under `torch.inference_mode()`, interleaved, median; random weights snapped to their "
+               "cluster means before merging (so the merged model computes the same function: see the max abs "
+               "output diff); speed does not depend on the weight values.", ""]
+    return md
+
+
 def build_report(mode: str, sections=SECTIONS, command: str = "", progress: bool = True) -> str:
-    """Run ``sections`` in ``mode`` (``smoke|quick|full``) and return the markdown report."""
+    """Run ``sections`` in ``mode`` (``smoke|quick|full``) on CPU (and on CUDA when present) and return the
+    markdown report."""
     cfg = suites.CONFIGS[mode]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     t0 = time.time()
     info = machine.machine_info()
-    bw = suites.copy_bandwidth_gbs(cfg)
-    step = suites.step_section(cfg, bw, progress=progress) if "step" in sections else []
-    sweep = suites.sweep_section(cfg, bw, progress=progress) if "sweep" in sections else []
-    mem = suites.memory_section(cfg) if "memory" in sections else []
-    train = suites.train_section(cfg) if "train" in sections else []
-    lat = suites.latency_section(cfg, progress=progress) if "latency" in sections else []
-    native_reason = csgd_ext.available_backends()["native"]
+    cpu = _device_sections(cfg, sections, "cpu", progress)
+    gpu = _device_sections(cfg, sections, "cuda", progress) if torch.cuda.is_available() else None
     load_end = os.getloadavg()
 
     md = [f"# csgd_ext benchmarks ({mode} mode)", ""]
-    md.append(f"Command: `{command}`" if command else "")
-    md.append("")
+    if command:
+        md += [f"Command: `{command}`", ""]
     for k, v in info.items():
         md.append(f"- {k}: {v}")
     md.append(f"- load average (1/5/15 min) at end: {' / '.join(f'{x:.2f}' for x in load_end)}")
     md.append(f"- networks: {nets.source()}")
     md.append(f"- run time: {time.time() - t0:.0f} s")
-    md.append(f"- measured copy bandwidth: **{bw:.1f} GB/s** (`dst.copy_(src)`, fp32, {cfg.copy_numel:,} "
+    md.append(f"- measured CPU copy bandwidth: **{cpu[0]:.1f} GB/s** (`dst.copy_(src)`, fp32, {cfg.copy_numel:,} "
               "elements, 2 x 4 bytes per element, median)")
     md.append("- triton: excluded from CPU timings (on CPU it runs only in the TRITON_INTERPRET=1 interpreter, "
               "~1 s per 1M elements; it is a GPU backend)")
-    md.append("- GPU: " + ("see the GPU sections below" if torch.cuda.is_available() else "not run (no GPU lent)"))
-    if info.get("load average (1/5/15 min) at start", "0").split(" / ")[0] and os.cpu_count():
-        busy = max(float(info.get("load average (1/5/15 min) at start", "0 / 0 / 0").split(" / ")[0]), load_end[0])
-        if busy > 0.5 * os.cpu_count():
-            md.append(f"- **taken under load** (load average up to {busy:.1f} on {os.cpu_count()} cores): absolute "
-                      "times are unreliable; the interleaved ratios are the numbers to read")
+    md.append("- GPU: " + (f"{torch.cuda.get_device_name(0)}, see the GPU section" if gpu is not None
+                           else "not run (no GPU lent)"))
+    start_load = float(info.get("load average (1/5/15 min) at start", "0 / 0 / 0").split(" / ")[0])
+    busy = max(start_load, load_end[0])
+    if os.cpu_count() and busy > 0.5 * os.cpu_count():
+        md.append(f"- **taken under load** (load average up to {busy:.1f} on {os.cpu_count()} cores, other jobs "
+                  "running): absolute times are unreliable; read the interleaved ratios")
     md += ["", "Hyperparameters of every step: lr 1e-3, momentum 0.9, Nesterov, weight decay 1e-4, centripetal "
            "3e-3; clustered = every conv and norm parameter (random cluster ids at the stated keep fraction: "
            "the step cost does not depend on which rows share a cluster), classifier plain SGD. Ratios are "
            "medians of interleaved runs; `/ SGD fused` > 1 means slower than `torch.optim.SGD(fused=True)`.", ""]
-
-    md += ["## Targets", "", report.table(["target", "measured", "verdict"],
-                                           report.targets(step, train, lat, native_reason)), ""]
-    slower = report.slower_lines(step, train)
-    if slower:
-        md += ["## Where C-SGD stands against plain SGD", ""] + slower + [""]
-    if step:
-        md += ["## Optimizer step", "", report.step_table(step)]
-        md += ["The dense approach's cost does not depend on the clustering (two n x n products per parameter "
-               "whatever the clusters)" + ("; it is timed at " + ", ".join(report.keep_name(k) for k in cfg.dense_keeps)
-                                          + " only in this mode" if len(cfg.dense_keeps) < len(cfg.keeps) else "")
-               + ". Its GB/s is the same 20 B/element bookkeeping (not its real traffic).", ""]
-    if sweep:
-        md += ["## Sweeps", "", report.sweep_table(sweep)]
-    if mem:
-        md += ["## Optimizer memory", "", report.memory_table(mem), "",
-               "Computed state = momentum buffers + cluster ids/layouts (+ the dense n x n matrices). Measured = "
-               "growth of resident memory over the first step (allocator noise of a few MiB) and the peak above "
-               "the steady level during a later step (temporaries).", ""]
-    if train:
-        md += ["## Training step", "", report.train_table(train), ""]
-    if lat:
-        md += ["## Inference latency: merged vs unmerged", "", report.latency_table(lat), "",
-               "Eval mode under `torch.inference_mode()`, interleaved, median; random (untrained) weights: the "
-               "merged model's speed does not depend on them.", ""]
+    md += ["# CPU", ""] + _device_markdown(cfg, "cpu", cpu, csgd_ext.available_backends()["native"])
+    if gpu is not None:
+        md += [f"# GPU: {torch.cuda.get_device_name(0)}", "",
+               f"Measured GPU copy bandwidth: **{gpu[0]:.1f} GB/s**. CUDA events after a synchronize.", ""]
+        md += _device_markdown(cfg, "cuda", gpu, csgd_ext.available_backends("cuda")["native"])
+    else:
+        md += ["# GPU", "", "GPU: not run (no GPU lent). On a CUDA machine the same command adds this section "
+               "(every section on `cuda`, Triton included, CUDA-event timing, `torch.cuda.max_memory_allocated`).",
+               ""]
     return "\n".join(md).replace("\n\n\n", "\n\n")
 
 
@@ -107,7 +135,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "(smoke: print only)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {','.join(SECTIONS)}")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads(N) first (default: torch's choice; 1 is steadier on a busy machine)")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     m = "smoke" if args.smoke else "quick" if args.quick else "full"
     out = args.out if args.out is not None else ("-" if args.smoke else os.path.join(HERE, "RESULTS.md"))
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import machine, nets
 from .timing import interleave
 from .workloads import (CENTRIPETAL, HP, csgd_backends, keep_label, make_ids, make_optimizer, param_set,
-                        state_bytes, step_candidates, sweep_set)
+                        state_bytes, sweep_set)
 
 __all__ = ["Config", "CONFIGS", "BYTES_PER_ELEMENT", "copy_bandwidth_gbs", "step_section", "sweep_section",
            "memory_section", "train_section", "latency_section"]
@@ -38,7 +38,8 @@ class Config:
     name: str
     nets: tuple                  # parameter sets of the step section
     keeps: tuple                 # clusterings of the step section
-    dense_keeps: tuple           # clusterings the dense approach is timed at (its cost ignores the clustering)
+    slow_keeps: tuple            # clusterings the slow candidates (dense, C-SGD reference) are timed at
+    reference_everywhere: bool   # also time the reference backend in the sweeps and the training step
     min_rounds: int
     max_rounds: int
     budget_s: float              # per interleaved pool
@@ -57,18 +58,21 @@ class Config:
 
 
 CONFIGS: Dict[str, Config] = {
-    "smoke": Config("smoke", nets=("tiny",), keeps=(0.625, 1.0), dense_keeps=(0.625,), min_rounds=2,
+    "smoke": Config("smoke", nets=("tiny",), keeps=(0.625, 1.0), slow_keeps=(0.625,),
+                    reference_everywhere=True, min_rounds=2,
                     max_rounds=2, budget_s=0.2, cap_s=0.2, sweep_sizes=(1_000,), sweep_counts=(1, 4),
                     sweep_total=1 << 12, memory_net="tiny", train_net="resnet20", train_batch=2,
                     train_rounds=1, latency=(("resnet20", 0.625, 2),), latency_rounds=1, copy_numel=1 << 20,
                     min_sample_s=0.0),
-    "quick": Config("quick", nets=("resnet56", "resnet50"), keeps=(0.625, 0.5, 1.0), dense_keeps=(0.625,),
+    "quick": Config("quick", nets=("resnet56", "resnet50"), keeps=(0.625, 0.5, 1.0), slow_keeps=(0.625,),
+                    reference_everywhere=False,
                     min_rounds=3, max_rounds=30, budget_s=6.0, cap_s=4.0,
                     sweep_sizes=(1_000, 10_000, 100_000, 1_000_000, 10_000_000), sweep_counts=(1, 16, 128, 1024),
                     sweep_total=1 << 20, memory_net="resnet50", train_net="resnet56", train_batch=64, train_rounds=3,
                     latency=(("resnet56", 0.625, 64), ("resnet50", 0.7, 1)), latency_rounds=5,
                     copy_numel=1 << 25),
-    "full": Config("full", nets=("resnet56", "resnet50"), keeps=(0.625, 0.5, 1.0), dense_keeps=(0.625, 0.5, 1.0),
+    "full": Config("full", nets=("resnet56", "resnet50"), keeps=(0.625, 0.5, 1.0),
+                   slow_keeps=(0.625, 0.5, 1.0), reference_everywhere=True,
                    min_rounds=7, max_rounds=200, budget_s=30.0, cap_s=15.0,
                    sweep_sizes=(1_000, 10_000, 100_000, 1_000_000, 10_000_000),
                    sweep_counts=(1, 16, 128, 1024), sweep_total=1 << 22, memory_net="resnet50",
@@ -99,19 +103,25 @@ def _pool_rows(times, numel: int, bw: float, label_key: str, extra: dict) -> Lis
 
 def step_section(cfg: Config, bw: float, device="cpu", progress: bool = True) -> List[dict]:
     """One interleaved pool per parameter set: SGD for-loop/foreach/fused, and per clustering every C-SGD
-    backend (no interpreted Triton on CPU) and the official dense approach."""
+    backend (no interpreted Triton on CPU; the reference backend only at ``cfg.slow_keeps``) and the official
+    dense approach (at ``cfg.slow_keeps``)."""
     rows = []
     for net in tqdm(cfg.nets, desc="optimizer step", disable=not progress):
         ws_by_keep = {k: param_set(net, k) for k in cfg.keeps}
         numel = next(iter(ws_by_keep.values())).numel
         holders: list = []
-        cands = step_candidates({k: ws_by_keep[k] for k in cfg.keeps}, dense=False, device=device,
-                                keep_ref=holders)
-        for k in cfg.dense_keeps:
-            ws = ws_by_keep[k].clone().to(device)
-            opt = make_optimizer("dense", ws)
+        cands = {}
+        kinds = [(f"SGD {k}", f"sgd-{k}", cfg.keeps[0]) for k in ("for-loop", "foreach", "fused")]
+        for keep in cfg.keeps:
+            for b in csgd_backends(device):
+                if b != "reference" or keep in cfg.slow_keeps:
+                    kinds.append((f"C-SGD {b} @ {keep_label(keep)}", f"csgd-{b}", keep))
+        kinds += [(f"dense (official) @ {keep_label(k)}", "dense", k) for k in cfg.slow_keeps]
+        for label, kind, keep in kinds:
+            ws = ws_by_keep[keep].clone().to(device)
+            opt = make_optimizer(kind, ws)
             holders.append((ws, opt))
-            cands[f"dense (official) @ {keep_label(k)}"] = opt.step
+            cands[label] = opt.step
         del ws_by_keep
         times = interleave(cands, min_rounds=cfg.min_rounds, max_rounds=cfg.max_rounds, budget_s=cfg.budget_s,
                            cap_s=cfg.cap_s, device=torch.device(device), min_sample_s=cfg.min_sample_s)
@@ -124,13 +134,14 @@ def step_section(cfg: Config, bw: float, device="cpu", progress: bool = True) ->
 def _sweep_pool(ws, bw, cfg, device, extra) -> List[dict]:
     holders = []
     cands = {}
-    for kind in ["sgd-foreach", "sgd-fused"] + [f"csgd-{b}" for b in csgd_backends(device)]:
+    backends = [b for b in csgd_backends(device) if b != "reference" or cfg.reference_everywhere]
+    for kind in ["sgd-foreach", "sgd-fused"] + [f"csgd-{b}" for b in backends]:
         w = ws.clone().to(device)
         opt = make_optimizer(kind, w)
         holders.append((w, opt))
         cands[f"SGD {kind[4:]}" if kind.startswith("sgd-") else f"C-SGD {kind[5:]} @ 5/8"] = opt.step
     times = interleave(cands, min_rounds=cfg.min_rounds, max_rounds=cfg.max_rounds,
-                       budget_s=cfg.budget_s / 3, cap_s=cfg.cap_s, device=torch.device(device),
+                       budget_s=cfg.budget_s / 6, cap_s=cfg.cap_s, device=torch.device(device),
                        min_sample_s=cfg.min_sample_s)
     return _pool_rows(times, ws.numel, bw, "candidate", extra)
 
@@ -226,6 +237,8 @@ def train_section(cfg: Config, device="cpu", net: Optional[str] = None, keep: fl
     opts = {"SGD (torch default)": torch.optim.SGD(params, **HP),
             "SGD fused": torch.optim.SGD(params, fused=True, **HP)}
     for b in csgd_backends(device):
+        if b == "reference" and not cfg.reference_everywhere:
+            continue
         opts[f"C-SGD {b}"] = __import__("csgd_ext").CSGD(params, centripetal=CENTRIPETAL, clusters=clusters,
                                                          backend=b, **HP)
 

@@ -10,7 +10,7 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from . import nets
 from .baselines import DenseCSGD, sgd
 
 __all__ = ["HP", "Workload", "param_set", "sweep_set", "make_ids", "csgd_backends", "make_optimizer",
-           "step_candidates", "state_bytes"]
+           "state_bytes", "keep_label"]
 
 #: Hyperparameters of every step benchmark: momentum 0.9 + Nesterov + weight decay + centripetal.
 HP = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4, nesterov=True)
@@ -157,30 +157,6 @@ def state_bytes(opt) -> int:
             for t in (v.values() if isinstance(v, dict) else (v if isinstance(v, (list, tuple)) else [v])):
                 add(t)
     return total
-
-
-def step_candidates(ws_by_keep: Dict[float, Workload], *, sgd_kinds=("sgd-for-loop", "sgd-foreach", "sgd-fused"),
-                    dense: bool = True, device="cpu", keep_ref: Optional[List] = None
-                    ) -> Dict[str, Callable[[], None]]:
-    """``{label: step function}``: the SGD variants once (on the first workload) and, per clustering,
-    every C-SGD backend and the dense approach, each on its own copy of the parameters."""
-    cands: Dict[str, Callable[[], None]] = {}
-    first = next(iter(ws_by_keep.values()))
-    holders = keep_ref if keep_ref is not None else []
-    for kind in sgd_kinds:
-        ws = first.clone().to(device)
-        opt = make_optimizer(kind, ws)
-        holders.append((ws, opt))
-        cands[f"SGD {kind[4:]}"] = opt.step
-    for keep, base in ws_by_keep.items():
-        kinds = [f"csgd-{b}" for b in csgd_backends(device)] + (["dense"] if dense else [])
-        for kind in kinds:
-            ws = base.clone().to(device)
-            opt = make_optimizer(kind, ws)
-            holders.append((ws, opt))
-            label = "dense (official)" if kind == "dense" else f"C-SGD {kind[5:]}"
-            cands[f"{label} @ {keep_label(keep)}"] = opt.step
-    return cands
 
 
 def keep_label(keep: float) -> str:
