@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
-import csgd_ext
+if not torch.cuda.is_available():
+    # No GPU: the triton backend joins the CPU tests through Triton's interpreter (slow; tests stay small).
+    # Set before anything jit-decorates a Triton kernel (triton.jit picks its mode at decoration time).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import csgd_ext  # noqa: E402
 
 
 def pytest_configure(config):

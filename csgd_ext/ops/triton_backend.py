@@ -145,6 +145,15 @@ def _build_work(entries, block: int, device: torch.device):
     return work.index_select(0, order).contiguous(), torch.cat(rows).contiguous()
 
 
+def _upload(vals, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a sync: pinned memory + ``non_blocking`` on CUDA (a
+    plain ``torch.tensor(..., device="cuda")`` synchronizes the stream)."""
+    host = torch.tensor(vals, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _tile(max_m: int, n_items: int, interpret: bool):
     """``(R, BLOCK)``: columns per item (a power of two covering the widest row, capped) and items per
     program so that a program's tile holds about ``TILE`` elements."""
@@ -219,7 +228,7 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
     interpret = interpreting()
     kernel = csgd_kernel()
     hp_key = (device, float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening), float(centripetal))
-    hp = _HP.get_or(hp_key, lambda: torch.tensor(hp_key[1:], dtype=torch.float64, device=device))
+    hp = _HP.get_or(hp_key, lambda: _upload(hp_key[1:], torch.float64, device))
     for dtype, items in groups.items():
         max_m = max(it[1] for it in items)
         block = _tile(max_m, 1, interpret)[1]
@@ -231,7 +240,7 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
         for lay, m, w, g, b, first in items:
             meta_vals += [w.data_ptr(), g.data_ptr(), b.data_ptr() if b is not None else 0, m, first]
         meta_key = (device,) + tuple(meta_vals)
-        meta = _META.get_or(meta_key, lambda: torch.tensor(meta_vals, dtype=torch.int64, device=device))
+        meta = _META.get_or(meta_key, lambda: _upload(meta_vals, torch.int64, device))
         cdtype = torch.float64 if dtype == torch.float64 else torch.float32
         has_c = centripetal != 0 and any(lay is not None for lay, *_ in items)
         n_items = work.shape[0]
@@ -243,7 +252,7 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
                 HAS_WD=weight_decay != 0, HAS_C=has_c, USE_MOMENTUM=use_mom,
                 NESTEROV=bool(nesterov and use_mom), MAXIMIZE=bool(maximize),
                 SOFT_BF16=interpret and dtype == torch.bfloat16,
-                num_warps=4)
+                num_warps=4, enable_fp_fusion=True)  # FMA contraction, as nvcc does by default
     for dst, tmp in staged:
         dst.copy_(tmp)
 

@@ -65,10 +65,10 @@ def _csgd_kernel(work_ptr, meta_ptr, rows_ptr, hp_ptr, n_items,
     # pass 1: each cluster's mean gradient (and mean weight when the centripetal term is on)
     sum_g = tl.full([R, BLOCK], 0.0, CDTYPE)
     sum_w = tl.full([R, BLOCK], 0.0, CDTYPE)
+    member = rows_ptr + begin
     for k in range(0, trips):
         live = k < size
-        r = tl.load(rows_ptr + begin + k, mask=live, other=0)
-        off = r[:, None] * m[:, None] + cols
+        off = (tl.load(member + k, mask=live, other=0) * m)[:, None] + cols
         lm = in_row & live[:, None]
         sum_g += tl.load(g_base + off, mask=lm, other=0.0).to(CDTYPE)
         if HAS_C:
@@ -83,30 +83,30 @@ def _csgd_kernel(work_ptr, meta_ptr, rows_ptr, hp_ptr, n_items,
         b_base = tl.load(meta_ptr + t * 5 + 2).to(tl.pointer_type(DTYPE))[:, None]
         first = tl.load(meta_ptr + t * 5 + 4)
         # on a tensor's first step its buffer is fresh (uninitialised) memory: never read it, b = d
-        b_cols = m * (1 - first)
+        b_in_row = cols < (m * (1 - first))[:, None]
         fresh = (first != 0)[:, None]
 
     # pass 2: every member's direction, momentum buffer and new weight
-    for k in range(0, trips):
-        live = k < size
-        r = tl.load(rows_ptr + begin + k, mask=live, other=0)
-        off = r[:, None] * m[:, None] + cols
-        lm = in_row & live[:, None]
-        w = tl.load(w_base + off, mask=lm, other=0.0).to(CDTYPE)
+    for j in range(0, trips):  # (fresh names: compiled Triton would carry pass-1 names into this loop)
+        alive = j < size
+        off2 = (tl.load(member + j, mask=alive, other=0) * m)[:, None] + cols
+        alive2 = alive[:, None]
+        lm2 = in_row & alive2
+        w = tl.load(w_base + off2, mask=lm2, other=0.0).to(CDTYPE)
         d = mean_g
         if HAS_WD:
             d = d + wd * w
         if HAS_C:
             d = d + cen * (w - mean_w)
         if USE_MOMENTUM:
-            b_old = tl.load(b_base + off, mask=(cols < b_cols[:, None]) & live[:, None], other=0.0).to(CDTYPE)
+            b_old = tl.load(b_base + off2, mask=b_in_row & alive2, other=0.0).to(CDTYPE)
             b = tl.where(fresh, d, b_old * mom + one_minus_damp * d)
             if SOFT_BF16:  # round to nearest even by hand: the interpreter's fp32->bf16 cast truncates
                 b_bits = b.to(tl.uint32, bitcast=True)
                 b_bits = (b_bits + (0x7FFF + ((b_bits >> 16) & 1))) >> 16
-                tl.store(b_base + off, b_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=lm)
+                tl.store(b_base + off2, b_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=lm2)
             else:
-                tl.store(b_base + off, b.to(DTYPE), mask=lm)
+                tl.store(b_base + off2, b.to(DTYPE), mask=lm2)
             if NESTEROV:
                 d = d + mom * b
             else:
@@ -115,9 +115,9 @@ def _csgd_kernel(work_ptr, meta_ptr, rows_ptr, hp_ptr, n_items,
         if SOFT_BF16:
             w_bits = w.to(tl.uint32, bitcast=True)
             w_bits = (w_bits + (0x7FFF + ((w_bits >> 16) & 1))) >> 16
-            tl.store(w_base + off, w_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=lm)
+            tl.store(w_base + off2, w_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=lm2)
         else:
-            tl.store(w_base + off, w.to(DTYPE), mask=lm)
+            tl.store(w_base + off2, w.to(DTYPE), mask=lm2)
 
 
 _JITTED = {}
