@@ -119,6 +119,14 @@ def _plan_to_dict(plan: Any) -> Optional[dict]:
     raise TypeError(f"plan must be a ClusterPlan (with to_dict() or save()) or a dict, got {type(plan).__name__}")
 
 
+def _is_cluster_plan(plan: Any) -> bool:
+    try:
+        from .plan import ClusterPlan
+    except ImportError:
+        return False
+    return isinstance(plan, ClusterPlan)
+
+
 def _plan_from_dict(d: Optional[dict], model: torch.nn.Module, path: str) -> Any:
     """Rebuild a ``ClusterPlan`` on ``model`` from its dict form (the dict itself if none is available)."""
     if d is None:
@@ -235,6 +243,8 @@ def save_checkpoint(path, *, model: torch.nn.Module, optimizer: Optional[torch.o
         "model": _unwrap(model).state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "plan": _plan_to_dict(plan),
+        # a ClusterPlan object is rebuilt on the model at load time; a plain dict comes back as the dict
+        "plan_kind": None if plan is None else ("ClusterPlan" if _is_cluster_plan(plan) else "dict"),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "scaler": None if scaler is None else scaler.state_dict(),
         "rng": _rng_state() if rng else None,
@@ -253,8 +263,8 @@ def save_checkpoint(path, *, model: torch.nn.Module, optimizer: Optional[torch.o
 
 @dataclass
 class LoadedCheckpoint:
-    """What :func:`load_checkpoint` found: ``step``, ``plan`` (a ``ClusterPlan`` rebuilt on the model, or its
-    dict when planning is unavailable, or None), ``extra`` and the raw verified ``payload``."""
+    """What :func:`load_checkpoint` found: ``step``, ``plan`` (a ``ClusterPlan`` rebuilt on the model when one was
+    saved; the dict itself when a dict was saved; None), ``extra`` and the raw verified ``payload``."""
 
     path: str
     step: int
@@ -327,7 +337,9 @@ def load_checkpoint(path, *, model: torch.nn.Module, optimizer: Optional[torch.o
         target.load_state_dict(payload["model"], strict=strict)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path!r} does not fit the model: {e}") from e
-    plan = _plan_from_dict(payload.get("plan"), target, path)
+    plan = payload.get("plan")
+    if payload.get("plan_kind") == "ClusterPlan":
+        plan = _plan_from_dict(plan, target, path)
     if optimizer is not None:
         try:
             optimizer.load_state_dict(payload["optimizer"])
