@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 __all__ = ["fmt_time", "fmt_ratio", "table", "step_table", "sweep_table", "memory_table", "train_table",
            "latency_table", "targets", "slower_lines"]

@@ -19,9 +19,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import csgd_ext
+
 from . import machine, nets
 from .timing import interleave
-from .workloads import (CENTRIPETAL, HP, csgd_backends, keep_label, make_ids, make_optimizer, param_set,
+from .workloads import (CENTRIPETAL, HP, csgd_backends, keep_label, kind_label, make_ids, make_optimizer, param_set,
                         state_bytes, sweep_set)
 
 __all__ = ["Config", "CONFIGS", "BYTES_PER_ELEMENT", "copy_bandwidth_gbs", "step_section", "sweep_section",
@@ -68,7 +70,7 @@ CONFIGS: Dict[str, Config] = {
                     reference_everywhere=False,
                     min_rounds=3, max_rounds=30, budget_s=6.0, cap_s=4.0,
                     sweep_sizes=(1_000, 10_000, 100_000, 1_000_000, 10_000_000), sweep_counts=(1, 16, 128, 1024),
-                    sweep_total=1 << 20, memory_net="resnet50", train_net="resnet56", train_batch=64, train_rounds=3,
+                    sweep_total=1 << 20, memory_net="resnet50", train_net="resnet56", train_batch=64, train_rounds=5,
                     latency=(("resnet56", 0.625, 64), ("resnet50", 0.7, 1)), latency_rounds=5,
                     copy_numel=1 << 25),
     "full": Config("full", nets=("resnet56", "resnet50"), keeps=(0.625, 0.5, 1.0),
@@ -203,7 +205,7 @@ def memory_section(cfg: Config, device="cpu", keep: float = 0.625) -> List[dict]
             opt.step()
             peak = machine.peak_rss_bytes() if ok else -1
             how = "RSS (/proc/self/status VmRSS, VmHWM after clear_refs)"
-        rows.append({"candidate": kind, "net": cfg.memory_net, "keep": keep, "numel": ws.numel,
+        rows.append({"candidate": kind_label(kind), "net": cfg.memory_net, "keep": keep, "numel": ws.numel,
                      "param_bytes": ws.numel * 4, "state_bytes": state_bytes(opt),
                      "measured_state_bytes": m1 - m0, "transient_bytes": (peak - m1) if peak >= 0 else None,
                      "how": how})
@@ -239,8 +241,7 @@ def train_section(cfg: Config, device="cpu", net: Optional[str] = None, keep: fl
     for b in csgd_backends(device):
         if b == "reference" and not cfg.reference_everywhere:
             continue
-        opts[f"C-SGD {b}"] = __import__("csgd_ext").CSGD(params, centripetal=CENTRIPETAL, clusters=clusters,
-                                                         backend=b, **HP)
+        opts[f"C-SGD {b}"] = csgd_ext.CSGD(params, centripetal=CENTRIPETAL, clusters=clusters, backend=b, **HP)
 
     def make(opt):
         def train_step():
@@ -269,8 +270,6 @@ def _latency_keep(model: nn.Module, net: str, keep: float):
 def _merged(model: nn.Module, net: str, keep: float):
     """``(merged model, how)``: ``plan_clusters(method="even")`` + ``collapse`` + ``merge`` (so the merged model
     computes the same function, checked by the caller), or ``(None, why not)``."""
-    import csgd_ext
-
     missing = [n for n in ("plan_clusters", "collapse", "merge") if not hasattr(csgd_ext, n)]
     if missing:
         return None, f"not run: csgd_ext.{' / csgd_ext.'.join(missing)} not available yet"

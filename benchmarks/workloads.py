@@ -21,7 +21,7 @@ from . import nets
 from .baselines import DenseCSGD, sgd
 
 __all__ = ["HP", "Workload", "param_set", "sweep_set", "make_ids", "csgd_backends", "make_optimizer",
-           "state_bytes", "keep_label"]
+           "state_bytes", "keep_label", "kind_label"]
 
 #: Hyperparameters of every step benchmark: momentum 0.9 + Nesterov + weight decay + centripetal.
 HP = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4, nesterov=True)
@@ -157,6 +157,15 @@ def state_bytes(opt) -> int:
             for t in (v.values() if isinstance(v, dict) else (v if isinstance(v, (list, tuple)) else [v])):
                 add(t)
     return total
+
+
+def kind_label(kind: str) -> str:
+    """``'sgd-fused' -> 'SGD fused'``, ``'csgd-native' -> 'C-SGD native'``, ``'dense' -> 'dense (official)'``."""
+    if kind.startswith("sgd-"):
+        return f"SGD {kind[4:]}"
+    if kind.startswith("csgd-"):
+        return f"C-SGD {kind[5:]}"
+    return "dense (official)" if kind == "dense" else kind
 
 
 def keep_label(keep: float) -> str:
