@@ -43,7 +43,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "LoadedCheckpoint", "MAGIC", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "LoadedCheckpoint", "MAGIC", "FORMAT_VERSION"]
 
 MAGIC = "csgd_ext.checkpoint"
 FORMAT_VERSION = 1
