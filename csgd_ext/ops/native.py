@@ -6,9 +6,11 @@ The package imports without the extension; only asking for ``backend="native"`` 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 import torch
+
+from ..layout import ClusterLayout
 
 NAME = "native"
 OP = "csgd_ext::csgd_step_"
@@ -59,6 +61,125 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     return None
 
 
-def step(*args, **kwargs):  # replaced by the kernel wrapper once the op exists
-    reason = unavailable_reason()
-    raise RuntimeError(f"backend 'native' is unavailable: {reason}")
+_FAKE_REGISTERED = False
+
+
+def _register_fake() -> None:
+    """Register the fake (meta) kernel so ``torch.compile`` can trace a step (once, after _C loads)."""
+    global _FAKE_REGISTERED
+    if _FAKE_REGISTERED:
+        return
+    _FAKE_REGISTERED = True
+
+    @torch.library.register_fake(OP)
+    def _csgd_step_fake(params, grads, momentum_buffers, layouts, lr, weight_decay, momentum, dampening,
+                        nesterov, maximize, centripetal, is_first_step):
+        return None
+
+
+def native_layout(layout: ClusterLayout) -> torch.Tensor:
+    """The kernel-ready form of ``layout``: one int64 tensor ``[offsets (k + 1) | perm (n)]`` on its device.
+
+    Built once per layout and cached in ``layout.extras["native"]`` (a new layout, as after
+    ``CSGD.set_clusters``, gets a new one).
+
+    >>> from csgd_ext.layout import build_layout
+    >>> native_layout(build_layout(torch.tensor([7, 3, 7]))).tolist()
+    [0, 1, 3, 1, 0, 2]
+    """
+    t = layout.extras.get(NAME)
+    if t is None:
+        t = torch.cat([layout.offsets.to(torch.int64), layout.perm.to(torch.int64)]).contiguous()
+        layout.extras[NAME] = t
+    return t
+
+
+def _row_dense(t: torch.Tensor) -> bool:
+    # Each index along axis 0 is one dense block of memory (contiguous, channels_last, ...).
+    if t.is_contiguous():
+        return True
+    if t.shape[0] > 1 and t.stride(0) * t.shape[0] != t.numel():
+        return False
+    # dense and non-overlapping: dims sorted by stride pack exactly (size-1 dims do not matter)
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.stride() == b.stride() or all(s == 1 or x == y for s, x, y in zip(a.shape, a.stride(), b.stride()))
+
+
+@torch.no_grad()
+def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
+         layouts: Sequence[Optional[ClusterLayout]], *, lr: float, weight_decay: float, momentum: float,
+         dampening: float, nesterov: bool, maximize: bool, centripetal: float) -> None:
+    """One fused C-SGD step over lists of tensors, in place (the signature of every backend's ``step``).
+
+    All tensors go through one ``torch.ops.csgd_ext.csgd_step_`` call per dtype (two when some momentum
+    buffers do not exist yet: those are allocated here and filled by the kernel's first step).
+    Parameters whose rows are not dense blocks of memory (e.g. a transposed view) are computed on a
+    contiguous copy that is copied back; gradients or buffers whose element order differs from their
+    parameter's are copied into the parameter's layout (buffers are copied back). Contiguous and
+    ``channels_last`` tensors take no copy.
+
+    Example::
+
+        from csgd_ext.layout import build_layout
+        w = torch.randn(4, 3); g = torch.randn(4, 3); bufs = [None]
+        step([w], [g], bufs, [build_layout(torch.tensor([0, 0, 1, 1]))], lr=0.1, weight_decay=0.0,
+             momentum=0.9, dampening=0.0, nesterov=True, maximize=False, centripetal=0.01)
+    """
+    if len(params) == 0:
+        return
+    reason = unavailable_reason(params[0].device)
+    if reason is not None:
+        raise RuntimeError(f"backend 'native' is unavailable on {params[0].device.type}: {reason}")
+    _register_fake()
+    use_momentum = momentum != 0
+    # (dtype, is_first_step) -> (params, grads, bufs, layouts)
+    calls: Dict[tuple, tuple] = {}
+    copy_back = []
+    for i, p in enumerate(params):
+        g = grads[i]
+        if p.numel() == 0:
+            if use_momentum and momentum_buffers[i] is None:
+                momentum_buffers[i] = torch.zeros_like(p)
+            continue
+        pw = p
+        if not _row_dense(p):
+            pw = p.contiguous()  # documented copy: rows of p are not dense blocks
+            copy_back.append((p, pw))
+        if not _same_order(g, pw):
+            g = torch.empty_like(pw).copy_(g)
+        lay = layouts[i]
+        lt = None if lay is None or lay.num_rows == 0 else native_layout(lay)
+        first = False
+        b = None
+        if use_momentum:
+            b = momentum_buffers[i]
+            if b is None:
+                first = True
+                b = momentum_buffers[i] = torch.empty_like(pw)
+            elif not _same_order(b, pw):
+                bw = torch.empty_like(pw).copy_(b)
+                copy_back.append((b, bw))
+                b = bw
+        key = (p.dtype, first)
+        lists = calls.get(key)
+        if lists is None:
+            lists = calls[key] = ([], [], [], [])
+        lists[0].append(pw)
+        lists[1].append(g)
+        if use_momentum:
+            lists[2].append(b)
+        lists[3].append(lt)
+    for (_, first), (ps, gs, bs, ls) in calls.items():
+        torch.ops.csgd_ext.csgd_step_(ps, gs, bs, ls, float(lr), float(weight_decay), float(momentum),
+                                      float(dampening), bool(nesterov), bool(maximize), float(centripetal),
+                                      first)
+    for dst, src in copy_back:
+        dst.copy_(src)
