@@ -7,6 +7,7 @@ Run C-SGD on your own model in a few lines (train -> plan -> CSGD -> fit -> coll
     from csgd_ext.models import get_model
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)   # on a busy shared CPU one thread can be far faster than two
     train_loader, test_loader = mnist_loaders(batch_size=64, seed=0)   # or your own DataLoaders
     model = get_model("resnet20", width=0.5, num_classes=10, in_channels=1)  # or your own nn.Module
 
