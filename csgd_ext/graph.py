@@ -51,6 +51,8 @@ _CHANNELWISE = {
     "ToCopy", "Alias", "Squeeze", "Unsqueeze", "Expand", "MaxPool2D",
 }
 _REDUCTIONS = {"Mean", "Sum", "Amax", "Amin", "Max", "Min", "Std", "Var", "Logsumexp"}
+# the matrix products inside an nn.Linear called on an N-D (e.g. channels-last) input
+_LINEAR_INTERNALS = {"Addmm", "Mm", "Bmm", "UnsafeView"}
 
 
 @dataclass
@@ -161,6 +163,20 @@ def _reaches_linear(node, tp_ops, depth: int = 0) -> bool:
     return True
 
 
+def _into_linear(node, tp_ops) -> bool:
+    """True if every output of ``node`` is an nn.Linear, directly or through that Linear's own matmul op."""
+    if not node.outputs:
+        return False
+    for out in node.outputs:
+        if isinstance(out.module, nn.Linear):
+            continue
+        if (isinstance(out.module, tp_ops._ElementWiseOp) and _op_name(out.grad_fn) in _LINEAR_INTERNALS
+                and out.outputs and all(isinstance(o.module, nn.Linear) for o in out.outputs)):
+            continue
+        return False
+    return True
+
+
 def _virtual_op_problem(node, tp_ops):
     """None if the traced (non-module) op keeps a merge exact, else the reason."""
     m = node.module
@@ -181,12 +197,17 @@ def _virtual_op_problem(node, tp_ops):
             return None  # (N, C) <-> (N, C, 1, 1): channels do not move
         if _reaches_linear(node, tp_ops):
             return None  # flatten head
+        if _into_linear(node, tp_ops):
+            return None  # an nn.Linear flattening its channels-last input: channels stay on the last dim
         return f"{name} reshapes a feature map (e.g. a channel shuffle): no exact merge"
     if isinstance(m, (tp_ops._SplitOp, tp_ops._SliceOp, tp_ops._UnbindOp)):
         return f"{name} (split/slice of channels: cluster members may land in different branches)"
     if isinstance(m, tp_ops._ElementWiseOp):
         if name in _CHANNELWISE:
             return None
+        if name in _LINEAR_INTERNALS and node.outputs and all(isinstance(o.module, nn.Linear)
+                                                               for o in node.outputs):
+            return None  # the matmul inside an nn.Linear call on an N-D input
         if name in _REDUCTIONS:
             if _reduces_channels(node.grad_fn):
                 return f"{name} reduces over the channel dim: no exact merge"

@@ -105,8 +105,24 @@ class GroupNormNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ChannelsLastMLP(nn.Module):
+    """ConvNeXt-style inverted MLP: nn.Linear layers on a channels-last 4-D tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.c(x).permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(y)))
+        return self.head(y.mean((1, 2)))
+
+
 NETS = {"residual": ResNetTiny, "concat_flatten": ConcatNet, "depthwise_se": MobileTiny,
-        "groupnorm": GroupNormNet}
+        "groupnorm": GroupNormNet, "channels_last_mlp": ChannelsLastMLP}
 
 
 def prepared(cls, seed=0, size=8):

@@ -24,7 +24,9 @@ MODELS = {
     "mobilenet_v2": ({}, True),
     "mobilenet_v3_small": ({}, True),
     "efficientnet_b0": ({}, True),
-    "convnext_tiny": ({}, False),  # LayerNorm over channels everywhere: groups are reported, not clustered
+    # LayerNorm over channels: those groups are reported; the channels-last MLPs (Linear -> GELU -> Linear)
+    # are clustered. layer_scale=1 (default 1e-6) so the MLP branches visibly reach the logits.
+    "convnext_tiny": ({"layer_scale": 1.0}, True),
     "googlenet": ({"aux_logits": False, "init_weights": False}, True),
 }
 
