@@ -211,6 +211,8 @@ class ClusterPlan:
     def to_dict(self) -> dict:
         return {"format": _FORMAT, "meta": self.meta, "fingerprint": self.fingerprint,
                 "groups": [g.to_dict() for g in self.groups],
+                # informational: the CSGD cluster ids per parameter name (rebuilt from "groups" on load)
+                "parameters": {n: ids.tolist() for n, (_, ids) in self.clustered_parameters().items()},
                 "skipped": [[list(m), r] for m, r in self.skipped]}
 
     def save(self, path: Union[str, os.PathLike]) -> None:

@@ -174,6 +174,7 @@ def test_save_load_roundtrip(tmp_path, resnet_plan):
     plan.save(tmp_path / "p.json")
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["fingerprint"]["a1"][1]["weight"] == [8, 8, 3, 3]
+    assert data["parameters"]["abn1.bias"] == plan.clustered_parameters()["abn1.bias"][1].tolist()
     torch.manual_seed(1)
     other = ResNetTiny()  # same architecture, other weights: fine
     loaded = csgd_ext.ClusterPlan.load(tmp_path / "p.json", other)
