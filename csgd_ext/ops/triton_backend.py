@@ -77,6 +77,8 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     if device.type == "cuda" and _interpret_env():
         return ("TRITON_INTERPRET=1 is set: the Triton interpreter runs on CPU tensors only; unset it to "
                 "run the compiled kernel on CUDA")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available (torch.cuda.is_available() is False)"
     return None
 
 

@@ -43,29 +43,31 @@ def _csgd_kernel(work_ptr, meta_ptr, rows_ptr, hp_ptr, n_items,
     # of a program usually share the member-loop trip count).
     item = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R).to(tl.int64)
     valid = item < n_items
-    t = tl.load(work_ptr + item * 4, mask=valid, other=0)
-    begin = tl.load(work_ptr + item * 4 + 1, mask=valid, other=0)
-    size = tl.load(work_ptr + item * 4 + 2, mask=valid, other=0)  # 0 for padding items: no member
-    col0 = tl.load(work_ptr + item * 4 + 3, mask=valid, other=0)
+    wrk = work_ptr + item * 4
+    t5 = meta_ptr + tl.load(wrk, mask=valid, other=0) * 5
+    begin = tl.load(wrk + 1, mask=valid, other=0)
+    size = tl.load(wrk + 2, mask=valid, other=0)  # 0 for padding items: no member
+    col0 = tl.load(wrk + 3, mask=valid, other=0)
+    m = tl.load(t5 + 3)
 
-    w_base = tl.load(meta_ptr + t * 5).to(tl.pointer_type(DTYPE))[:, None]
-    g_base = tl.load(meta_ptr + t * 5 + 1).to(tl.pointer_type(DTYPE))[:, None]
-    m = tl.load(meta_ptr + t * 5 + 3)
-
-    lr = tl.load(hp_ptr).to(CDTYPE)
-    wd = tl.load(hp_ptr + 1).to(CDTYPE)
-    mom = tl.load(hp_ptr + 2).to(CDTYPE)
-    one_minus_damp = tl.load(hp_ptr + 3).to(CDTYPE)
-    cen = tl.load(hp_ptr + 4).to(CDTYPE)
-
+    # Everything used inside the member loops is broadcast to the [R, BLOCK] tile once, here (free when
+    # compiled; under the interpreter every in-loop broadcast costs Python time).
     cols = col0[:, None] + tl.arange(0, BLOCK).to(tl.int64)[None, :]  # int64: row * m + col may pass 2**31
     in_row = cols < m[:, None]
+    w_base = tl.broadcast_to(tl.load(t5).to(tl.pointer_type(DTYPE))[:, None], [R, BLOCK])
+    g_base = tl.broadcast_to(tl.load(t5 + 1).to(tl.pointer_type(DTYPE))[:, None], [R, BLOCK])
+    zero = tl.full([R, BLOCK], 0.0, CDTYPE)
+    lr = zero + tl.load(hp_ptr).to(CDTYPE)
+    wd = zero + tl.load(hp_ptr + 1).to(CDTYPE)
+    mom = zero + tl.load(hp_ptr + 2).to(CDTYPE)
+    one_minus_damp = zero + tl.load(hp_ptr + 3).to(CDTYPE)
+    cen = zero + tl.load(hp_ptr + 4).to(CDTYPE)
+    member = rows_ptr + begin
     trips = tl.max(size, axis=0)
 
     # pass 1: each cluster's mean gradient (and mean weight when the centripetal term is on)
-    sum_g = tl.full([R, BLOCK], 0.0, CDTYPE)
-    sum_w = tl.full([R, BLOCK], 0.0, CDTYPE)
-    member = rows_ptr + begin
+    sum_g = zero
+    sum_w = zero
     for k in range(0, trips):
         live = k < size
         off = (tl.load(member + k, mask=live, other=0) * m)[:, None] + cols
@@ -73,24 +75,24 @@ def _csgd_kernel(work_ptr, meta_ptr, rows_ptr, hp_ptr, n_items,
         sum_g += tl.load(g_base + off, mask=lm, other=0.0).to(CDTYPE)
         if HAS_C:
             sum_w += tl.load(w_base + off, mask=lm, other=0.0).to(CDTYPE)
-    cnt = tl.maximum(size, 1).to(CDTYPE)[:, None]
+    cnt = zero + tl.maximum(size, 1).to(CDTYPE)[:, None]
     mean_g = sum_g / cnt
     if MAXIMIZE:
         mean_g = -mean_g
     mean_w = sum_w / cnt
 
     if USE_MOMENTUM:
-        b_base = tl.load(meta_ptr + t * 5 + 2).to(tl.pointer_type(DTYPE))[:, None]
-        first = tl.load(meta_ptr + t * 5 + 4)
+        b_base = tl.broadcast_to(tl.load(t5 + 2).to(tl.pointer_type(DTYPE))[:, None], [R, BLOCK])
+        first = tl.load(t5 + 4)
         # on a tensor's first step its buffer is fresh (uninitialised) memory: never read it, b = d
         b_in_row = cols < (m * (1 - first))[:, None]
-        fresh = (first != 0)[:, None]
+        fresh = tl.broadcast_to((first != 0)[:, None], [R, BLOCK])
 
     # pass 2: every member's direction, momentum buffer and new weight
     for j in range(0, trips):  # (fresh names: compiled Triton would carry pass-1 names into this loop)
         alive = j < size
         off2 = (tl.load(member + j, mask=alive, other=0) * m)[:, None] + cols
-        alive2 = alive[:, None]
+        alive2 = tl.broadcast_to(alive[:, None], [R, BLOCK])
         lm2 = in_row & alive2
         w = tl.load(w_base + off2, mask=lm2, other=0.0).to(CDTYPE)
         d = mean_g
