@@ -223,6 +223,21 @@ class ClusterPlan:
         os.replace(tmp, path)
 
     @classmethod
+    def from_dict(cls, d: dict, model: nn.Module) -> "ClusterPlan":
+        """Rebuild a plan from :meth:`to_dict` output and bind it to ``model`` (ValueError if it does not match)."""
+        if not isinstance(d, Mapping) or d.get("format") != _FORMAT:
+            raise ValueError(f"not a ClusterPlan dict (format {_FORMAT!r} expected)")
+        try:
+            groups = [GroupPlan.from_dict(g) for g in d["groups"]]
+            skipped = [(tuple(m), r) for m, r in d["skipped"]]
+            fingerprint = d["fingerprint"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed ClusterPlan dict: {type(e).__name__}: {e}") from None
+        plan = cls(model, groups, skipped, fingerprint=fingerprint, meta=d.get("meta"))
+        plan.check_model(model)
+        return plan
+
+    @classmethod
     def load(cls, path: Union[str, os.PathLike], model: nn.Module) -> "ClusterPlan":
         """Read a plan saved by :meth:`save` and bind it to ``model`` (ValueError if it does not match)."""
         with open(path, encoding="utf-8") as f:
@@ -232,10 +247,7 @@ class ClusterPlan:
                 raise ValueError(f"{os.fspath(path)!r} is not a ClusterPlan JSON file: {e}") from None
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
             raise ValueError(f"{os.fspath(path)!r} is not a ClusterPlan file (format {_FORMAT!r} expected)")
-        plan = cls(model, [GroupPlan.from_dict(g) for g in d["groups"]],
-                   [(tuple(m), r) for m, r in d["skipped"]], fingerprint=d["fingerprint"], meta=d.get("meta"))
-        plan.check_model(model)
-        return plan
+        return cls.from_dict(d, model)
 
     # -- reporting ----------------------------------------------------------------------------------
     def summary(self) -> str:

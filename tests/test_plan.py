@@ -185,6 +185,10 @@ def test_save_load_roundtrip(tmp_path, resnet_plan):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(any(p is q for q in other.parameters()) for p in loaded.clusters)
     assert "4 clustered groups" in loaded.summary()
+    again = csgd_ext.ClusterPlan.from_dict(json.loads(json.dumps(plan.to_dict())), other)
+    assert [g.labels for g in again.groups] == [g.labels for g in plan.groups]
+    with pytest.raises(ValueError, match="malformed"):
+        csgd_ext.ClusterPlan.from_dict({"format": data["format"], "groups": [{}]}, other)
 
 
 def test_load_on_other_model_names_the_mismatch(tmp_path, resnet_plan):
