@@ -276,3 +276,31 @@ def test_many_groups_and_other_nets_plan(capsys):
         assert plan.groups and repr(plan).startswith("ClusterPlan(")
         for g in plan.groups:
             assert np.array_equal(np.asarray(g.labels), canonical_labels(g.labels))
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.shared = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = F.relu(self.c0(x))
+        x = F.relu(self.shared(F.relu(self.shared(x))))  # the same weights applied twice
+        return self.fc(x.mean((2, 3)))
+
+
+def test_shared_module_is_reported_not_clustered():
+    plan = csgd_ext.plan_clusters(SharedConv(), X, keep=0.5)
+    assert not any("shared" in g.modules for g in plan.groups)
+    assert any("called more than once" in why for mods, why in plan.skipped if "shared" in mods)
+
+
+def test_planning_leaves_model_state_and_mode_alone():
+    torch.manual_seed(0)
+    net = ResNetTiny().train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    csgd_ext.plan_clusters(net, torch.randn(2, 3, 8, 8), keep=0.5)
+    assert net.training and all(m.training for m in net.modules())
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
