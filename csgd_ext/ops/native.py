@@ -135,10 +135,11 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
     """
     if len(params) == 0:
         return
-    reason = unavailable_reason(params[0].device)
-    if reason is not None:
-        raise RuntimeError(f"backend 'native' is unavailable on {params[0].device.type}: {reason}")
-    _register_fake()
+    if not torch.compiler.is_compiling():  # checked once eagerly; not traced
+        reason = unavailable_reason(params[0].device)
+        if reason is not None:
+            raise RuntimeError(f"backend 'native' is unavailable on {params[0].device.type}: {reason}")
+        _register_fake()
     use_momentum = momentum != 0
     # (dtype, is_first_step) -> (params, grads, bufs, layouts)
     calls: Dict[tuple, tuple] = {}
