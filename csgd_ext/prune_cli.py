@@ -139,16 +139,7 @@ def load_merged(path: str, model: nn.Module) -> nn.Module:
     plan_dict = payload.get("plan")
     if plan_dict is None:
         raise ValueError(f"{path!r} holds no cluster plan: not written by `python -m csgd_ext prune --out`")
-    plan = ClusterPlan.from_dict(plan_dict, model) if hasattr(ClusterPlan, "from_dict") else None
-    if plan is None:
-        import json
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as d:
-            p = os.path.join(d, "plan.json")
-            with open(p, "w") as f:
-                json.dump(plan_dict, f)
-            plan = ClusterPlan.load(p, model)
+    plan = ClusterPlan.from_dict(plan_dict, model)
     small = merge(model, plan)
     small.load_state_dict(payload["model"])
     return small

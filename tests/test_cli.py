@@ -162,3 +162,26 @@ def test_real_process_prints_one_line_and_no_traceback(user_pkg):
                        timeout=120)
     assert r.returncode != 0
     assert_one_line_error(r.returncode, r.stderr, "--checkpoint")
+
+
+def test_prune_zoo_model_and_csgd_ext_checkpoint(user_pkg, capsys):
+    import json
+
+    import csgd_ext
+    from csgd_ext.models import get_model
+
+    net = get_model("resnet20", width=0.25, num_classes=10, in_channels=1)
+    csgd_ext.save_checkpoint(str(user_pkg / "ck.pt"), model=net, rng=False)
+    # zoo names take their width from the checkpoint-free default; a width-0.25 checkpoint does not fit it
+    code, _, err = run(["prune", "--model", "resnet20", "--input-shape", "1,28,28", "--keep", "0.5",
+                        "--checkpoint", "ck.pt", "--plan-out", "zoo.json"], capsys)
+    assert_one_line_error(code, err, "--checkpoint", "does not fit")
+    code, out, err = run(["prune", "--model", "resnet20", "--input-shape", "1,28,28", "--keep", "0.5",
+                          "--plan-out", "zoo.json"], capsys)
+    assert code == 0, err
+    with open(user_pkg / "zoo.json") as f:
+        assert json.load(f)["groups"]
+    mine = __import__("user_nets_for_cli").make_net()
+    csgd_ext.save_checkpoint(str(user_pkg / "ck2.pt"), model=mine, rng=False)
+    code, out, err = run(PRUNE + ["--keep", "0.5", "--checkpoint", "ck2.pt", "--plan-out", "p2.json"], capsys)
+    assert code == 0 and "loaded csgd_ext checkpoint" in out, err
