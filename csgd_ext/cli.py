@@ -79,10 +79,20 @@ def _check_out_dir(out: str, force: bool, files) -> None:
             raise CLIError(f"--out: {path!r} exists; pass --force to overwrite it")
 
 
+def _check_zoo(args: argparse.Namespace) -> None:
+    from .models import get_model
+
+    try:
+        get_model(args.arch, width=args.width, num_classes=10, in_channels=1)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--arch/--width: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import RESULTS_FILE, DemoConfig, format_table, run_demo
 
     _check_out_dir(args.out, args.force, [RESULTS_FILE])
+    _check_zoo(args)
     cfg = DemoConfig(epochs=args.epochs, keep=args.keep, seed=args.seed, out=args.out, arch=args.arch,
                      width=args.width, batch_size=args.batch_size, lr=args.lr, centripetal=args.centripetal,
                      limit=args.limit, threads=args.threads, latency_repeats=args.latency_repeats,
@@ -135,6 +145,7 @@ def _cmd_squeeze(args: argparse.Namespace) -> int:
     if not seeds:
         raise CLIError("--seeds: give at least one seed")
     _check_out_dir(args.out, args.force, [RESULTS_FILE])
+    _check_zoo(args)
     cfg = SqueezeConfig(factor=args.factor, seeds=seeds, epochs=args.epochs, out=args.out, arch=args.arch,
                         width=args.width, batch_size=args.batch_size, lr=args.lr, centripetal=args.centripetal,
                         limit=args.limit, threads=args.threads, progress=not args.no_progress)

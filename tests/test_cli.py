@@ -82,6 +82,8 @@ PRUNE = ["prune", "--model", "user_nets_for_cli:make_net", "--input-shape", "3,1
     (PRUNE + ["--plan", "missing.json", "--out", "m.pt"], ["--plan", "missing.json"]),
     (["demo", "--keep", "1.5"], ["--keep"]),
     (["demo", "--epochs", "0"], ["--epochs"]),
+    (["demo", "--arch", "no_such_net", "--out", "d"], ["--arch", "no_such_net"]),
+    (["demo", "--width", "-1", "--out", "d"], ["--arch/--width", "width"]),
     (["squeeze", "--seeds", "a,b"], ["--seeds"]),
     (["squeeze", "--factor", "1"], ["factor"]),
 ])
@@ -89,6 +91,7 @@ def test_bad_input_is_one_line_error(user_pkg, capsys, argv, needles):
     code, _, err = run(argv, capsys)
     assert_one_line_error(code, err, *needles)
     assert not os.path.exists(user_pkg / "p.json") and not os.path.exists(user_pkg / "m.pt")
+    assert not os.path.exists(user_pkg / "d")
 
 
 def test_unreadable_and_unfitting_checkpoints(user_pkg, capsys):
