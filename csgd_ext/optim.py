@@ -213,23 +213,29 @@ class CSGD(Optimizer):
                 v = dict(v)
                 saved_ids[k] = v.pop(_IDS_KEY)
             state[k] = v
-        super().load_state_dict({**state_dict, "state": state})
-        for group in self.param_groups:  # torch does not check shapes: a wrong buffer would broadcast
-            for p in group["params"]:
-                buf = self.state.get(p, {}).get("momentum_buffer")
-                if isinstance(buf, torch.Tensor) and buf.shape != p.shape:
-                    self.state[p].pop("momentum_buffer")
-                    raise ValueError(f"loaded momentum_buffer of shape {tuple(buf.shape)} does not fit "
-                                     f"{self.param_name(p)}: the state dict is from another model")
         index = {}
         for group in self.param_groups:
             for p in group["params"]:
                 index[len(index)] = p
+        # check before loading anything (torch does not check shapes: a wrong buffer would broadcast), so a
+        # state dict from another model leaves this optimizer untouched
+        checked_ids = {}
+        if len(state_dict.get("param_groups", ())) == len(self.param_groups) and \
+                [len(g["params"]) for g in state_dict["param_groups"]] == [len(g["params"]) for g in self.param_groups]:
+            for k, v in state.items():
+                p = index.get(k)
+                buf = v.get("momentum_buffer") if p is not None and isinstance(v, dict) else None
+                if isinstance(buf, torch.Tensor) and buf.shape != p.shape:
+                    raise ValueError(f"loaded momentum_buffer of shape {tuple(buf.shape)} does not fit "
+                                     f"{self.param_name(p)}: the state dict is from another model")
+            for k, ids in saved_ids.items():
+                p = index[k]
+                check_clusterable(p, self.param_name(p))
+                checked_ids[k] = validate_cluster_ids(ids.to(p.device), p, self.param_name(p)).clone()
+        super().load_state_dict({**state_dict, "state": state})
         # saved groups number their params 0..N-1 in order, as torch's state_dict does
-        for k, ids in saved_ids.items():
-            p = index[k]
-            check_clusterable(p, self.param_name(p))
-            self.state[p][_IDS_KEY] = validate_cluster_ids(ids.to(p.device), p, self.param_name(p)).clone()
+        for k, ids in checked_ids.items():
+            self.state[index[k]][_IDS_KEY] = ids
         self._layouts = {}
 
     # -- step ---------------------------------------------------------------------------------------

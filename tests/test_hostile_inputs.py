@@ -150,6 +150,7 @@ def test_old_optimizer_state_on_a_smaller_model_is_refused():
     sd = {"state": {0: state["state"][0]}, "param_groups": [{**state["param_groups"][0], "params": [0]}]}
     with pytest.raises(ValueError, match=r"momentum_buffer of shape \(8, 3, 3, 3\).*\(4, 3, 3, 3\)"):
         opt2.load_state_dict(sd)
+    assert len(opt2.state) == 0  # nothing half-loaded
     sd["state"][0] = {"cluster_ids": state["state"][0]["cluster_ids"]}
     with pytest.raises(ValueError, match="length 8 but the parameter has 4 rows"):
         opt2.load_state_dict(sd)
@@ -226,3 +227,17 @@ def test_fsdp_flattened_parameters_are_refused():
     opt = csgd_ext.CSGD([q], lr=0.1)  # unclustered: plain SGD, allowed
     q.grad = torch.ones_like(q)
     opt.step()
+
+
+def test_old_optimizer_state_on_the_merged_model_is_refused():
+    model = make_model()
+    plan = csgd_ext.plan_clusters(model, torch.randn(2, 3, 8, 8), keep=0.5, method="even")
+    opt = csgd_ext.CSGD(model.parameters(), lr=0.1, momentum=0.9, clusters=plan.clusters)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    merged = csgd_ext.merge(model, plan)
+    new_opt = csgd_ext.CSGD(merged.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="does not fit|rows"):
+        new_opt.load_state_dict(opt.state_dict())
+    assert len(new_opt.state) == 0  # checked before anything was loaded
