@@ -159,14 +159,9 @@ def _backend_used(opt) -> str:
 
 def _plan_for(model: nn.Module, plan):
     """The same plan re-bound to a copy of its model (plans map parameters by identity)."""
-    import tempfile
-
     from . import ClusterPlan
 
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "plan.json")
-        plan.save(path)
-        return ClusterPlan.load(path, model)
+    return ClusterPlan.from_dict(plan.to_dict(), model)
 
 
 def _build(cfg: DemoConfig, width: float) -> nn.Module:
