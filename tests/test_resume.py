@@ -133,29 +133,20 @@ def test_without_rng_restore_the_run_diverges(tmp_path):
 _RUNNER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-torch_threads = 1
 import torch
-torch.set_num_threads(torch_threads)
+torch.set_num_threads(1)
 import csgd_ext
-from tests.test_resume import build, train, state_of, STEPS
-mode, ck, out = sys.argv[1], sys.argv[2], sys.argv[3]
-model, opt, sched = build("auto", seed=0 if mode != "resume" else 1)
+from tests.test_resume import build, train, STEPS
+ck = sys.argv[1]
+model, opt, sched = build("auto", seed=0)
 gen = torch.Generator().manual_seed(7)
 torch.manual_seed(99)
-if mode == "killed":
-    def save_then_maybe_die(step):
-        csgd_ext.save_checkpoint(ck, model=model, optimizer=opt, scheduler=sched, step=step,
-                                 generators={{"data": gen}})
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGKILL)  # a real, unannounced kill right after step 3's checkpoint
-    train(model, opt, sched, gen, 0, STEPS, on_step=save_then_maybe_die)
-    raise SystemExit("not killed?")
-start = 0
-if mode == "resume":
-    start = csgd_ext.load_checkpoint(ck, model=model, optimizer=opt, scheduler=sched,
-                                     generators={{"data": gen}}).step
-train(model, opt, sched, gen, start, STEPS)
-torch.save(state_of(model, opt), out)
+def save_then_maybe_die(step):
+    csgd_ext.save_checkpoint(ck, model=model, optimizer=opt, scheduler=sched, step=step, generators={{"data": gen}})
+    if step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # a real, unannounced kill right after step 3's checkpoint
+train(model, opt, sched, gen, 0, STEPS, on_step=save_then_maybe_die)
+raise SystemExit("not killed?")
 """
 
 
@@ -164,7 +155,7 @@ def test_resume_after_a_real_kill(tmp_path):
     script = tmp_path / "runner.py"
     script.write_text(_RUNNER.format(repo=REPO))
     ck = str(tmp_path / "ck.pt")
-    killed = subprocess.run([sys.executable, str(script), "killed", ck, "unused"], capture_output=True,
+    killed = subprocess.run([sys.executable, str(script), ck], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert csgd_ext.checkpoint.read_checkpoint(ck)["step"] == 3
