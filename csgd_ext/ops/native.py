@@ -28,6 +28,8 @@ def load_error() -> Optional[str]:
         from .. import _C  # noqa: F401  (loading registers the ops)
     except ImportError as e:  # built against another torch, missing symbol...
         return f"the native extension csgd_ext._C failed to load: {e}"
+    if hasattr(torch.ops.csgd_ext, "csgd_step_"):
+        _register_fake()
     return None
 
 

@@ -1,0 +1,90 @@
+"""Helpers shared by the backend-equivalence tests (CPU and GPU): cluster layouts of every kind, per-dtype
+tolerances, and a runner that steps a backend and the reference side by side."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from csgd_ext import ops
+from csgd_ext.layout import build_layout
+
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# As PyTorch's test_optim: fp64 tight, fp32 ~1e-5, fp16/bf16 looser; relative part scales with magnitude.
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-9),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+LAYOUT_KINDS = ("none", "singletons", "one", "uneven", "gaps")
+
+
+def make_ids(kind: str, n: int, gen: torch.Generator):
+    """Cluster ids of ``kind`` for ``n`` rows (``None`` for an unclustered parameter)."""
+    if kind == "none":
+        return None
+    if kind == "singletons":
+        return torch.arange(n)
+    if kind == "one":
+        return torch.zeros(n, dtype=torch.long)
+    if kind == "uneven":  # a few clusters of very different sizes, members spread out
+        k = max(1, n // 3)
+        sizes = torch.randint(0, 4, (k,), generator=gen) ** 2 + 1
+        ids = torch.repeat_interleave(torch.arange(k), sizes)[:n]
+        ids = torch.cat([ids, torch.full((n - ids.numel(),), k - 1)])
+        return ids[torch.randperm(n, generator=gen)]
+    if kind == "gaps":  # unsorted, negative and huge ids with gaps between them
+        vals = torch.tensor([-7, 3, 1000003, 42, 5])
+        return vals[torch.randint(0, vals.numel(), (n,), generator=gen)]
+    raise ValueError(kind)
+
+
+def hparam_grid():
+    """Every combination of momentum 0/0.9, dampening, nesterov, weight decay, maximize, centripetal that
+    torch.optim.SGD accepts (nesterov needs momentum > 0 and zero dampening)."""
+    out = []
+    for mom, damp, nest, wd, maxi, cp in itertools.product((0.0, 0.9), (0.0, 0.3), (False, True), (0.0, 0.05),
+                                                          (False, True), (0.0, 0.4)):
+        if (nest and (mom == 0 or damp != 0)) or (mom == 0 and damp != 0):
+            continue
+        out.append(dict(lr=0.1, momentum=mom, dampening=damp, nesterov=nest, weight_decay=wd, maximize=maxi,
+                        centripetal=cp))
+    return out
+
+
+def run_pair(backend: str, shapes, kinds, dtype, hp, steps: int, *, device="cpu", seed=0, memory_format=None):
+    """Step ``backend`` and ``reference`` ``steps`` times on identical tensors; return both (params, bufs)."""
+    gen = torch.Generator().manual_seed(seed)
+    ps, layouts = [], []
+    for shape, kind in zip(shapes, kinds):
+        p = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        if memory_format is not None and p.dim() == 4:
+            p = p.contiguous(memory_format=memory_format)
+        ps.append(p)
+        ids = make_ids(kind, shape[0] if len(shape) else 1, gen)
+        layouts.append(None if ids is None else build_layout(ids.to(device)))
+    qs = [p.clone() for p in ps]  # clone keeps channels_last strides
+    mod, ref = ops.get_module(backend), ops.get_module("reference")
+    bufs_a, bufs_b = [None] * len(ps), [None] * len(ps)
+    for _ in range(steps):
+        gs = [torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype) for p in ps]
+        if memory_format is not None:
+            gs = [g.contiguous(memory_format=memory_format) if g.dim() == 4 else g for g in gs]
+        mod.step(ps, gs, bufs_a, layouts, **hp)
+        ref.step(qs, gs, bufs_b, layouts, **hp)
+    return (ps, bufs_a), (qs, bufs_b)
+
+
+def assert_pair_close(a, b, dtype, msg=""):
+    (ps, bufs_a), (qs, bufs_b) = a, b
+    tol = TOL[dtype]
+    for i, (p, q) in enumerate(zip(ps, qs)):
+        assert p.dtype == q.dtype == dtype
+        torch.testing.assert_close(p.double(), q.double(), **tol, msg=lambda m: f"param {i} {msg}: {m}")
+    for i, (x, y) in enumerate(zip(bufs_a, bufs_b)):
+        assert (x is None) == (y is None), f"momentum buffer {i} {msg}: one backend has none"
+        if x is not None:
+            assert x.dtype == dtype
+            torch.testing.assert_close(x.double(), y.double(), **tol, msg=lambda m: f"buffer {i} {msg}: {m}")
