@@ -214,17 +214,17 @@ def test_plan_file_with_a_missing_field_is_refused(plan_file, tmp_path):
         csgd_ext.ClusterPlan.load(tmp_path / "edited.json", model)
 
 
-@pytest.mark.xfail(strict=True, reason="ClusterPlan.load (csgd_ext/plan.py) does not check edited group contents "
-                   "yet (labels length/range, channel maps): reported to the integrator; these load silently or "
-                   "raise IndexError")
-@pytest.mark.parametrize("edit", [_edit_labels, _negative_label, _short_channel_map])
-def test_edited_plan_file_is_refused(plan_file, tmp_path, edit):
+@pytest.mark.parametrize("edit, problem", [(_edit_labels, r"field 'labels': has \d+ entries, expected \d+"),
+                                           (_negative_label, r"field 'labels': label -1 is out of range"),
+                                           (_short_channel_map, r"field producers\['\w+'\]: has 2 entries")])
+def test_edited_plan_file_is_refused(plan_file, tmp_path, edit, problem):
     model, path = plan_file
     d = json.loads(path.read_text())
     edit(d)
     (tmp_path / "edited.json").write_text(json.dumps(d))
-    with pytest.raises(ValueError, match=r"edited\.json"):
-        csgd_ext.ClusterPlan.load(tmp_path / "edited.json", model).producer_clusters()
+    with pytest.raises(ValueError, match=r"malformed ClusterPlan file '.*edited\.json': group 0 \(root '\w+'\), "
+                       + problem):
+        csgd_ext.ClusterPlan.load(tmp_path / "edited.json", model)
 
 
 # -- 7. sharded parameters (details in tests/test_ddp.py) -----------------------------------------------
