@@ -17,7 +17,7 @@ import torch
 
 from .timing import Timer
 
-__all__ = ["machine_info", "copy_bandwidth", "rss_bytes", "reset_peak_rss", "peak_rss_bytes"]
+__all__ = ["machine_info", "git_state", "copy_bandwidth", "rss_bytes", "reset_peak_rss", "peak_rss_bytes"]
 
 
 def _cpu_model() -> str:
@@ -31,6 +31,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def git_state() -> str:
+    """``<short commit>`` of the checkout, plus which package/kernel files differ from it (or why unknown)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csgd_ext", "csrc", "benchmarks"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unknown ({type(e).__name__})"
+    changed = [line[3:] for line in dirty if line.strip() and not line[3:].endswith(".md")]
+    return head + (f" with uncommitted changes in {', '.join(changed)}" if changed else " (clean)")
+
+
 def machine_info() -> Dict[str, str]:
     """CPU model and cores, torch threads, load average, versions, backends, GPU and the UTC date."""
     import csgd_ext
@@ -40,7 +56,7 @@ def machine_info() -> Dict[str, str]:
         "cpu": f"{_cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "csgd_ext": csgd_ext.__version__,
+        "csgd_ext": f"{csgd_ext.__version__}, git {git_state()}",
     }
     try:
         import triton
