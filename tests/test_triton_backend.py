@@ -115,8 +115,9 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", ["single", "one", "uneven", "odd"])
-@pytest.mark.parametrize("hp", [RICH, DAMPED], ids=["nesterov", "damped-maximize"])
+@pytest.mark.parametrize("kind, hp", [("single", RICH), ("one", RICH), ("uneven", RICH), ("odd", RICH),
+                                      ("uneven", DAMPED)],
+                         ids=["single", "one", "uneven", "odd", "uneven-damped-maximize"])
 def test_matches_reference_per_dtype_and_layout(dtype, kind, hp):
     specs = [((12, 5), kind), ((7, 2, 3), kind), ((1, 9), kind), ((10,), None)]
     _assert_match(*_run_both(specs, dtype, hp, seed=DTYPES.index(dtype)), dtype, hp)
