@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ClusterLayout", "validate_cluster_ids", "build_layout"]
+__all__ = ["ClusterLayout", "validate_cluster_ids", "build_layout", "is_dense", "rows_dense", "same_order"]
 
 
 @dataclass(frozen=True)
@@ -92,3 +92,27 @@ def build_layout(ids: torch.Tensor) -> ClusterLayout:
     torch.cumsum(counts, 0, out=offsets[1:])
     max_size = int(counts.max())  # one sync, once per layout build (not per step)
     return ClusterLayout(labels.contiguous(), perm.contiguous(), offsets, int(k), max_size, int(n))
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill exactly ``numel`` consecutive slots in some order."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def rows_dense(t: torch.Tensor, rows=None) -> bool:
+    """Dense, and each of the ``rows`` indices along axis 0 (default ``t.shape[0]``) is one contiguous block of
+    memory (contiguous, channels_last, ...): what the fused kernels need to treat a row as a flat vector."""
+    if t.is_contiguous():
+        return True
+    rows = (t.shape[0] if t.dim() else 1) if rows is None else rows
+    return is_dense(t) and (rows <= 1 or t.stride(0) * rows == t.numel())
+
+
+def same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same memory order (strides of size-1 dims do not matter)."""
+    return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n != 1)

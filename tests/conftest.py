@@ -33,3 +33,13 @@ def cpu_backends():
 @pytest.fixture(params=cpu_backends())
 def backend(request):
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny tensors: on a busy 2-core machine OpenMP barriers cost 10-50x
+    the compute with 2 threads. Restores the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,12 +10,7 @@ from csgd_ext import models
 from csgd_ext.flops import FlopsReport, count_flops_params, module_macs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def meta_report(name, **kwargs):

@@ -20,12 +20,7 @@ models = pytest.importorskip("csgd_ext.models", reason="csgd_ext.models (the mod
 WIDTH = {"resnet50": 0.125, "mobilenetv2": 0.25, "vgg16": 0.125}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _predicted_params(m: nn.Module, o: int, i: int) -> int:

@@ -10,13 +10,7 @@ from csgd_ext.models import scale_channels
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs on a shared 2-core machine: OpenMP barriers cost 10-50x the compute with 2 threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NAMES = ["resnet20", "resnet56", "resnet110", "vgg16", "densenet40", "resnet50", "mobilenetv2"]

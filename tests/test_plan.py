@@ -16,12 +16,7 @@ from test_merge import ConcatNet, GroupNormNet, MobileTiny, ResNetTiny, prepared
 X = torch.randn(1, 3, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,7 @@ from csgd_ext import data
 from csgd_ext.train import DeviationLogger, Every, evaluate, fit, predict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI machine is shared: 2 OpenMP threads under contention are ~40x slower than 1
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_cnn():

@@ -10,7 +10,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from ..layout import ClusterLayout
+from ..layout import ClusterLayout, rows_dense, same_order
 
 NAME = "native"
 OP = "csgd_ext::csgd_step_"
@@ -96,25 +96,6 @@ def native_layout(layout: ClusterLayout) -> torch.Tensor:
     return t
 
 
-def _row_dense(t: torch.Tensor) -> bool:
-    # Each index along axis 0 is one dense block of memory (contiguous, channels_last, ...).
-    if t.is_contiguous():
-        return True
-    if t.shape[0] > 1 and t.stride(0) * t.shape[0] != t.numel():
-        return False
-    # dense and non-overlapping: dims sorted by stride pack exactly (size-1 dims do not matter)
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.stride() == b.stride() or all(s == 1 or x == y for s, x, y in zip(a.shape, a.stride(), b.stride()))
-
-
 @torch.no_grad()
 def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
          layouts: Sequence[Optional[ClusterLayout]], *, lr: float, weight_decay: float, momentum: float,
@@ -153,10 +134,10 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
                 momentum_buffers[i] = torch.zeros_like(p)
             continue
         pw = p
-        if not _row_dense(p):
+        if not rows_dense(p):
             pw = p.contiguous()  # documented copy: rows of p are not dense blocks
             copy_back.append((p, pw))
-        if not _same_order(g, pw):
+        if not same_order(g, pw):
             g = torch.empty_like(pw).copy_(g)
         lay = layouts[i]
         lt = None if lay is None or lay.num_rows == 0 else native_layout(lay)
@@ -167,7 +148,7 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
             if b is None:
                 first = True
                 b = momentum_buffers[i] = torch.empty_like(pw)
-            elif not _same_order(b, pw):
+            elif not same_order(b, pw):
                 bw = torch.empty_like(pw).copy_(b)
                 copy_back.append((b, bw))
                 b = bw

@@ -39,7 +39,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..layout import ClusterLayout
+from ..layout import ClusterLayout, is_dense, rows_dense, same_order
 
 NAME = "triton"
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -83,25 +83,6 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
 
 
 # -- layout checks ----------------------------------------------------------------------------------
-def _dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill exactly ``numel`` consecutive slots in some order."""
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _row_dense(t: torch.Tensor, rows: int) -> bool:
-    """Dense, and row ``i`` (axis 0) fills slots ``[i * m, (i + 1) * m)``, ``m = numel / rows``."""
-    return _dense(t) and (rows <= 1 or t.stride(0) * rows == t.numel())
-
-
-def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and all(x == y for x, y, s in zip(a.stride(), b.stride(), a.shape) if s != 1)
-
-
 # -- cached tables ----------------------------------------------------------------------------------
 class _LRU(OrderedDict):
     def get_or(self, key, make):
@@ -204,11 +185,11 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
             lay = None
         rows = lay.num_rows if lay is not None else 1
         w = p
-        if not (_row_dense(p, rows) if lay is not None else _dense(p)):
+        if not (rows_dense(p, rows) if lay is not None else is_dense(p)):
             w = p.contiguous()
             staged.append((p, w))
         g = grads[i]
-        if g.dtype != w.dtype or not _same_strides(g, w):
+        if g.dtype != w.dtype or not same_order(g, w):
             g = torch.empty_like(w).copy_(g)
         b, first = None, 0
         if use_mom:
@@ -217,7 +198,7 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
                 b = torch.empty_like(w)
                 momentum_buffers[i] = b
                 first = 1
-            elif buf.dtype != w.dtype or not _same_strides(buf, w):
+            elif buf.dtype != w.dtype or not same_order(buf, w):
                 b = torch.empty_like(w).copy_(buf)
                 staged.append((buf, b))
             else:
