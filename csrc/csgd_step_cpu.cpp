@@ -96,7 +96,7 @@ inline void cluster_chunk(T* __restrict w, const T* __restrict g, T* __restrict 
       sw[k] += static_cast<A>(w[o + k]);
     }
   }
-  const A inv = A(1) / static_cast<A>(s), sinv = c.sign * inv;
+  const A inv = A(1) / static_cast<A>(s), sinv = c.sign * inv;  // multiply: no divisions per chunk
   for (int64_t k = 0; k < n; ++k) {
     sg[k] = sg[k] * sinv;
     sw[k] = sw[k] * inv;
@@ -148,18 +148,9 @@ inline void update8(float* __restrict w, float* __restrict b, f32x8 mg, f32x8 mw
 template <bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 __attribute__((noinline)) int64_t cluster_cols16(float* __restrict w, const float* __restrict g, float* __restrict b,
                                                  const int64_t* __restrict mem, int64_t s, int64_t cols, int64_t j0,
-                                                 int64_t j1, const Coefs<float>& c, const int64_t* __restrict nmem,
-                                                 int64_t ns) {
+                                                 int64_t j1, const Coefs<float>& c) {
   int64_t j = j0;
   for (; j + 16 <= j1; j += 16) {
-  // Software prefetch of the next cluster's rows at the same columns: its member rows are random rows of
-  // the tensor, which the hardware prefetcher cannot predict.
-  for (int64_t q = 0; q < ns; ++q) {
-    const int64_t o = nmem[q] * cols + j;
-    __builtin_prefetch(g + o, 0, 3);
-    __builtin_prefetch(w + o, 1, 3);
-    if (MOM) __builtin_prefetch(b + o, 1, 3);
-  }
   f32x8 sg0 = {}, sg1 = {}, sw0 = {}, sw1 = {};
   for (int64_t q = 0; q < s; ++q) {
     const int64_t o = mem[q] * cols + j;
@@ -168,7 +159,7 @@ __attribute__((noinline)) int64_t cluster_cols16(float* __restrict w, const floa
     sw0 += load8(w + o);
     sw1 += load8(w + o + 8);
   }
-  const float inv = 1.0f / static_cast<float>(s), sinv = c.sign * inv;
+  const float inv = 1.0f / static_cast<float>(s), sinv = c.sign * inv;  // multiply: no vector divisions
   const f32x8 mg0 = sg0 * sinv, mg1 = sg1 * sinv;
   const f32x8 mw0 = sw0 * inv, mw1 = sw1 * inv;
   for (int64_t q = 0; q < s; ++q) {
@@ -221,9 +212,7 @@ void run_tiles(const std::vector<Tile>& tiles, at::TensorList params, at::Tensor
       }
       int64_t j = tl.j0;
       if constexpr (std::is_same_v<T, float>) {
-        const int64_t n1 = cl + 1 < tl.a1 ? off[cl + 2] : m1;
-        j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c, perm + m1,
-                                                     std::min<int64_t>(n1 - m1, 4));
+        j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c);
       } else {
         for (; j + kVec <= tl.j1; j += kVec) {
           cluster_chunk<T, kVec, MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, j, kVec, c);
