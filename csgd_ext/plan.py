@@ -152,27 +152,24 @@ class ClusterPlan:
                              "(a plan from another model, or a model that was already merged?)")
 
     # -- per-module views ---------------------------------------------------------------------------
-    def producer_clusters(self) -> Dict[str, List[List[int]]]:
-        """``{producer module: [channels of each multi-member cluster, kept channel first]}``."""
-        out: Dict[str, List[List[int]]] = {}
-        for g in self.groups:
-            for cl in g.clusters:
-                if len(cl) < 2:
-                    continue
-                for name, index in g.producers.items():
-                    out.setdefault(name, []).append([index[r] for r in cl])
-        return out
-
-    def consumer_clusters(self) -> Dict[str, List[List[List[int]]]]:
-        """``{consumer module: [[input features of each member] of each multi-member cluster]}``."""
+    def _member_lists(self, attr: str) -> Dict[str, list]:
+        """``{module: [[index of each member] of each multi-member cluster]}`` over ``GroupPlan.<attr>``."""
         out: Dict[str, list] = {}
         for g in self.groups:
             for cl in g.clusters:
                 if len(cl) < 2:
                     continue
-                for name, index in g.consumers.items():
+                for name, index in getattr(g, attr).items():
                     out.setdefault(name, []).append([index[r] for r in cl])
         return out
+
+    def producer_clusters(self) -> Dict[str, List[List[int]]]:
+        """``{producer module: [channels of each multi-member cluster, kept channel first]}``."""
+        return self._member_lists("producers")
+
+    def consumer_clusters(self) -> Dict[str, List[List[List[int]]]]:
+        """``{consumer module: [[input features of each member] of each multi-member cluster]}``."""
+        return self._member_lists("consumers")
 
     def clustered_parameters(self, model: Optional[nn.Module] = None) -> Dict[str, Tuple[nn.Parameter, torch.Tensor]]:
         """``{parameter name: (parameter, int64 ids)}`` for every clustered producer parameter."""
