@@ -87,6 +87,7 @@ class CSGD(Optimizer):
             ops.get_module(backend)  # ValueError for an unknown name
         self.backend = backend
         self._layouts: Dict[torch.Tensor, ClusterLayout] = {}
+        self._resolved: Dict[torch.device, Any] = {}  # device -> backend module (see _backend_for)
         super().__init__(params, defaults)
         if backend != "auto":
             for dev in {p.device for g in self.param_groups for p in g["params"]} or {torch.device("cpu")}:
@@ -112,6 +113,7 @@ class CSGD(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_layouts", {})
+        self.__dict__["_resolved"] = {}
         self.__dict__.setdefault("backend", "auto")
         for group in self.param_groups:
             for k, v in self.defaults.items():
@@ -239,6 +241,13 @@ class CSGD(Optimizer):
         self._layouts = {}
 
     # -- step ---------------------------------------------------------------------------------------
+    def _backend_for(self, device: torch.device):
+        """The backend module for ``device``, resolved once per device (resolution checks availability)."""
+        mod = self._resolved.get(device)
+        if mod is None:
+            mod = self._resolved[device] = ops.resolve(self.backend, device)
+        return mod
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one C-SGD step (``closure`` re-evaluates the model and returns the loss)."""
@@ -246,7 +255,10 @@ class CSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        state = self.state
+        cached = self._layouts
         for group in self.param_groups:
+            use_momentum = group["momentum"] != 0
             by_device: Dict[torch.device, tuple] = {}
             for p in group["params"]:
                 g = p.grad
@@ -255,17 +267,33 @@ class CSGD(Optimizer):
                 if g.is_sparse:
                     raise TypeError(f"CSGD does not support sparse gradients ({self.param_name(p)}); "
                                     "use a dense embedding or torch.optim.SparseAdam for it")
-                lists = by_device.setdefault(p.device, ([], [], [], []))
+                dev = p.device
+                lists = by_device.get(dev)
+                if lists is None:
+                    lists = by_device[dev] = ([], [], [], [], [])
                 lists[0].append(p)
                 lists[1].append(g)
-                lists[2].append(self.state[p].get("momentum_buffer") if group["momentum"] != 0 else None)
-                lists[3].append(self.layout(p))
+                st = state.get(p)
+                buf = lay = None
+                if st:
+                    if use_momentum:
+                        buf = st.get("momentum_buffer")
+                    if _IDS_KEY in st:
+                        lay = cached.get(p)  # fast path of self.layout(p)
+                        if lay is None or lay.num_rows != (p.shape[0] if p.dim() else -1) or lay.device != dev:
+                            lay = self.layout(p)
+                lists[2].append(buf)
+                lists[3].append(lay)
+                lists[4].append(st)
             hp = {k: group[k] for k in _HPARAMS}
             hp = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in hp.items()}
-            for device, (params, grads, bufs, layouts) in by_device.items():
-                backend = ops.resolve(self.backend, device)
+            for device, (params, grads, bufs, layouts, states) in by_device.items():
+                backend = self._backend_for(device)
                 backend.step(params, grads, bufs, layouts, **hp)
-                if group["momentum"] != 0:
-                    for p, b in zip(params, bufs):
-                        self.state[p]["momentum_buffer"] = b
+                if use_momentum:  # store buffers the backend created (first step)
+                    for p, b, st in zip(params, bufs, states):
+                        if not st:
+                            state[p]["momentum_buffer"] = b
+                        elif st.get("momentum_buffer") is not b:
+                            st["momentum_buffer"] = b
         return loss

@@ -5,7 +5,6 @@ The package imports without the extension; only asking for ``backend="native"`` 
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -16,9 +15,17 @@ NAME = "native"
 OP = "csgd_ext::csgd_step_"
 
 
-@functools.lru_cache(maxsize=None)
+_LOAD_ERROR: list = []  # the result of load_error(), once computed (a plain cache: torch.compile traces it)
+
+
 def load_error() -> Optional[str]:
     """Why ``csgd_ext._C`` cannot be imported, or None when it loads."""
+    if not _LOAD_ERROR:
+        _LOAD_ERROR.append(_load())
+    return _LOAD_ERROR[0]
+
+
+def _load() -> Optional[str]:
     import importlib.util
 
     if importlib.util.find_spec("csgd_ext._C") is None:
@@ -129,29 +136,28 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
     copy_back = []
     for i, p in enumerate(params):
         g = grads[i]
+        b = momentum_buffers[i] if use_momentum else None
+        first = use_momentum and b is None
         if p.numel() == 0:
-            if use_momentum and momentum_buffers[i] is None:
+            if first:
                 momentum_buffers[i] = torch.zeros_like(p)
             continue
         pw = p
-        if not rows_dense(p):
-            pw = p.contiguous()  # documented copy: rows of p are not dense blocks
-            copy_back.append((p, pw))
-        if not same_order(g, pw):
-            g = torch.empty_like(pw).copy_(g)
-        lay = layouts[i]
-        lt = None if lay is None or lay.num_rows == 0 else native_layout(lay)
-        first = False
-        b = None
-        if use_momentum:
-            b = momentum_buffers[i]
-            if b is None:
-                first = True
-                b = momentum_buffers[i] = torch.empty_like(pw)
-            elif not same_order(b, pw):
+        if not (p.is_contiguous() and g.is_contiguous() and (b is None or b.is_contiguous())):
+            # the common case skips this: nothing to copy (the op checks shapes, dtypes and devices)
+            if not rows_dense(p):
+                pw = p.contiguous()  # documented copy: rows of p are not dense blocks
+                copy_back.append((p, pw))
+            if not same_order(g, pw):
+                g = torch.empty_like(pw).copy_(g)
+            if b is not None and not same_order(b, pw):
                 bw = torch.empty_like(pw).copy_(b)
                 copy_back.append((b, bw))
                 b = bw
+        if first:
+            b = momentum_buffers[i] = torch.empty_like(pw)
+        lay = layouts[i]
+        lt = None if lay is None or lay.num_rows == 0 else native_layout(lay)
         key = (p.dtype, first)
         lists = calls.get(key)
         if lists is None:
