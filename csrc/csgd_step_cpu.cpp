@@ -122,7 +122,7 @@ inline f32x8 load8(const float* p) {
 inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 template <bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
-inline void update8(float* __restrict w, float* __restrict b, f32x8 mg, f32x8 mw, const Coefs<float>& c) {
+inline void update8(float* __restrict w, float* __restrict b, f32x8 mg, f32x8 mw, const Coefs<float> c) {
   const f32x8 wj = load8(w);
   f32x8 d = mg;
   if constexpr (WD) d = d + c.wd * wj;
@@ -145,30 +145,95 @@ inline void update8(float* __restrict w, float* __restrict b, f32x8 mg, f32x8 mw
 }
 
 // Columns [j0, j1) of one cluster in chunks of 16; returns the first column not done (the tail < 16).
+// Rows longer than kPrefetchMin columns also prefetch each member's g, w and b kPrefetchAhead columns ahead:
+// a cluster reads 3 x s row streams at once, more than the hardware prefetcher keeps ahead of.
+constexpr int64_t kPrefetchAhead = 64;  // columns (256 bytes of fp32)
+constexpr int64_t kPrefetchMin = 256;
+
+template <int S, bool PF, bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
+inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict g, float* __restrict b,
+                                   const int64_t* __restrict mem, int64_t s_dyn, int64_t cols, int64_t j0, int64_t j1,
+                                   const Coefs<float> c) {
+  const int64_t s = S > 0 ? S : s_dyn;  // S > 0: the member loops are unrolled
+  const float inv = 1.0f / static_cast<float>(s), sinv = c.sign * inv;  // multiply: no vector divisions
+  int64_t j = j0;
+  for (; j + 16 <= j1; j += 16) {
+    f32x8 sg0 = {}, sg1 = {}, sw0 = {}, sw1 = {};
+    for (int64_t q = 0; q < s; ++q) {
+      const int64_t o = mem[q] * cols + j;
+      if constexpr (PF) {  // may run past the row: prefetches never fault
+        __builtin_prefetch(g + o + kPrefetchAhead);
+        __builtin_prefetch(w + o + kPrefetchAhead);
+        if constexpr (MOM && !FIRST) __builtin_prefetch(b + o + kPrefetchAhead);
+      }
+      sg0 += load8(g + o);
+      sg1 += load8(g + o + 8);
+      sw0 += load8(w + o);
+      sw1 += load8(w + o + 8);
+    }
+    const f32x8 mg0 = sg0 * sinv, mg1 = sg1 * sinv;
+    const f32x8 mw0 = sw0 * inv, mw1 = sw1 * inv;
+    for (int64_t q = 0; q < s; ++q) {
+      const int64_t o = mem[q] * cols + j;
+      update8<MOM, FIRST, NEST, WD, CP>(w + o, MOM ? b + o : nullptr, mg0, mw0, c);
+      update8<MOM, FIRST, NEST, WD, CP>(w + o + 8, MOM ? b + o + 8 : nullptr, mg1, mw1, c);
+    }
+  }
+  return j;
+}
+
 template <bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 __attribute__((noinline)) int64_t cluster_cols16(float* __restrict w, const float* __restrict g, float* __restrict b,
                                                  const int64_t* __restrict mem, int64_t s, int64_t cols, int64_t j0,
                                                  int64_t j1, const Coefs<float>& c) {
-  int64_t j = j0;
-  for (; j + 16 <= j1; j += 16) {
-  f32x8 sg0 = {}, sg1 = {}, sw0 = {}, sw1 = {};
-  for (int64_t q = 0; q < s; ++q) {
-    const int64_t o = mem[q] * cols + j;
-    sg0 += load8(g + o);
-    sg1 += load8(g + o + 8);
-    sw0 += load8(w + o);
-    sw1 += load8(w + o + 8);
+  // the common cluster sizes get unrolled member loops (a dynamic trip count costs ~1.5x in cache)
+#define CSGD_COLS16(S, PF) cluster_cols16_impl<S, PF, MOM, FIRST, NEST, WD, CP>(w, g, b, mem, s, cols, j0, j1, c)
+  if (j1 - j0 >= kPrefetchMin) {
+    switch (s) {
+      case 2: return CSGD_COLS16(2, true);
+      case 3: return CSGD_COLS16(3, true);
+      case 4: return CSGD_COLS16(4, true);
+      default: return CSGD_COLS16(0, true);
+    }
   }
-  const float inv = 1.0f / static_cast<float>(s), sinv = c.sign * inv;  // multiply: no vector divisions
-  const f32x8 mg0 = sg0 * sinv, mg1 = sg1 * sinv;
-  const f32x8 mw0 = sw0 * inv, mw1 = sw1 * inv;
-  for (int64_t q = 0; q < s; ++q) {
-    const int64_t o = mem[q] * cols + j;
-    update8<MOM, FIRST, NEST, WD, CP>(w + o, MOM ? b + o : nullptr, mg0, mw0, c);
-    update8<MOM, FIRST, NEST, WD, CP>(w + o + 8, MOM ? b + o + 8 : nullptr, mg1, mw1, c);
+  switch (s) {
+    case 2: return CSGD_COLS16(2, false);
+    case 3: return CSGD_COLS16(3, false);
+    case 4: return CSGD_COLS16(4, false);
+    default: return CSGD_COLS16(0, false);
   }
+#undef CSGD_COLS16
+}
+
+// Clusters [c0, c1) of a tensor with one element per row (norm weights and biases): a scalar loop, without
+// the per-cluster set-up of the column-chunk path (same operations in the same order).
+template <typename T, bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
+void scalar_clusters(T* __restrict w, const T* __restrict g, T* __restrict b, const int64_t* __restrict off,
+                     const int64_t* __restrict perm, int64_t c0, int64_t c1, int64_t rows, const Coefs<acc_t<T>>& c) {
+  using A = acc_t<T>;
+  for (int64_t cl = c0; cl < c1; ++cl) {
+    const int64_t m0 = off[cl], m1 = off[cl + 1];
+    TORCH_CHECK_VALUE(m1 > m0 && m1 <= rows, "csgd_step_: layout offsets are not increasing (cluster ", cl, ")");
+    for (int64_t q = m0; q < m1; ++q) {
+      TORCH_CHECK_INDEX(perm[q] >= 0 && perm[q] < rows, "csgd_step_: layout row index ", perm[q], " out of range");
+    }
+    if (m1 - m0 == 1) {
+      const int64_t r = perm[m0];
+      update_row<T, false, MOM, FIRST, NEST, WD, CP>(w + r, g + r, MOM ? b + r : nullptr, nullptr, nullptr, 1, c);
+      continue;
+    }
+    A sg = A(0), sw = A(0);
+    for (int64_t q = m0; q < m1; ++q) {
+      sg += static_cast<A>(g[perm[q]]);
+      sw += static_cast<A>(w[perm[q]]);
+    }
+    const A inv = A(1) / static_cast<A>(m1 - m0), sinv = c.sign * inv;
+    const A mg = sg * sinv, mw = sw * inv;
+    for (int64_t q = m0; q < m1; ++q) {
+      const int64_t r = perm[q];
+      update_row<T, true, MOM, FIRST, NEST, WD, CP>(w + r, g + r, MOM ? b + r : nullptr, &mg, &mw, 1, c);
+    }
   }
-  return j;
 }
 
 template <typename T, bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
@@ -197,6 +262,10 @@ void run_tiles(const std::vector<Tile>& tiles, at::TensorList params, at::Tensor
     const int64_t* off = lay[tl.t];
     const int64_t* perm = off + geoms[tl.t].clusters + 1;
     const int64_t len = tl.j1 - tl.j0;
+    if (cols == 1) {
+      scalar_clusters<T, MOM, FIRST, NEST, WD, CP>(w, g, b, off, perm, tl.a0, tl.a1, rows, c);
+      return;
+    }
     for (int64_t cl = tl.a0; cl < tl.a1; ++cl) {
       const int64_t m0 = off[cl], m1 = off[cl + 1];
       TORCH_CHECK_VALUE(m1 > m0 && m1 <= rows, "csgd_step_: layout offsets are not increasing (cluster ", cl, ")");
