@@ -99,7 +99,7 @@ def build_report(mode: str, sections=SECTIONS, command: str = "", progress: bool
     md.append(f"- networks: {nets.source()}")
     md.append(f"- run time: {time.time() - t0:.0f} s")
     md.append(f"- measured CPU copy bandwidth: **{cpu[0]:.1f} GB/s** (`dst.copy_(src)`, fp32, {cfg.copy_numel:,} "
-              "elements, 2 x 4 bytes per element, median)")
+              "elements, 3 x 4 bytes per element: read src, write-allocate read and write of dst; median)")
     md.append("- triton: excluded from CPU timings (on CPU it runs only in the TRITON_INTERPRET=1 interpreter, "
               "~1 s per 1M elements; it is a GPU backend)")
     md.append("- GPU: " + (f"{torch.cuda.get_device_name(0)}, see the GPU section" if gpu is not None
@@ -116,7 +116,8 @@ def build_report(mode: str, sections=SECTIONS, command: str = "", progress: bool
     md += ["# CPU", ""] + _device_markdown(cfg, "cpu", cpu, csgd_ext.available_backends()["native"])
     if gpu is not None:
         md += [f"# GPU: {torch.cuda.get_device_name(0)}", "",
-               f"Measured GPU copy bandwidth: **{gpu[0]:.1f} GB/s**. CUDA events after a synchronize.", ""]
+               f"Measured GPU copy bandwidth: **{gpu[0]:.1f} GB/s** (`dst.copy_(src)`, 2 x 4 bytes per element). "
+               "CUDA events after a synchronize.", ""]
         md += _device_markdown(cfg, "cuda", gpu, csgd_ext.available_backends("cuda")["native"])
     else:
         md += ["# GPU", "", "GPU: not run (no GPU lent). On a CUDA machine the same command adds this section "
