@@ -111,7 +111,8 @@ def build_report(mode: str, sections=SECTIONS, command: str = "", progress: bool
                   "running): absolute times are unreliable; read the interleaved ratios")
     md += ["", "Hyperparameters of every step: lr 1e-3, momentum 0.9, Nesterov, weight decay 1e-4, centripetal "
            "3e-3; clustered = every conv and norm parameter (random cluster ids at the stated keep fraction: "
-           "the step cost does not depend on which rows share a cluster), classifier plain SGD. Ratios are "
+           "members spread over the tensor as k-means clusters are; `benchmarks/access_order.py` shows what that "
+           "order costs), classifier plain SGD. Ratios are "
            "medians of interleaved runs; `/ SGD fused` > 1 means slower than `torch.optim.SGD(fused=True)`.", ""]
     md += ["# CPU", ""] + _device_markdown(cfg, "cpu", cpu, csgd_ext.available_backends()["native"])
     if gpu is not None:

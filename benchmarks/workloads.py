@@ -92,7 +92,7 @@ TINY = [(16, 3, 3, 3), (16,), (16,), (32, 16, 3, 3), (32,), (32,), (10, 32), (10
 
 def param_set(net: str, keep: float, seed: int = 0) -> Workload:
     """All parameters of ``net`` (``"resnet56"``/``"resnet50"``, or ``"tiny"``); conv and norm parameters
-    clustered at ``keep`` (random ids: the step cost does not depend on which rows share a cluster), the
+    clustered at ``keep`` (random ids: members spread over the tensor, as k-means clusters are), the
     classifier plain SGD."""
     if net == "tiny":
         return _from_shapes(f"tiny keep={keep:g}", TINY, [len(s) != 2 and s != (10,) for s in TINY], keep, seed)

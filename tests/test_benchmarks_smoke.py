@@ -3,7 +3,8 @@
 * ``benchmarks.baselines.DenseCSGD`` (the official dense merge-matrix C-SGD + ``torch.optim.SGD``) equals
   ``csgd_ext.CSGD`` over several steps, parameters and momentum buffers;
 * the timing helper interleaves and caps; the target verdicts flip at their limits;
-* ``benchmarks/run.py --smoke`` exercises every section and the table generation without writing RESULTS.md.
+* ``benchmarks/run.py --smoke`` exercises every section and the table generation without writing RESULTS.md;
+* ``benchmarks/access_order.py`` times every layout it names.
 """
 
 import os
@@ -138,3 +139,15 @@ def test_run_smoke_prints_every_section_and_leaves_results_alone(capsys):
     if not torch.cuda.is_available():
         assert "GPU: not run (no GPU lent)" in out
     assert (open(results).read() if os.path.exists(results) else None) == before
+
+
+@pytest.mark.skipif(csgd_ext.available_backends()["native"] is not None, reason="needs the native backend")
+def test_access_order_probe_times_every_layout(capsys):
+    """``benchmarks/access_order.py`` (quoted in the README) runs the real op on every layout it names."""
+    from benchmarks import access_order
+
+    assert access_order.main(["--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "x (" in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["unclustered (one flat pass)", *access_order.LAYOUTS]
+    assert all(r.count("x (") == 2 for r in rows)  # 1x1 and 3x3 columns
