@@ -103,7 +103,9 @@ def native_layout(layout: ClusterLayout) -> torch.Tensor:
     return t
 
 
-@torch.no_grad()
+_READY: set = set()  # device types the op was found to run on (checked once per process, not every step)
+
+
 def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
          layouts: Sequence[Optional[ClusterLayout]], *, lr: float, weight_decay: float, momentum: float,
          dampening: float, nesterov: bool, maximize: bool, centripetal: float) -> None:
@@ -125,11 +127,18 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
     """
     if len(params) == 0:
         return
-    if not torch.compiler.is_compiling():  # checked once eagerly; not traced
+    if torch.is_grad_enabled():  # in-place updates of leaf parameters (CSGD.step already runs without grad)
+        with torch.no_grad():
+            return step(params, grads, momentum_buffers, layouts, lr=lr, weight_decay=weight_decay,
+                        momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
+                        centripetal=centripetal)
+    dev_type = params[0].device.type
+    if dev_type not in _READY and not torch.compiler.is_compiling():  # checked eagerly; not traced
         reason = unavailable_reason(params[0].device)
         if reason is not None:
-            raise RuntimeError(f"backend 'native' is unavailable on {params[0].device.type}: {reason}")
+            raise RuntimeError(f"backend 'native' is unavailable on {dev_type}: {reason}")
         _register_fake()
+        _READY.add(dev_type)
     use_momentum = momentum != 0
     # (dtype, is_first_step) -> (params, grads, bufs, layouts)
     calls: Dict[tuple, tuple] = {}
