@@ -133,11 +133,17 @@ def targets(step_rows: List[dict], train_rows: List[dict], latency_rows: List[di
     """``[[target, measured, verdict]]``; verdict is MET, MISSED or NOT MEASURED (with why)."""
     out = []
     net50 = [r for r in step_rows if r["net"] == "resnet50"]
-    natives = [r for r in net50 if r["candidate"].startswith("C-SGD native")]
+    natives = [r for r in net50 if r["candidate"].startswith("C-SGD native") and "contiguous" not in r["candidate"]]
+    adjacent = [r for r in net50 if r["candidate"].startswith("C-SGD native") and "contiguous" in r["candidate"]]
     if natives:
         worst = max(natives, key=lambda r: r["vs_fused"])
         detail = ", ".join(f"{r['candidate'].split('@ ')[-1]}: {fmt_ratio(r['vs_fused'])}" for r in natives)
-        out.append([TARGETS["native_vs_fused"], detail, "MET" if worst["vs_fused"] <= 1.15 else "MISSED"])
+        verdict = "MET" if worst["vs_fused"] <= 1.15 else "MISSED"
+        for r in adjacent:  # reported beside the verdict, which stays on the clusters as planned
+            detail += f"; {r['candidate'].split('@ ')[-1]} (after `contiguous_clusters`): {fmt_ratio(r['vs_fused'])}"
+            if verdict == "MISSED" and r["vs_fused"] <= 1.15:
+                verdict = "MISSED (met at 5/8 after `contiguous_clusters`)"
+        out.append([TARGETS["native_vs_fused"], detail, verdict])
         dense = _find(net50, candidate="dense (official) @ 5/8")
         nat58 = _find(net50, candidate="C-SGD native @ 5/8")
         if dense and nat58:

@@ -56,6 +56,12 @@ class Workload:
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    def contiguous(self) -> "Workload":
+        """The same parameters with each cluster's members made adjacent rows (sorted ids): the layout that
+        :func:`csgd_ext.contiguous_clusters` gives a model. Cluster sizes are unchanged."""
+        return Workload(self.label + " contiguous", self.params,
+                        {i: ids.sort().values for i, ids in self.cluster_index.items()})
+
     def clone(self) -> "Workload":
         """An independent copy (own weights and gradients, same cluster ids)."""
         ps = []

@@ -15,7 +15,8 @@ from .optim import CSGD  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .merge import collapse, deviation, merge  # noqa: E402
 from .plan import ClusterPlan, plan_clusters  # noqa: E402
+from .reorder import contiguous_clusters  # noqa: E402
 from . import flops, latency, models  # noqa: E402  (model zoo, MACs/params counter, CPU latency)
 from .train import DeviationLogger, evaluate, fit  # noqa: E402  (training helper)
 
-__all__ = ["CSGD", "fit", "evaluate", "DeviationLogger", "plan_clusters", "ClusterPlan", "deviation", "collapse", "merge", "save_checkpoint", "load_checkpoint", "available_backends", "BackendUnavailableError", "ClusterLayout", "__version__"]
+__all__ = ["CSGD", "fit", "evaluate", "DeviationLogger", "plan_clusters", "ClusterPlan", "contiguous_clusters", "deviation", "collapse", "merge", "save_checkpoint", "load_checkpoint", "available_backends", "BackendUnavailableError", "ClusterLayout", "__version__"]

@@ -121,6 +121,17 @@ def test_target_verdicts_flip_at_the_limits():
     assert all(r[2].startswith("NOT MEASURED") for r in none)
 
 
+@pytest.mark.parametrize("adjacent, verdict", [(1.12, "MISSED (met at 5/8 after `contiguous_clusters`)"),
+                                               (1.18, "MISSED")])
+def test_contiguous_candidate_is_reported_beside_the_verdict(adjacent, verdict):
+    step, train, lat = _rows(1.20, 50, 1.02, 1.8)
+    step.append({"net": "resnet50", "candidate": "C-SGD native @ 5/8 contiguous", "median_s": adjacent,
+                 "vs_fused": adjacent})
+    row = report.targets(step, train, lat, native_reason=None)[0]
+    assert row[2] == verdict  # the verdict stays on the clusters as planned (1.20x)
+    assert "5/8: 1.2x" in row[1] and "5/8 contiguous (after `contiguous_clusters`)" in row[1]
+
+
 def test_run_smoke_prints_every_section_and_leaves_results_alone(capsys):
     results = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     before = open(results).read() if os.path.exists(results) else None
