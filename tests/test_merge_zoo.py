@@ -32,15 +32,20 @@ def _predicted_params(m: nn.Module, o: int, i: int) -> int:
     return sum(o for p in m.parameters(recurse=False))  # norm affine / PReLU: one per channel
 
 
-@pytest.mark.parametrize("name", models.available_models())
-def test_zoo_merge_is_exact_and_shrinks_as_planned(name):
+def prepared_zoo(name: str) -> nn.Module:
+    """A small zoo net (seeded) whose BN running stats moved (a few train-mode batches), in eval mode."""
     torch.manual_seed(0)
     net = models.get_model(name, width=WIDTH.get(name, 0.25), num_classes=10)
     net.train()
     with torch.no_grad():
         for _ in range(2):
             net(torch.randn(4, 3, 32, 32))
-    net.eval()
+    return net.eval()
+
+
+@pytest.mark.parametrize("name", models.available_models())
+def test_zoo_merge_is_exact_and_shrinks_as_planned(name):
+    net = prepared_zoo(name)
     x = torch.randn(3, 3, 32, 32)
     method = "kmeans" if name == "resnet20" else "even"
     plan = csgd_ext.plan_clusters(net, x[:1], keep=0.5, method=method, seed=0)

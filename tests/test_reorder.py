@@ -5,14 +5,13 @@ import pytest
 import torch
 
 import csgd_ext
-from csgd_ext import models
 from csgd_ext.layout import build_layout
 from test_merge import NETS, prepared
+from test_merge_zoo import prepared_zoo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ZOO = ["resnet20", "resnet50", "densenet40", "mobilenetv2", "vgg16"]
-WIDTH = {"mobilenetv2": 0.25, "vgg16": 0.125, "resnet50": 0.125}
 
 
 def _assert_contiguous(plan):
@@ -53,13 +52,7 @@ def test_user_nets_keep_their_function(name):
 
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_nets_keep_their_function(name):
-    torch.manual_seed(0)
-    net = models.get_model(name, width=WIDTH.get(name, 0.25), num_classes=10)
-    net.train()
-    with torch.no_grad():
-        for _ in range(2):
-            net(torch.randn(4, 3, 32, 32))
-    _check(net, torch.randn(2, 3, 32, 32))
+    _check(prepared_zoo(name), torch.randn(2, 3, 32, 32))
 
 
 def test_merge_after_reorder_equals_merge_before():
