@@ -29,6 +29,9 @@ from .plan import ClusterPlan
 
 __all__ = ["deviation", "collapse", "merge", "merged_shapes"]
 
+#: Module kinds whose every channel tensor has the channel on axis 0, for input and output alike.
+CHANNELWISE = ("depthwise", "norm", "prelu")
+
 
 def _check(model: nn.Module, plan) -> None:
     if not isinstance(plan, ClusterPlan):
@@ -127,7 +130,7 @@ def merged_shapes(model: nn.Module, plan) -> Dict[str, tuple]:
         o, i = _out_in(mods[name])
         kind = _kind_of(plan, name)
         o -= len(out_rm.get(name, ()))
-        i = o if kind in ("depthwise", "norm", "prelu") else i - len(in_rm.get(name, ()))
+        i = o if kind in CHANNELWISE else i - len(in_rm.get(name, ()))
         res[name] = (o, i)
     return res
 
@@ -185,7 +188,7 @@ def merge(model: nn.Module, plan) -> nn.Module:
         o, i = _out_in(m)
         dev = next(iter(m.parameters(recurse=False)), torch.empty(0)).device
         ko = _keep(o, out_rm.get(name, set()), dev)
-        if kind in ("depthwise", "norm", "prelu"):
+        if kind in CHANNELWISE:
             for key, t in _channel_tensors(m, with_buffers=True):
                 _set_param(m, key, t.index_select(0, ko.to(t.device)))
             if kind == "depthwise":

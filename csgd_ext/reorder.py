@@ -28,12 +28,10 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .merge import _channel_tensors, _check, _kind_of, _out_in
+from .merge import CHANNELWISE, _channel_tensors, _check, _kind_of, _out_in
 from .plan import ClusterPlan, GroupPlan
 
 __all__ = ["contiguous_clusters"]
-
-_CHANNELWISE = ("depthwise", "norm", "prelu")  # axis 0 of every channel tensor is the channel, in and out
 
 
 def _root_order(g: GroupPlan) -> List[int]:
@@ -67,7 +65,7 @@ def contiguous_clusters(model: nn.Module, plan: ClusterPlan) -> ClusterPlan:
             for k, r in enumerate(order):
                 perm[index[k]] = index[r]
         for name, feats in g.consumers.items():
-            if _kind_of(plan, name) in _CHANNELWISE:
+            if _kind_of(plan, name) in CHANNELWISE:
                 continue  # its channel tensors move with its output channels (it is a producer too)
             perm = in_perm.setdefault(name, torch.arange(mods[name].weight.shape[1]))
             for k, r in enumerate(order):
@@ -78,7 +76,7 @@ def contiguous_clusters(model: nn.Module, plan: ClusterPlan) -> ClusterPlan:
         groups.append(dataclasses.replace(g, labels=[g.labels[r] for r in order]))
     for name, perm in out_perm.items():
         m = mods[name]
-        if _kind_of(plan, name) in _CHANNELWISE:
+        if _kind_of(plan, name) in CHANNELWISE:
             tensors = _channel_tensors(m, with_buffers=True)
         else:
             tensors = [(k, t) for k, t in (("weight", m.weight), ("bias", m.bias)) if t is not None]
