@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 namespace csgd_ext {
 namespace {
@@ -215,6 +216,18 @@ __attribute__((noinline)) int64_t cluster_cols16(float* __restrict w, const floa
 #undef CSGD_COLS16
 }
 
+// The member range [m0, m1) of cluster `cl`, checked: offsets increasing and within the rows, every member row
+// in range. Layouts come from Python and are not trusted with memory.
+inline std::pair<int64_t, int64_t> checked_members(const int64_t* __restrict off, const int64_t* __restrict perm,
+                                                   int64_t cl, int64_t rows) {
+  const int64_t m0 = off[cl], m1 = off[cl + 1];
+  TORCH_CHECK_VALUE(m1 > m0 && m1 <= rows, "csgd_step_: layout offsets are not increasing (cluster ", cl, ")");
+  for (int64_t q = m0; q < m1; ++q) {
+    TORCH_CHECK_INDEX(perm[q] >= 0 && perm[q] < rows, "csgd_step_: layout row index ", perm[q], " out of range");
+  }
+  return {m0, m1};
+}
+
 // Clusters [c0, c1) of a tensor with one element per row (norm weights and biases): a scalar loop, without
 // the per-cluster set-up of the column-chunk path (same operations in the same order).
 template <typename T, bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
@@ -222,11 +235,7 @@ void scalar_clusters(T* __restrict w, const T* __restrict g, T* __restrict b, co
                      const int64_t* __restrict perm, int64_t c0, int64_t c1, int64_t rows, const Coefs<acc_t<T>>& c) {
   using A = acc_t<T>;
   for (int64_t cl = c0; cl < c1; ++cl) {
-    const int64_t m0 = off[cl], m1 = off[cl + 1];
-    TORCH_CHECK_VALUE(m1 > m0 && m1 <= rows, "csgd_step_: layout offsets are not increasing (cluster ", cl, ")");
-    for (int64_t q = m0; q < m1; ++q) {
-      TORCH_CHECK_INDEX(perm[q] >= 0 && perm[q] < rows, "csgd_step_: layout row index ", perm[q], " out of range");
-    }
+    const auto [m0, m1] = checked_members(off, perm, cl, rows);
     if (m1 - m0 == 1) {
       const int64_t r = perm[m0];
       update_row<T, false, MOM, FIRST, NEST, WD, CP>(w + r, g + r, MOM ? b + r : nullptr, nullptr, nullptr, 1, c);
@@ -277,17 +286,11 @@ void run_tiles(const std::vector<Tile>& tiles, at::TensorList params, at::Tensor
       return;
     }
     for (int64_t cl = tl.a0; cl < tl.a1; ++cl) {
-      const int64_t m0 = off[cl], m1 = off[cl + 1];
-      TORCH_CHECK_VALUE(m1 > m0 && m1 <= rows, "csgd_step_: layout offsets are not increasing (cluster ", cl, ")");
+      const auto [m0, m1] = checked_members(off, perm, cl, rows);
       if (m1 - m0 == 1) {
-        const int64_t r = perm[m0];
-        TORCH_CHECK_INDEX(r >= 0 && r < rows, "csgd_step_: layout row index ", r, " out of range");
-        const int64_t o = r * cols + tl.j0;
+        const int64_t o = perm[m0] * cols + tl.j0;
         update_row<T, false, MOM, FIRST, NEST, WD, CP>(w + o, g + o, MOM ? b + o : nullptr, nullptr, nullptr, len, c);
         continue;
-      }
-      for (int64_t q = m0; q < m1; ++q) {
-        TORCH_CHECK_INDEX(perm[q] >= 0 && perm[q] < rows, "csgd_step_: layout row index ", perm[q], " out of range");
       }
       int64_t j = tl.j0;
       if constexpr (std::is_same_v<T, float>) {
