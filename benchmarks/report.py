@@ -133,8 +133,10 @@ def targets(step_rows: List[dict], train_rows: List[dict], latency_rows: List[di
     """``[[target, measured, verdict]]``; verdict is MET, MISSED or NOT MEASURED (with why)."""
     out = []
     net50 = [r for r in step_rows if r["net"] == "resnet50"]
-    natives = [r for r in net50 if r["candidate"].startswith("C-SGD native") and "contiguous" not in r["candidate"]]
-    adjacent = [r for r in net50 if r["candidate"].startswith("C-SGD native") and "contiguous" in r["candidate"]]
+    from .workloads import CONTIGUOUS
+
+    natives = [r for r in net50 if r["candidate"].startswith("C-SGD native") and CONTIGUOUS not in r["candidate"]]
+    adjacent = [r for r in net50 if r["candidate"].startswith("C-SGD native") and CONTIGUOUS in r["candidate"]]
     if natives:
         worst = max(natives, key=lambda r: r["vs_fused"])
         detail = ", ".join(f"{r['candidate'].split('@ ')[-1]}: {fmt_ratio(r['vs_fused'])}" for r in natives)

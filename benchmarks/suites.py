@@ -23,14 +23,11 @@ import csgd_ext
 
 from . import machine, nets
 from .timing import interleave
-from .workloads import (CENTRIPETAL, HP, csgd_backends, keep_label, kind_label, make_ids, make_optimizer, param_set,
+from .workloads import (CENTRIPETAL, CONTIGUOUS, HP, csgd_backends, keep_label, kind_label, make_ids, make_optimizer, param_set,
                         state_bytes, sweep_set)
 
-__all__ = ["Config", "CONFIGS", "CONTIGUOUS", "BYTES_PER_ELEMENT", "copy_bandwidth_gbs", "step_section", "sweep_section",
+__all__ = ["Config", "CONFIGS", "BYTES_PER_ELEMENT", "copy_bandwidth_gbs", "step_section", "sweep_section",
            "memory_section", "train_section", "latency_section"]
-
-#: Label suffix of the candidates whose clusters are runs of adjacent rows (``csgd_ext.contiguous_clusters``).
-CONTIGUOUS = "contiguous"
 
 #: Traffic of one fused momentum step per fp32 element: read w, g, b; write w, b.
 BYTES_PER_ELEMENT = 20
@@ -123,8 +120,8 @@ def step_section(cfg: Config, bw: float, device="cpu", progress: bool = True) ->
                     kinds.append((f"C-SGD {b} @ {keep_label(keep)}", f"csgd-{b}", keep))
         # the first clustering again, members made adjacent (what csgd_ext.contiguous_clusters gives a model)
         first = cfg.keeps[0]
-        ws_by_keep["contiguous"] = ws_by_keep[first].contiguous()
-        kinds += [(f"C-SGD {b} @ {keep_label(first)} {CONTIGUOUS}", f"csgd-{b}", "contiguous")
+        ws_by_keep[CONTIGUOUS] = ws_by_keep[first].contiguous()
+        kinds += [(f"C-SGD {b} @ {keep_label(first)} {CONTIGUOUS}", f"csgd-{b}", CONTIGUOUS)
                   for b in csgd_backends(device) if b != "reference"]
         kinds += [(f"dense (official) @ {keep_label(k)}", "dense", k) for k in cfg.slow_keeps]
         for label, kind, keep in kinds:

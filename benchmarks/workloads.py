@@ -20,12 +20,14 @@ import csgd_ext
 from . import nets
 from .baselines import DenseCSGD, sgd
 
-__all__ = ["HP", "Workload", "param_set", "sweep_set", "make_ids", "csgd_backends", "make_optimizer",
+__all__ = ["HP", "CENTRIPETAL", "CONTIGUOUS", "Workload", "param_set", "sweep_set", "make_ids", "csgd_backends", "make_optimizer",
            "state_bytes", "keep_label", "kind_label"]
 
 #: Hyperparameters of every step benchmark: momentum 0.9 + Nesterov + weight decay + centripetal.
 HP = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4, nesterov=True)
 CENTRIPETAL = 3e-3
+#: Label suffix of workloads / candidates whose clusters are runs of adjacent rows (``Workload.contiguous``).
+CONTIGUOUS = "contiguous"
 
 
 def make_ids(n: int, keep: float, gen: torch.Generator) -> torch.Tensor:
@@ -59,7 +61,7 @@ class Workload:
     def contiguous(self) -> "Workload":
         """The same parameters with each cluster's members made adjacent rows (sorted ids): the layout that
         :func:`csgd_ext.contiguous_clusters` gives a model. Cluster sizes are unchanged."""
-        return Workload(self.label + " contiguous", self.params,
+        return Workload(f"{self.label} {CONTIGUOUS}", self.params,
                         {i: ids.sort().values for i, ids in self.cluster_index.items()})
 
     def clone(self) -> "Workload":
