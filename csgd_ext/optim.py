@@ -188,9 +188,14 @@ class CSGD(Optimizer):
         """The cached :class:`ClusterLayout` of ``p`` (None when unclustered); built once per assignment."""
         st = self.state.get(p)
         ids = None if st is None else st.get(_IDS_KEY)
-        if ids is None:
-            return None
+        return None if ids is None else self._layout_of(p, st, ids)
+
+    def _layout_of(self, p: torch.Tensor, st: Dict[str, Any], ids: torch.Tensor) -> ClusterLayout:
+        """:meth:`layout` for a parameter whose state ``st`` holds cluster ``ids`` (what :meth:`step` calls)."""
+        rows = p.shape[0] if p.dim() else -1
         lay = self._layouts.get(p)
+        if lay is not None and lay.device == p.device and lay.num_rows == rows:
+            return lay  # the per-step path
         if lay is None or lay.device != p.device:
             if p.dim() == 0 or ids.numel() != p.shape[0]:
                 raise ValueError(f"{self.param_name(p)} has {p.shape[0] if p.dim() else 0} rows but its "
@@ -199,10 +204,9 @@ class CSGD(Optimizer):
             if ids.device != p.device:
                 ids = st[_IDS_KEY] = ids.to(p.device)
             lay = self._layouts[p] = build_layout(ids)
-        elif lay.num_rows != (p.shape[0] if p.dim() else -1):
-            raise ValueError(f"{self.param_name(p)} changed shape after the clusters were set "
-                             f"({lay.num_rows} rows clustered, now {tuple(p.shape)})")
-        return lay
+            return lay
+        raise ValueError(f"{self.param_name(p)} changed shape after the clusters were set "
+                         f"({lay.num_rows} rows clustered, now {tuple(p.shape)})")
 
     # -- state dict ---------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -256,7 +260,6 @@ class CSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         state = self.state
-        cached = self._layouts
         for group in self.param_groups:
             use_momentum = group["momentum"] != 0
             by_device: Dict[torch.device, tuple] = {}
@@ -278,10 +281,9 @@ class CSGD(Optimizer):
                 if st:
                     if use_momentum:
                         buf = st.get("momentum_buffer")
-                    if _IDS_KEY in st:
-                        lay = cached.get(p)  # fast path of self.layout(p)
-                        if lay is None or lay.num_rows != (p.shape[0] if p.dim() else -1) or lay.device != dev:
-                            lay = self.layout(p)
+                    ids = st.get(_IDS_KEY)
+                    if ids is not None:
+                        lay = self._layout_of(p, st, ids)
                 lists[2].append(buf)
                 lists[3].append(lay)
                 lists[4].append(st)
