@@ -58,9 +58,8 @@ def hparam_grid():
     return out
 
 
-def run_pair(backend: str, shapes, kinds, dtype, hp, steps: int, *, device="cpu", seed=0, memory_format=None):
-    """Step ``backend`` and ``reference`` ``steps`` times on identical tensors; return both (params, bufs)."""
-    gen = torch.Generator().manual_seed(seed)
+def make_params(shapes, kinds, dtype, gen: torch.Generator, *, device="cpu", memory_format=None):
+    """Random parameters of ``shapes`` and the layouts of ``kinds`` (``None`` for ``"none"``), drawn from ``gen``."""
     ps, layouts = [], []
     for shape, kind in zip(shapes, kinds):
         p = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
@@ -69,6 +68,13 @@ def run_pair(backend: str, shapes, kinds, dtype, hp, steps: int, *, device="cpu"
         ps.append(p)
         ids = make_ids(kind, shape[0] if len(shape) else 1, gen)
         layouts.append(None if ids is None else build_layout(ids.to(device)))
+    return ps, layouts
+
+
+def run_pair(backend: str, shapes, kinds, dtype, hp, steps: int, *, device="cpu", seed=0, memory_format=None):
+    """Step ``backend`` and ``reference`` ``steps`` times on identical tensors; return both (params, bufs)."""
+    gen = torch.Generator().manual_seed(seed)
+    ps, layouts = make_params(shapes, kinds, dtype, gen, device=device, memory_format=memory_format)
     qs = [p.clone() for p in ps]  # clone keeps channels_last strides
     mod, ref = ops.get_module(backend), ops.get_module("reference")
     bufs_a, bufs_b = [None] * len(ps), [None] * len(ps)
@@ -89,11 +95,7 @@ def run_lockstep(backend: str, shapes, kinds, dtype, hp, steps: int, *, seed=0):
     flip on, so two correct implementations drift apart when run freely. Each single step must still agree
     to the dtype's tolerance."""
     gen = torch.Generator().manual_seed(seed)
-    ps, layouts = [], []
-    for shape, kind in zip(shapes, kinds):
-        ps.append(torch.randn(shape, generator=gen).to(dtype=dtype))
-        ids = make_ids(kind, shape[0] if len(shape) else 1, gen)
-        layouts.append(None if ids is None else build_layout(ids))
+    ps, layouts = make_params(shapes, kinds, dtype, gen)
     mod, ref = ops.get_module(backend), ops.get_module("reference")
     bufs = [None] * len(ps)
     for t in range(steps):
