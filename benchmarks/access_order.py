@@ -28,11 +28,12 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.timing import interleave  # noqa: E402
-from benchmarks.workloads import param_set  # noqa: E402
+from benchmarks.workloads import CENTRIPETAL, HP, param_set  # noqa: E402
 from csgd_ext.layout import build_layout  # noqa: E402
 from csgd_ext.ops import native  # noqa: E402
 
-HP = (1e-3, 1e-4, 0.9, 0.0, True, False, 3e-3, False)  # lr, wd, momentum, dampening, nesterov, maximize, c, first
+# the op's positional hyperparameters, those of every step benchmark (a later step: momentum buffers exist)
+OP_ARGS = (HP["lr"], HP["weight_decay"], HP["momentum"], 0.0, HP["nesterov"], False, CENTRIPETAL, False)
 
 LAYOUTS = {
     "singletons, in row order": lambda ids, gen: torch.arange(ids.numel()),
@@ -57,7 +58,7 @@ def measure(kind: str, rounds: int) -> List[dict]:
     op = torch.ops.csgd_ext.csgd_step_
 
     def step(layouts):
-        return lambda: op(ps, gs, bs, layouts, *HP)
+        return lambda: op(ps, gs, bs, layouts, *OP_ARGS)
 
     cands = {"unclustered (one flat pass)": step([None] * len(ps))}
     for name, make in LAYOUTS.items():
