@@ -9,7 +9,8 @@ when the installed torch is a CUDA build and a CUDA toolkit is found; a CPU-only
 Environment switches:
     CSGD_EXT_NO_NATIVE=1   skip the native extension entirely (pure-Python install: reference/triton backends)
     CSGD_EXT_NO_CUDA=1     build the CPU extension only, even with a CUDA torch
-    CSGD_EXT_NATIVE_ARCH=0 do not compile with -march=native (portable binary)
+    CSGD_EXT_NATIVE_ARCH=0 do not compile host code with -march=native (portable binary)
+    TORCH_CUDA_ARCH_LIST   GPU architectures of the device code (default: the GPUs present, else 9.0)
 """
 
 import glob
@@ -24,6 +25,22 @@ def _flag(name: str, default: str = "0") -> bool:
     return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
 
 
+def _set_cuda_arch_list(torch) -> None:
+    """Device code for ``TORCH_CUDA_ARCH_LIST`` when set, else for the GPUs present (sm_90 on Hopper), else for
+    Hopper (9.0). The kernel takes 32 KB of parameters, which needs compute capability 7.0 or newer."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not archs:
+        found = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}) \
+            if torch.cuda.is_available() else []
+        archs = ";".join(f"{a}.{b}" for a, b in found) or "9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    old = [a for a in archs.replace(" ", ";").split(";") if a and float(a.split("+")[0]) < 7.0]
+    if old:
+        raise SystemExit(f"csgd_ext: TORCH_CUDA_ARCH_LIST={archs!r} names {old}: the CUDA kernel needs compute "
+                         "capability 7.0 or newer")
+    print(f"csgd_ext: CUDA device code for TORCH_CUDA_ARCH_LIST={archs}")
+
+
 def native_extensions():
     """(ext_modules, cmdclass) for the native build, or ([], {}) when it is switched off."""
     if _flag("CSGD_EXT_NO_NATIVE"):
@@ -36,14 +53,18 @@ def native_extensions():
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and not _flag("CSGD_EXT_NO_CUDA") and bool(cu_sources))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", f"-DCSGD_EXT_WITH_CUDA={int(with_cuda)}"]
+    # -ffp-contract=off / --fmad=false: no fused multiply-adds, so the CPU kernel, the CUDA kernel and its host
+    # emulation (cuda_emulated) round every product and sum alike and agree bitwise on fp32.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", f"-DCSGD_EXT_WITH_CUDA={int(with_cuda)}"]
     if _flag("CSGD_EXT_NATIVE_ARCH", "1"):
-        cxx.append("-march=native")
+        cxx.append("-march=native")  # host code only: never passed to nvcc's device compilation
     link = ["-fopenmp"]
     if with_cuda:
+        _set_cuda_arch_list(torch)
         ext = CUDAExtension(
             "csgd_ext._C", cpp_sources + cu_sources,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-DCSGD_EXT_WITH_CUDA=1", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--fmad=false",
+                                                     "-DCSGD_EXT_WITH_CUDA=1"]},
             extra_link_args=link)
     else:
         ext = CppExtension("csgd_ext._C", cpp_sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)

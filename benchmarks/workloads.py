@@ -121,9 +121,11 @@ def sweep_set(numel: int, count: int, keep: float = 0.625, rows: int = 64, seed:
 
 
 def csgd_backends(device="cpu") -> List[str]:
-    """C-SGD backends to time on ``device``: the available ones, never the Triton interpreter on CPU."""
+    """C-SGD backends to time on ``device``: the available ones, never the Triton interpreter on CPU nor a
+    testing backend (``cuda_emulated``)."""
     dev = torch.device(device)
-    names = [n for n, why in csgd_ext.available_backends(dev).items() if why is None]
+    names = [n for n, why in csgd_ext.available_backends(dev).items()
+             if why is None and n not in csgd_ext.ops.TESTING_BACKENDS]
     if dev.type == "cpu":
         names = [n for n in names if n != "triton"]
     return names

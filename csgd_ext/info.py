@@ -50,6 +50,9 @@ def format_report(info: Dict[str, object]) -> str:
         rows.append((k, str(v)))
     for dev, backends in info["backends"].items():
         for name, reason in backends.items():
-            rows.append((f"backend {name} [{dev}]", "available" if reason is None else f"unavailable: {reason}"))
+            status = "available" if reason is None else f"unavailable: {reason}"
+            if name in ops.TESTING_BACKENDS:
+                status += " (testing backend)"
+            rows.append((f"backend {name} [{dev}]", status))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -19,7 +19,7 @@ Without clusters it is exactly ``torch.optim.SGD``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.optim import Optimizer
@@ -29,6 +29,26 @@ from .distributed import check_clusterable
 from .layout import ClusterLayout, build_layout, validate_cluster_ids
 
 __all__ = ["CSGD"]
+
+class _Batch(NamedTuple):
+    """The tensors of one param group on one device that one backend call steps."""
+
+    params: List[torch.Tensor]
+    grads: List[torch.Tensor]
+    bufs: List[Optional[torch.Tensor]]  # momentum buffers (None: not created yet)
+    layouts: List[Optional[ClusterLayout]]
+    states: List[Optional[Dict[str, Any]]]
+
+
+class _StepCache(NamedTuple):
+    """A group's batch kept between steps (valid while ``epoch`` is the optimizer's)."""
+
+    epoch: int
+    group: Dict[str, Any]
+    use_momentum: bool
+    rows: List[Tuple[torch.Tensor, int]]  # clustered parameters and the rows their layouts were built for
+    batch: _Batch
+
 
 _HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "centripetal")
 _IDS_KEY = "cluster_ids"
@@ -68,7 +88,8 @@ class CSGD(Optimizer):
         clusters: ``{parameter (or its name): 1-D integer tensor of length p.shape[0]}``; rows with equal
             ids form one cluster. Parameters not listed are plain SGD. See :meth:`set_clusters`.
         backend: ``"auto"`` (fastest available for the tensors' device), ``"reference"``, ``"native"``
-            or ``"triton"``; see :func:`csgd_ext.available_backends`.
+            ``"triton"``, or ``"cuda_emulated"`` (testing: the CUDA kernel run on CPU tensors); see
+            :func:`csgd_ext.available_backends`.
 
     Example::
 
@@ -88,6 +109,8 @@ class CSGD(Optimizer):
         self.backend = backend
         self._layouts: Dict[torch.Tensor, ClusterLayout] = {}
         self._resolved: Dict[torch.device, Any] = {}  # device -> backend module (see _backend_for)
+        self._step_cache: Dict[int, _StepCache] = {}  # id(param group) -> its cached batch (see step)
+        self._epoch = 0  # bumped whenever cached batches may be stale
         super().__init__(params, defaults)
         if backend != "auto":
             for dev in {p.device for g in self.param_groups for p in g["params"]} or {torch.device("cpu")}:
@@ -97,6 +120,7 @@ class CSGD(Optimizer):
 
     # -- param groups -------------------------------------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        self._invalidate()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         where = f" (param group {len(self.param_groups) - 1})"
@@ -114,10 +138,17 @@ class CSGD(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_layouts", {})
         self.__dict__["_resolved"] = {}
+        self.__dict__["_step_cache"] = {}
+        self.__dict__["_epoch"] = 0
         self.__dict__.setdefault("backend", "auto")
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
+
+    def _invalidate(self) -> None:
+        """Drop the batches cached by :meth:`step` (parameters, buffers or layouts may have changed)."""
+        self.__dict__.setdefault("_step_cache", {}).clear()
+        self.__dict__["_epoch"] = self.__dict__.get("_epoch", 0) + 1
 
     def param_name(self, p: torch.Tensor) -> str:
         """A human-readable name for parameter ``p`` (its name if named params were given)."""
@@ -178,6 +209,7 @@ class CSGD(Optimizer):
         for p, ids in resolved.values():
             self.state[p][_IDS_KEY] = ids.detach().clone()
         self._layouts = {}
+        self._invalidate()
 
     @property
     def clusters(self) -> Dict[torch.Tensor, torch.Tensor]:
@@ -243,6 +275,7 @@ class CSGD(Optimizer):
         for k, ids in checked_ids.items():
             self.state[index[k]][_IDS_KEY] = ids
         self._layouts = {}
+        self._invalidate()
 
     # -- step ---------------------------------------------------------------------------------------
     def _backend_for(self, device: torch.device):
@@ -252,50 +285,92 @@ class CSGD(Optimizer):
             mod = self._resolved[device] = ops.resolve(self.backend, device)
         return mod
 
+    def _gather(self, group: Dict[str, Any], use_momentum: bool) -> Dict[torch.device, _Batch]:
+        """The group's parameters that have gradients, split by device, with their buffers and layouts."""
+        state = self.state
+        batches: Dict[torch.device, _Batch] = {}
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise TypeError(f"CSGD does not support sparse gradients ({self.param_name(p)}); "
+                                "use a dense embedding or torch.optim.SparseAdam for it")
+            b = batches.get(p.device)
+            if b is None:
+                b = batches[p.device] = _Batch([], [], [], [], [])
+            st = state.get(p)
+            buf = lay = None
+            if st:
+                if use_momentum:
+                    buf = st.get("momentum_buffer")
+                ids = st.get(_IDS_KEY)
+                if ids is not None:
+                    lay = self._layout_of(p, st, ids)
+            b.params.append(p)
+            b.grads.append(g)
+            b.bufs.append(buf)
+            b.layouts.append(lay)
+            b.states.append(st)
+        return batches
+
+    def _cached_batch(self, group: Dict[str, Any], use_momentum: bool) -> Optional[_Batch]:
+        """The step's batch from the group's cache (see :meth:`step`), or None when the cache cannot serve it:
+        a gradient is missing or sparse, a clustered parameter changed its rows, or nothing is cached."""
+        c = self._step_cache.get(id(group))
+        if c is None or c.epoch != self._epoch or c.use_momentum != use_momentum or c.group is not group:
+            return None
+        params = c.batch.params
+        if len(params) != len(group["params"]):
+            return None
+        grads = [p.grad for p in params]
+        for g in grads:
+            if g is None or g.is_sparse:
+                return None
+        for p, rows in c.rows:
+            if p.shape[0] != rows:
+                return None
+        return c.batch._replace(grads=grads)
+
+    def _cache_batch(self, group: Dict[str, Any], device: torch.device, batch: _Batch, use_momentum: bool) -> None:
+        """Keep ``batch`` for the next steps when it holds every parameter of the group and every buffer."""
+        if len(batch.params) != len(group["params"]) or (use_momentum and any(b is None for b in batch.bufs)):
+            return
+        rows = [(p, lay.num_rows) for p, lay in zip(batch.params, batch.layouts) if lay is not None]
+        self._step_cache[id(group)] = _StepCache(self._epoch, group, use_momentum, rows,
+                                                 batch._replace(grads=[], states=[]))
+
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform one C-SGD step (``closure`` re-evaluates the model and returns the loss)."""
+        """Perform one C-SGD step (``closure`` re-evaluates the model and returns the loss).
+
+        Per param group the backend gets one batch of lists per device. Once every parameter of a group has
+        a gradient and a momentum buffer, the batch is cached and a step only collects the gradients (and
+        checks that none is missing or sparse and no clustered parameter changed its rows): the per-step host
+        work is a few list passes. The cache is dropped by :meth:`set_clusters`, :meth:`load_state_dict` and
+        :meth:`add_param_group`.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         state = self.state
         for group in self.param_groups:
-            use_momentum = group["momentum"] != 0
-            by_device: Dict[torch.device, tuple] = {}
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise TypeError(f"CSGD does not support sparse gradients ({self.param_name(p)}); "
-                                    "use a dense embedding or torch.optim.SparseAdam for it")
-                dev = p.device
-                lists = by_device.get(dev)
-                if lists is None:
-                    lists = by_device[dev] = ([], [], [], [], [])
-                lists[0].append(p)
-                lists[1].append(g)
-                st = state.get(p)
-                buf = lay = None
-                if st:
-                    if use_momentum:
-                        buf = st.get("momentum_buffer")
-                    ids = st.get(_IDS_KEY)
-                    if ids is not None:
-                        lay = self._layout_of(p, st, ids)
-                lists[2].append(buf)
-                lists[3].append(lay)
-                lists[4].append(st)
             hp = {k: group[k] for k in _HPARAMS}
             hp = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in hp.items()}
-            for device, (params, grads, bufs, layouts, states) in by_device.items():
-                backend = self._backend_for(device)
-                backend.step(params, grads, bufs, layouts, **hp)
+            use_momentum = hp["momentum"] != 0
+            cached = self._cached_batch(group, use_momentum)
+            if cached is not None:
+                device = cached.params[0].device
+                self._backend_for(device).step(cached.params, cached.grads, cached.bufs, cached.layouts, **hp)
+                continue
+            for device, batch in self._gather(group, use_momentum).items():
+                self._backend_for(device).step(batch.params, batch.grads, batch.bufs, batch.layouts, **hp)
                 if use_momentum:  # store buffers the backend created (first step)
-                    for p, b, st in zip(params, bufs, states):
+                    for p, b, st in zip(batch.params, batch.bufs, batch.states):
                         if not st:
                             state[p]["momentum_buffer"] = b
                         elif st.get("momentum_buffer") is not b:
                             st["momentum_buffer"] = b
+                self._cache_batch(group, device, batch, use_momentum)
         return loss

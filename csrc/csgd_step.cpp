@@ -91,9 +91,14 @@ std::vector<Geom> check_step_args(at::TensorList params, at::TensorList grads, a
 
 }  // namespace csgd_ext
 
+#define CSGD_STEP_ARGS                                                                                    \
+  "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] layouts, float lr, "    \
+  "float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, float centripetal, " \
+  "bool is_first_step) -> ()"
+
 TORCH_LIBRARY_FRAGMENT(csgd_ext, m) {
-  m.def(
-      "csgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor?[] layouts, "
-      "float lr, float weight_decay, float momentum, float dampening, bool nesterov, bool maximize, "
-      "float centripetal, bool is_first_step) -> ()");
+  // the step: CPU kernel (csgd_step_cpu.cpp) and CUDA kernel (csgd_step_cuda.cu)
+  m.def("csgd_step_" CSGD_STEP_ARGS);
+  // the CUDA kernel's device code run on CPU tensors (csgd_step_emulated.cpp): a testing backend
+  m.def("csgd_step_cuda_emulated_" CSGD_STEP_ARGS);
 }

@@ -7,6 +7,7 @@
 // member is updated while its rows are still in cache, so the memory traffic per element is that of fused
 // momentum SGD (read w, g, b; write w, b). The inner loops run over contiguous columns and vectorise.
 // fp16/bf16 are computed in fp32 and rounded once when stored; fp64 in fp64.
+#include "csgd_plan.h"
 #include "csgd_step.h"
 
 #include <ATen/Dispatch.h>
@@ -216,26 +217,17 @@ __attribute__((noinline)) int64_t cluster_cols16(float* __restrict w, const floa
 #undef CSGD_COLS16
 }
 
-// The member range [m0, m1) of cluster `cl`, checked: offsets increasing and within the rows, every member row
-// in range. Layouts come from Python and are not trusted with memory.
-inline std::pair<int64_t, int64_t> checked_members(const int64_t* __restrict off, const int64_t* __restrict perm,
-                                                   int64_t cl, int64_t rows) {
-  const int64_t m0 = off[cl], m1 = off[cl + 1];
-  TORCH_CHECK_VALUE(m1 > m0 && m1 <= rows, "csgd_step_: layout offsets are not increasing (cluster ", cl, ")");
-  for (int64_t q = m0; q < m1; ++q) {
-    TORCH_CHECK_INDEX(perm[q] >= 0 && perm[q] < rows, "csgd_step_: layout row index ", perm[q], " out of range");
-  }
-  return {m0, m1};
-}
+// The member range [m0, m1) of cluster `cl` (layouts are validated before the step starts).
+inline std::pair<int64_t, int64_t> members_of(const int64_t* __restrict off, int64_t cl) { return {off[cl], off[cl + 1]}; }
 
 // Clusters [c0, c1) of a tensor with one element per row (norm weights and biases): a scalar loop, without
 // the per-cluster set-up of the column-chunk path (same operations in the same order).
 template <typename T, bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 void scalar_clusters(T* __restrict w, const T* __restrict g, T* __restrict b, const int64_t* __restrict off,
-                     const int64_t* __restrict perm, int64_t c0, int64_t c1, int64_t rows, const Coefs<acc_t<T>>& c) {
+                     const int64_t* __restrict perm, int64_t c0, int64_t c1, const Coefs<acc_t<T>>& c) {
   using A = acc_t<T>;
   for (int64_t cl = c0; cl < c1; ++cl) {
-    const auto [m0, m1] = checked_members(off, perm, cl, rows);
+    const auto [m0, m1] = members_of(off, cl);
     if (m1 - m0 == 1) {
       const int64_t r = perm[m0];
       update_row<T, false, MOM, FIRST, NEST, WD, CP>(w + r, g + r, MOM ? b + r : nullptr, nullptr, nullptr, 1, c);
@@ -277,16 +269,15 @@ void run_tiles(const std::vector<Tile>& tiles, at::TensorList params, at::Tensor
       return;
     }
     const int64_t cols = geoms[tl.t].cols;
-    const int64_t rows = geoms[tl.t].rows;
     const int64_t* off = lay[tl.t];
     const int64_t* perm = off + geoms[tl.t].clusters + 1;
     const int64_t len = tl.j1 - tl.j0;
     if (cols == 1) {
-      scalar_clusters<T, MOM, FIRST, NEST, WD, CP>(w, g, b, off, perm, tl.a0, tl.a1, rows, c);
+      scalar_clusters<T, MOM, FIRST, NEST, WD, CP>(w, g, b, off, perm, tl.a0, tl.a1, c);
       return;
     }
     for (int64_t cl = tl.a0; cl < tl.a1; ++cl) {
-      const auto [m0, m1] = checked_members(off, perm, cl, rows);
+      const auto [m0, m1] = members_of(off, cl);
       if (m1 - m0 == 1) {
         const int64_t o = perm[m0] * cols + tl.j0;
         update_row<T, false, MOM, FIRST, NEST, WD, CP>(w + o, g + o, MOM ? b + o : nullptr, nullptr, nullptr, len, c);
@@ -294,9 +285,8 @@ void run_tiles(const std::vector<Tile>& tiles, at::TensorList params, at::Tensor
       }
       int64_t j = tl.j0;
       if constexpr (std::is_same_v<T, float>) {
-        // the next cluster's members, prefetched (clamped: its offsets are checked only when it is processed;
-        // a prefetch of a bad row address is harmless, a read past perm would not be)
-        const int64_t n1 = cl + 1 < tl.a1 ? std::clamp(off[cl + 2], m1, rows) : m1;
+        // the next cluster's members, prefetched
+        const int64_t n1 = cl + 1 < tl.a1 ? off[cl + 2] : m1;
         j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c, perm + m1,
                                                      n1 - m1);
       } else {
@@ -402,9 +392,7 @@ void csgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
   for (size_t i = 0; i < params.size(); ++i) {
     if (geoms[i].clusters > 0) {
       lay[i] = layouts.get(i)->const_data_ptr<int64_t>();
-      const int64_t k = geoms[i].clusters;
-      TORCH_CHECK_VALUE(lay[i][0] == 0 && lay[i][k] == geoms[i].rows, "csgd_step_: layouts[", i,
-                        "] offsets must start at 0 and end at the row count ", geoms[i].rows);
+      validate_layout(lay[i], geoms[i].clusters, geoms[i].rows, static_cast<int64_t>(i));  // before any write
     }
   }
   int64_t max_block = 1;

@@ -18,8 +18,11 @@ from typing import Dict, Optional
 
 import torch
 
-BACKENDS = ("reference", "native", "triton")
-_MODULES = {"reference": "reference", "native": "native", "triton": "triton_backend"}
+BACKENDS = ("reference", "native", "triton", "cuda_emulated")
+#: Backends that exist to test another one (never chosen by ``"auto"``): ``cuda_emulated`` runs the CUDA
+#: kernel's device code on CPU tensors.
+TESTING_BACKENDS = ("cuda_emulated",)
+_MODULES = {"reference": "reference", "native": "native", "triton": "triton_backend", "cuda_emulated": "cuda_emulated"}
 # For "auto": the order of preference per device type (fastest first).
 _AUTO_ORDER = {"cpu": ("native", "reference"), "cuda": ("native", "triton", "reference")}
 

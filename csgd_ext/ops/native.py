@@ -5,11 +5,12 @@ The package imports without the extension; only asking for ``backend="native"`` 
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from ..layout import ClusterLayout, rows_dense, same_order
+from ..layout import ClusterLayout
+from .staging import stage
 
 NAME = "native"
 OP = "csgd_ext::csgd_step_"
@@ -80,10 +81,13 @@ def _register_fake() -> None:
         return
     _FAKE_REGISTERED = True
 
-    @torch.library.register_fake(OP)
     def _csgd_step_fake(params, grads, momentum_buffers, layouts, lr, weight_decay, momentum, dampening,
                         nesterov, maximize, centripetal, is_first_step):
         return None
+
+    for op in (OP, "csgd_ext::csgd_step_cuda_emulated_"):
+        if hasattr(torch.ops.csgd_ext, op.split("::")[1]):
+            torch.library.register_fake(op)(_csgd_step_fake)
 
 
 def native_layout(layout: ClusterLayout) -> torch.Tensor:
@@ -103,7 +107,7 @@ def native_layout(layout: ClusterLayout) -> torch.Tensor:
     return t
 
 
-_READY: set = set()  # device types the op was found to run on (checked once per process, not every step)
+_READY: set = set()  # (op, device type) pairs found to run (checked once per process, not every step)
 
 
 def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
@@ -125,60 +129,35 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
         step([w], [g], bufs, [build_layout(torch.tensor([0, 0, 1, 1]))], lr=0.1, weight_decay=0.0,
              momentum=0.9, dampening=0.0, nesterov=True, maximize=False, centripetal=0.01)
     """
+    run_op(NAME, "csgd_step_", params, grads, momentum_buffers, layouts, lr=lr, weight_decay=weight_decay,
+           momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize, centripetal=centripetal)
+
+
+def run_op(backend: str, op_name: str, params, grads, momentum_buffers: list, layouts, *, lr: float,
+           weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+           centripetal: float) -> None:
+    """:func:`step` through ``torch.ops.csgd_ext.<op_name>`` (an op with ``csgd_step_``'s schema), for the
+    backend named ``backend`` (named in errors; ``unavailable_reason`` of that backend's module is asked)."""
     if len(params) == 0:
         return
     if torch.is_grad_enabled():  # in-place updates of leaf parameters (CSGD.step already runs without grad)
         with torch.no_grad():
-            return step(params, grads, momentum_buffers, layouts, lr=lr, weight_decay=weight_decay,
-                        momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
-                        centripetal=centripetal)
+            return run_op(backend, op_name, params, grads, momentum_buffers, layouts, lr=lr,
+                          weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                          maximize=maximize, centripetal=centripetal)
     dev_type = params[0].device.type
-    if dev_type not in _READY and not torch.compiler.is_compiling():  # checked eagerly; not traced
-        reason = unavailable_reason(params[0].device)
+    if (op_name, dev_type) not in _READY and not torch.compiler.is_compiling():  # checked eagerly; not traced
+        from . import get_module
+
+        reason = get_module(backend).unavailable_reason(params[0].device)
         if reason is not None:
-            raise RuntimeError(f"backend 'native' is unavailable on {dev_type}: {reason}")
+            raise RuntimeError(f"backend {backend!r} is unavailable on {dev_type}: {reason}")
         _register_fake()
-        _READY.add(dev_type)
-    use_momentum = momentum != 0
-    # (dtype, is_first_step) -> (params, grads, bufs, layouts)
-    calls: Dict[tuple, tuple] = {}
-    copy_back = []
-    for i, p in enumerate(params):
-        g = grads[i]
-        b = momentum_buffers[i] if use_momentum else None
-        first = use_momentum and b is None
-        if p.numel() == 0:
-            if first:
-                momentum_buffers[i] = torch.zeros_like(p)
-            continue
-        pw = p
-        if not (p.is_contiguous() and g.is_contiguous() and (b is None or b.is_contiguous())):
-            # the common case skips this: nothing to copy (the op checks shapes, dtypes and devices)
-            if not rows_dense(p):
-                pw = p.contiguous()  # documented copy: rows of p are not dense blocks
-                copy_back.append((p, pw))
-            if not same_order(g, pw):
-                g = torch.empty_like(pw).copy_(g)
-            if b is not None and not same_order(b, pw):
-                bw = torch.empty_like(pw).copy_(b)
-                copy_back.append((b, bw))
-                b = bw
-        if first:
-            b = momentum_buffers[i] = torch.empty_like(pw)
-        lay = layouts[i]
-        lt = None if lay is None or lay.num_rows == 0 else native_layout(lay)
-        key = (p.dtype, first)
-        lists = calls.get(key)
-        if lists is None:
-            lists = calls[key] = ([], [], [], [])
-        lists[0].append(pw)
-        lists[1].append(g)
-        if use_momentum:
-            lists[2].append(b)
-        lists[3].append(lt)
+        _READY.add((op_name, dev_type))
+    op = getattr(torch.ops.csgd_ext, op_name)
+    calls, copy_back = stage(params, grads, momentum_buffers, layouts, momentum != 0, native_layout)
     for (_, first), (ps, gs, bs, ls) in calls.items():
-        torch.ops.csgd_ext.csgd_step_(ps, gs, bs, ls, float(lr), float(weight_decay), float(momentum),
-                                      float(dampening), bool(nesterov), bool(maximize), float(centripetal),
-                                      first)
+        op(ps, gs, bs, ls, float(lr), float(weight_decay), float(momentum), float(dampening), bool(nesterov),
+           bool(maximize), float(centripetal), first)
     for dst, src in copy_back:
         dst.copy_(src)

@@ -1,0 +1,112 @@
+"""Staging of a step's tensors for the fused kernels: what must be copied in and out, and the grouping of the
+tensors into kernel calls (one per dtype and first-step flag).
+
+The kernels address a parameter's rows as dense blocks of memory and read its gradient and momentum buffer in
+the parameter's own memory order. Contiguous and ``channels_last`` tensors qualify as they are; anything else
+goes through a temporary copy (parameters and buffers are copied back after the kernel).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from ..layout import ClusterLayout, rows_dense, same_order
+
+
+class KernelLists(NamedTuple):
+    """The argument lists of one kernel call."""
+
+    params: List[torch.Tensor]
+    grads: List[torch.Tensor]
+    bufs: List[torch.Tensor]  # empty without momentum
+    layouts: list  # per param: the kernel's layout form, or None (plain SGD)
+
+
+def stage(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
+          layouts: Sequence[Optional[ClusterLayout]], use_momentum: bool,
+          layout_form: Callable[[ClusterLayout], object]) -> Tuple[Dict[tuple, KernelLists], list]:
+    """``(calls, copy_back)``: ``calls[(dtype, is_first_step)]`` are the lists of one kernel call;
+    ``copy_back`` the ``(destination, temporary)`` pairs to copy after the calls.
+
+    A missing momentum buffer (first step) is allocated here (``empty_like``: the kernel's first step writes
+    all of it) and stored into ``momentum_buffers``.
+    """
+    fast = _stage_plain(params, grads, momentum_buffers, layouts, use_momentum, layout_form)
+    if fast is not None:
+        return fast, []
+    calls: Dict[tuple, KernelLists] = {}
+    copy_back: list = []
+    for i, p in enumerate(params):
+        g = grads[i]
+        b = momentum_buffers[i] if use_momentum else None
+        first = use_momentum and b is None
+        if p.numel() == 0:
+            if first:
+                momentum_buffers[i] = torch.zeros_like(p)
+            continue
+        pw = p
+        if not (p.is_contiguous() and g.is_contiguous() and (b is None or b.is_contiguous())):
+            # the common case skips this: nothing to copy (the op checks shapes, dtypes and devices)
+            if not rows_dense(p):
+                pw = p.contiguous()  # documented copy: rows of p are not dense blocks
+                copy_back.append((p, pw))
+            if not same_order(g, pw):
+                g = torch.empty_like(pw).copy_(g)
+            if b is not None and not same_order(b, pw):
+                bw = torch.empty_like(pw).copy_(b)
+                copy_back.append((b, bw))
+                b = bw
+        if first:
+            b = momentum_buffers[i] = torch.empty_like(pw)
+        lay = layouts[i]
+        key = (p.dtype, first)
+        lists = calls.get(key)
+        if lists is None:
+            lists = calls[key] = KernelLists([], [], [], [])
+        lists.params.append(pw)
+        lists.grads.append(g)
+        if use_momentum:
+            lists.bufs.append(b)
+        lists.layouts.append(None if lay is None or lay.num_rows == 0 else layout_form(lay))
+    return calls, copy_back
+
+
+def _stage_plain(params, grads, momentum_buffers, layouts, use_momentum: bool, layout_form):
+    """The common case in a few list passes: one dtype, every tensor contiguous, every buffer present (no copy,
+    one kernel call); None otherwise."""
+    if not params:
+        return None
+    dtype = params[0].dtype
+    for p in params:
+        if p.dtype is not dtype or not p.is_contiguous():
+            return None
+    for g in grads:
+        if not g.is_contiguous():
+            return None
+    bufs = list(momentum_buffers) if use_momentum else []
+    for b in bufs:
+        if b is None or not b.is_contiguous():
+            return None
+    return {(dtype, False): KernelLists(list(params), list(grads), bufs, layout_forms(layouts, layout_form))}
+
+
+_FORMS: "OrderedDict[int, tuple]" = OrderedDict()  # id(layouts list) -> (item ids, items, forms, layout_form)
+
+
+def layout_forms(layouts: Sequence[Optional[ClusterLayout]], layout_form: Callable) -> list:
+    """``[layout_form(lay) or None]`` for a list of layouts, remembered for the same list holding the same
+    layout objects (an optimizer passes one list per param group, step after step). The remembered items are
+    held, so their ids cannot be reused by other objects while remembered."""
+    ids = tuple(map(id, layouts))
+    hit = _FORMS.get(id(layouts))
+    if hit is not None and hit[0] == ids and hit[3] is layout_form:
+        return hit[2]
+    items = tuple(layouts)
+    forms = [None if lay is None or lay.num_rows == 0 else layout_form(lay) for lay in items]
+    _FORMS[id(layouts)] = (ids, items, forms, layout_form)
+    if len(_FORMS) > 32:
+        _FORMS.popitem(last=False)
+    return forms
