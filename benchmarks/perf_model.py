@@ -101,21 +101,35 @@ def _sum_rows(rows: List[Dict[str, object]], design: str) -> Dict[str, object]:
     return out
 
 
-def cuda_old(params: Sequence[torch.Tensor], layouts: Sequence[Optional[ClusterLayout]], *,
-             bandwidth_gbs: float) -> Dict[str, object]:
-    """The CUDA kernel before this design (commit c01eeaf): launch packing as its ``launch_all``."""
-    max_tensors, max_blocks, threads, chunk, colblock, item_elems = 24, 96, 256, 65536, 256, 65536
+def _pack(per_tensor: List[List[float]], max_tensors: int, max_blocks: int) -> List[List[float]]:
+    """Multi-tensor-apply launch packing: tensors in order, a new launch when a launch holds ``max_tensors``
+    tensors or ``max_blocks`` blocks (a tensor cut by a full launch goes on in the next). Each launch is the list
+    of its blocks' bytes."""
     launches: List[List[float]] = [[]]
     ntensors = 0
-    acc_bytes = _accesses() * 4
-    for p, lay in zip(params, layouts):
-        numel = p.numel()
-        if numel == 0:
-            continue
+    for items in per_tensor:
         if ntensors == max_tensors:
             launches.append([])
             ntensors = 0
         ntensors += 1
+        for it in items:
+            if len(launches[-1]) == max_blocks:
+                launches.append([])
+                ntensors = 1
+            launches[-1].append(it)
+    return [launch for launch in launches if launch]
+
+
+def cuda_old(params: Sequence[torch.Tensor], layouts: Sequence[Optional[ClusterLayout]], *,
+             bandwidth_gbs: float) -> Dict[str, object]:
+    """The CUDA kernel before this design (commit c01eeaf): launch packing as its ``launch_all``."""
+    max_tensors, max_blocks, threads, chunk, colblock, item_elems = 24, 96, 256, 65536, 256, 65536
+    acc_bytes = _accesses() * 4
+    per_tensor: List[List[float]] = []
+    for p, lay in zip(params, layouts):
+        numel = p.numel()
+        if numel == 0:
+            continue
         rows = p.shape[0] if p.dim() else 1
         cols = numel // rows
         items: List[float] = []
@@ -127,18 +141,15 @@ def cuda_old(params: Sequence[torch.Tensor], layouts: Sequence[Optional[ClusterL
             ncb = -(-cols // colblock)
             width = min(cols, colblock)
             per_item = max(1, item_elems // (avg * width))
+            offsets = lay.offsets.tolist()
             for c0 in range(0, k, per_item):
-                n_cl = min(k, c0 + per_item) - c0
+                n_rows = offsets[min(k, c0 + per_item)] - offsets[c0]
                 for j in range(ncb):
                     w = min(colblock, cols - j * colblock)
                     # g and w read twice (sum pass, update pass), scattered 4-byte accesses: a sector each
-                    items.append(n_cl * avg * w * (acc_bytes + 8) * (SECTOR / 4 if cols == 1 else 1))
-        for it in items:
-            if len(launches[-1]) == max_blocks:
-                launches.append([])
-                ntensors = 1
-            launches[-1].append(it)
-    launches = [launch for launch in launches if launch]
+                    items.append(n_rows * w * (acc_bytes + 8) * (SECTOR / 4 if cols == 1 else 1))
+        per_tensor.append(items)
+    launches = _pack(per_tensor, max_tensors, max_blocks)
     inflight = threads * 2 * 4  # one thread: about two 4-byte loads in flight (serial member loops)
     us = sum(LAUNCH_US + _wave_us(sum(launch), max(launch), inflight, bandwidth_gbs) for launch in launches)
     return dict(design="cuda (old)", dtype="float32", bytes=int(sum(map(sum, launches))), launches=len(launches),
@@ -150,22 +161,9 @@ def sgd_fused(params: Sequence[torch.Tensor], *, bandwidth_gbs: float) -> Dict[s
     """``torch.optim.SGD(fused=True)`` with momentum: PyTorch's multi_tensor_apply launch rules."""
     chunk, max_blocks, max_tensors, threads = 65536, 320, 110, 512
     esize = params[0].element_size() if params else 4
-    launches: List[List[float]] = [[]]
-    ntensors = 0
-    for p in params:
-        n = p.numel()
-        if n == 0:
-            continue
-        if ntensors == max_tensors:
-            launches.append([])
-            ntensors = 0
-        ntensors += 1
-        for a in range(0, n, chunk):
-            if len(launches[-1]) == max_blocks:
-                launches.append([])
-                ntensors = 1
-            launches[-1].append(min(chunk, n - a) * _accesses() * esize)
-    launches = [launch for launch in launches if launch]
+    per_tensor = [[min(chunk, p.numel() - a) * _accesses() * esize for a in range(0, p.numel(), chunk)]
+                  for p in params if p.numel() > 0]
+    launches = _pack(per_tensor, max_tensors, max_blocks)
     inflight = threads * 4 * 3 * 16  # ILP 4, three streams, 16-byte accesses
     us = sum(LAUNCH_US + _wave_us(sum(launch), max(launch), inflight, bandwidth_gbs) for launch in launches)
     return dict(design="SGD fused (torch)", dtype=str(params[0].dtype).replace("torch.", "") if params else "-",

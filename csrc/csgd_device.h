@@ -271,6 +271,22 @@ CSGD_HD void elem_item(const Slot& s, int64_t e0, int64_t e1, int tid, const Coe
   for (int64_t e = base + nvec * V + tid; e < e1; e += kThreads) elem_pack<T, 1>(w, g, b, e, c);
 }
 
+// Adds g and w of members q = q0, q0 + step, ... < size (rows mem[q], W columns from `col`) to the sums.
+template <typename T, int W>
+CSGD_HD void add_members(const T* g, const T* w, const int32_t* mem, int q0, int size, int step, int64_t cols,
+                         int64_t col, acc_t<T>* sg, acc_t<T>* sw) {
+  using A = acc_t<T>;
+  for (int q = q0; q < size; q += step) {
+    const int64_t o = static_cast<int64_t>(mem[q]) * cols + col;
+    const Pack<T, W> gq = load<T, W>(g + o), wq = load<T, W>(w + o);
+    CSGD_UNROLL
+    for (int k = 0; k < W; ++k) {
+      sg[k] = sg[k] + static_cast<A>(gq.v[k]);
+      sw[k] = sw[k] + static_cast<A>(wq.v[k]);
+    }
+  }
+}
+
 // A cluster member's update at offset o, from its w (already loaded) and the cluster means mg (sign applied)
 // and mw.
 template <typename T, int W>
@@ -322,15 +338,7 @@ CSGD_HD void small_cluster(const Slot& s, const int32_t* mem, int size, int64_t 
       }
     }
   }
-  for (int q = kKeep<T>; q < size; ++q) {
-    const int64_t o = static_cast<int64_t>(mem[q]) * s.cols + col;
-    const Pack<T, W> gq = load<T, W>(g + o), wq = load<T, W>(w + o);
-    CSGD_UNROLL
-    for (int k = 0; k < W; ++k) {
-      sg[k] = sg[k] + static_cast<A>(gq.v[k]);
-      sw[k] = sw[k] + static_cast<A>(wq.v[k]);
-    }
-  }
+  add_members<T, W>(g, w, mem, kKeep<T>, size, 1, s.cols, col, sg, sw);
   const A inv = A(1) / static_cast<A>(size), sinv = c.sign * inv;
   CSGD_UNROLL
   for (int k = 0; k < W; ++k) {
@@ -403,15 +411,7 @@ CSGD_HD void large_cols(const Slot& s, const int32_t* mem, int size, int64_t col
     A sg[W], sw[W];
     CSGD_UNROLL
     for (int k = 0; k < W; ++k) sg[k] = sw[k] = A(0);
-    for (int q = r; q < size; q += R) {
-      const int64_t o = static_cast<int64_t>(mem[q]) * s.cols + col;
-      const Pack<T, W> gq = load<T, W>(g + o), wq = load<T, W>(w + o);
-      CSGD_UNROLL
-      for (int k = 0; k < W; ++k) {
-        sg[k] = sg[k] + static_cast<A>(gq.v[k]);
-        sw[k] = sw[k] + static_cast<A>(wq.v[k]);
-      }
-    }
+    add_members<T, W>(g, w, mem, r, size, R, s.cols, col, sg, sw);
     CSGD_UNROLL
     for (int k = 0; k < W; ++k) {
       pg[k] = sg[k];

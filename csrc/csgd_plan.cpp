@@ -272,7 +272,7 @@ Key make_key(const std::vector<int64_t>& idx, at::TensorList params,
     k.push_back(geoms[i].rows);
     k.push_back(geoms[i].cols);
     if (geoms[i].clusters > 0) {
-      const at::Tensor& l = *layouts.get(i);
+      const at::Tensor l = *layouts.get(i);  // a copy: get() returns a temporary optional
       k.push_back(reinterpret_cast<int64_t>(l.unsafeGetTensorImpl()));
       k.push_back(reinterpret_cast<int64_t>(l.const_data_ptr()));
       k.push_back(static_cast<int64_t>(l._version()));
@@ -330,6 +330,18 @@ std::shared_ptr<const CachedPlan> cached_plan(const std::vector<int64_t>& idx, a
   g_cache.emplace_front(std::move(key), cp);
   if (g_cache.size() > kCacheSize) g_cache.pop_back();
   return cp;
+}
+
+std::vector<std::shared_ptr<const CachedPlan>> cached_plans(
+    const std::vector<std::vector<int64_t>>& groups, at::TensorList params,
+    const c10::List<std::optional<at::Tensor>>& layouts, const std::vector<Geom>& geoms,
+    const std::function<PlanTarget(at::ScalarType)>& target, const std::function<void()>& on_miss,
+    const std::function<at::Tensor(const at::Tensor&)>& upload) {
+  std::vector<std::shared_ptr<const CachedPlan>> plans;
+  for (const std::vector<int64_t>& idx : groups) {
+    plans.push_back(cached_plan(idx, params, layouts, geoms, target(params[idx[0]].scalar_type()), on_miss, upload));
+  }
+  return plans;
 }
 
 }  // namespace csgd_ext

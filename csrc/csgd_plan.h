@@ -73,6 +73,14 @@ std::shared_ptr<const CachedPlan> cached_plan(const std::vector<int64_t>& idx, a
                                               const std::function<void()>& on_miss,
                                               const std::function<at::Tensor(const at::Tensor&)>& upload);
 
+// cached_plan for every dtype group of a step (group_by_dtype), all built before anything runs: every layout
+// is validated before the first write. `target(dtype)` is where that dtype's kernel runs.
+std::vector<std::shared_ptr<const CachedPlan>> cached_plans(
+    const std::vector<std::vector<int64_t>>& groups, at::TensorList params,
+    const c10::List<std::optional<at::Tensor>>& layouts, const std::vector<Geom>& geoms,
+    const std::function<PlanTarget(at::ScalarType)>& target, const std::function<void()>& on_miss,
+    const std::function<at::Tensor(const at::Tensor&)>& upload);
+
 // Fills the kernel parameters of one launch: tensor addresses, row lengths, hyperparameters.
 template <typename T>
 void fill_launch(dev::Launch<T>* L, const CachedPlan& cp, const PlanLaunch& pl, at::TensorList params,

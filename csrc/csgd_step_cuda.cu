@@ -71,12 +71,13 @@ void csgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     return d;
   };
   const auto groups = group_by_dtype(params);
-  std::vector<std::shared_ptr<const CachedPlan>> plans(groups.size());  // every layout validated before any launch
-  for (size_t gi = 0; gi < groups.size(); ++gi) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[groups[gi][0]].scalar_type(), "csgd_plan_cuda", [&] {
-      plans[gi] = cached_plan(groups[gi], params, layouts, geoms, target_for<scalar_t>(device.index()), on_miss, upload);
-    });
-  }
+  auto target = [&](at::ScalarType dt) {
+    PlanTarget t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "csgd_plan_cuda",
+                                    [&] { t = target_for<scalar_t>(device.index()); });
+    return t;
+  };
+  const auto plans = cached_plans(groups, params, layouts, geoms, target, on_miss, upload);
   for (size_t gi = 0; gi < groups.size(); ++gi) {
     const auto& cp = plans[gi];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[groups[gi][0]].scalar_type(), "csgd_step_cuda", [&] {

@@ -100,11 +100,10 @@ void csgd_step_emulated(at::TensorList params, at::TensorList grads, at::TensorL
   const Hyper h{lr, weight_decay, momentum, dampening, centripetal, nesterov, maximize, is_first_step};
   const std::vector<Geom> geoms = check_step_args(params, grads, bufs, layouts, h, c10::DeviceType::CPU);
   const auto groups = group_by_dtype(params);
-  std::vector<std::shared_ptr<const CachedPlan>> plans;  // every layout validated before anything is written
-  for (const std::vector<int64_t>& idx : groups) {
-    plans.push_back(cached_plan(idx, params, layouts, geoms, target(), [] {},
-                                [](const at::Tensor& bytes) { return bytes; }));
-  }
+  const PlanTarget t = target();
+  const auto plans = cached_plans(
+      groups, params, layouts, geoms, [&](at::ScalarType) { return t; }, [] {},
+      [](const at::Tensor& bytes) { return bytes; });
   for (size_t gi = 0; gi < groups.size(); ++gi) {
     const auto& cp = plans[gi];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[groups[gi][0]].scalar_type(), "csgd_step_emulated", [&] {

@@ -5,12 +5,14 @@ The package imports without the extension; only asking for ``backend="native"`` 
 
 from __future__ import annotations
 
+import operator
+from itertools import repeat
 from typing import Optional, Sequence
 
 import torch
 
 from ..layout import ClusterLayout
-from .staging import stage
+from .staging import layout_forms, stage
 
 NAME = "native"
 OP = "csgd_ext::csgd_step_"
@@ -108,6 +110,7 @@ def native_layout(layout: ClusterLayout) -> torch.Tensor:
 
 
 _READY: set = set()  # (op, device type) pairs found to run (checked once per process, not every step)
+_STAGED: dict = {}  # id(layouts list) -> the list, for step lists whose tensors the op did not take as they are
 
 
 def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
@@ -155,9 +158,21 @@ def run_op(backend: str, op_name: str, params, grads, momentum_buffers: list, la
         _register_fake()
         _READY.add((op_name, dev_type))
     op = getattr(torch.ops.csgd_ext, op_name)
+    hp = (float(lr), float(weight_decay), float(momentum), float(dampening), bool(nesterov), bool(maximize),
+          float(centripetal))
+    bufs = momentum_buffers if momentum != 0 else []
+    if id(layouts) not in _STAGED and not any(map(operator.is_, bufs, repeat(None))):
+        # the common case, without a Python pass per tensor: every buffer exists, so one call does it when the
+        # op accepts the tensors as they are (it checks dtypes, shapes and memory orders before any write)
+        try:
+            op(params, grads, bufs, layout_forms(layouts, native_layout), *hp, False)
+            return
+        except (ValueError, TypeError):  # mixed dtypes on the CPU, a layout that needs a copy, or a real error
+            _STAGED[id(layouts)] = layouts  # staged from now on (kept: its id stays its own)
+            if len(_STAGED) > 64:
+                _STAGED.pop(next(iter(_STAGED)))
     calls, copy_back = stage(params, grads, momentum_buffers, layouts, momentum != 0, native_layout)
     for (_, first), (ps, gs, bs, ls) in calls.items():
-        op(ps, gs, bs, ls, float(lr), float(weight_decay), float(momentum), float(dampening), bool(nesterov),
-           bool(maximize), float(centripetal), first)
+        op(ps, gs, bs, ls, *hp, first)
     for dst, src in copy_back:
         dst.copy_(src)

@@ -34,9 +34,6 @@ def stage(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentu
     A missing momentum buffer (first step) is allocated here (``empty_like``: the kernel's first step writes
     all of it) and stored into ``momentum_buffers``.
     """
-    fast = _stage_plain(params, grads, momentum_buffers, layouts, use_momentum, layout_form)
-    if fast is not None:
-        return fast, []
     calls: Dict[tuple, KernelLists] = {}
     copy_back: list = []
     for i, p in enumerate(params):
@@ -72,25 +69,6 @@ def stage(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentu
             lists.bufs.append(b)
         lists.layouts.append(None if lay is None or lay.num_rows == 0 else layout_form(lay))
     return calls, copy_back
-
-
-def _stage_plain(params, grads, momentum_buffers, layouts, use_momentum: bool, layout_form):
-    """The common case in a few list passes: one dtype, every tensor contiguous, every buffer present (no copy,
-    one kernel call); None otherwise."""
-    if not params:
-        return None
-    dtype = params[0].dtype
-    for p in params:
-        if p.dtype is not dtype or not p.is_contiguous():
-            return None
-    for g in grads:
-        if not g.is_contiguous():
-            return None
-    bufs = list(momentum_buffers) if use_momentum else []
-    for b in bufs:
-        if b is None or not b.is_contiguous():
-            return None
-    return {(dtype, False): KernelLists(list(params), list(grads), bufs, layout_forms(layouts, layout_form))}
 
 
 _FORMS: "OrderedDict[int, tuple]" = OrderedDict()  # id(layouts list) -> (item ids, items, forms, layout_form)
