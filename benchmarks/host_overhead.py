@@ -234,10 +234,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads while timing (0: leave as is)")
     ap.add_argument("--no-sgd", dest="sgd", action="store_false", help="skip the fused-SGD comparison")
     ap.add_argument("--json", default=None, help="also write the numbers here")
-    ap.add_argument("--dry-run", action="store_true", help="quick: 20 steps (code path check)")
+    ap.add_argument("--dry-run", action="store_true", help="quick code-path check: ResNet-56 shapes, 20 steps")
     args = ap.parse_args(argv)
     if args.dry_run:
-        args.steps, args.warmup = min(args.steps, 20), 2
+        args.net, args.steps, args.warmup = "resnet56", min(args.steps, 20), 2
     r = measure(args.net, args.keep, steps=args.steps, warmup=args.warmup, sgd=args.sgd,
                 threads=args.threads or None)
     print(report(r))
