@@ -249,8 +249,10 @@ def _make_opt(kind: str, ws):
 LABEL = {"sgd-fused": "SGD fused", "csgd-native": "C-SGD native", "csgd-triton": "C-SGD triton"}
 
 
-def step_section(args, timer, bw: float, l2_bytes: int, log) -> List[dict]:
-    """One interleaved pool per (net, clustering); rows per contender and mode."""
+def step_section(args, timer, bw: float, l2_bytes: int, log, res_meta: Optional[dict] = None) -> List[dict]:
+    """One interleaved pool per (net, clustering); rows per contender and mode. When a contender leaves CUDA
+    unusable (a sticky error), the rest is reported as not run and ``res_meta["broken_by"]`` names it."""
+    res_meta = {} if res_meta is None else res_meta
     import torch
 
     rows: List[dict] = []
@@ -289,6 +291,12 @@ def step_section(args, timer, bw: float, l2_bytes: int, log) -> List[dict]:
                 log(f"  {name}: setup failed: {type(e).__name__}: {e}")
                 continue
             holders.append((sets, opts))
+            health = cuda_healthy(args.device)
+            if health is not None:  # e.g. an illegal address in the kernel: the context is lost for good
+                broken = f"CUDA unusable after {name}'s warm-up steps: {health}"
+                res_meta["broken_by"] = kind
+                log("  " + broken)
+                break
             if kind.startswith("csgd-") and args.predict:
                 o = opts[0]
                 pred[name] = predict(sets[0].params, [o.layout(p) for p in sets[0].params], kind[5:], bw)
@@ -322,6 +330,7 @@ def step_section(args, timer, bw: float, l2_bytes: int, log) -> List[dict]:
                     health = cuda_healthy(args.device)
                     if health is not None:
                         broken = f"CUDA unusable after {name}'s failed capture: {health}"
+                        res_meta["broken_by"] = kind
                         log("  " + broken)
                         break
         if broken:
@@ -695,7 +704,7 @@ def main(argv=None) -> int:
             f.write(build_markdown(res) + "\n")
 
     rc = 0
-    for section, fn in (("step", lambda: step_section(args, timer, bw, meta["l2_bytes"], log)),
+    for section, fn in (("step", lambda: step_section(args, timer, bw, meta["l2_bytes"], log, meta)),
                         ("train", lambda: train_section(args, timer, log)),
                         ("latency", lambda: latency_section(args, timer, log))):
         if section not in args.sections:
@@ -711,6 +720,9 @@ def main(argv=None) -> int:
         save()
     if any("error" in r and not r["error"].startswith("not run") for r in res["step"]):
         rc = rc or 3  # some contender failed (reported in the table)
+    if meta.get("broken_by"):
+        rc = 4  # gpu_check.sh reruns without this contender
+        print(f"CUDA_BROKEN_BY={meta['broken_by']}")
     print()
     print(short_table(res))
     print(f"wrote {os.path.join(args.out, 'bench.json')} and bench.md in {time.perf_counter() - t0:.1f} s")

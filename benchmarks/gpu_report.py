@@ -193,7 +193,7 @@ def _key(name: str, outdir: str, log: str, status: str, dry: bool) -> tuple:
         parts += [f"{a}: {b}" for a, b in step]
         return "; ".join(parts) or "-", d
     if name.startswith("bench"):
-        sub = "bench" if name == "bench" else "bench_extra"
+        sub = name
         b = _json(os.path.join(outdir, sub, "bench.json"))
         if not b:
             return "no bench.json", d
@@ -226,7 +226,7 @@ def _key(name: str, outdir: str, log: str, status: str, dry: bool) -> tuple:
 
 #: the order of the table (a dry run finishes its steps in any order)
 ORDER = ["facts", "build", "build_pip", "build_check", "tests_gpu", "memcheck_native", "racecheck_native",
-         "memcheck_triton", "bench", "host_overhead", "bench_extra", "triton_suite"]
+         "memcheck_triton", "bench", "bench_retry", "host_overhead", "bench_extra", "triton_suite"]
 
 
 def summary(outdir: str) -> int:
