@@ -39,7 +39,7 @@ OUTDIR=""
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $a" >&2; exit 2 ;;
     *) OUTDIR="$a" ;;
   esac
