@@ -146,8 +146,10 @@ def capture_step(step: Callable[[], object], device: str, warmup: int = 3):
     with torch.cuda.graph(g):
         step()
     torch.cuda.synchronize()
-    replay = g.replay
-    replay.graph = g  # keep the graph alive with the callable
+
+    def replay():
+        g.replay()
+    replay.graph = g  # the graph (and its memory pool) lives as long as the callable
     return replay
 
 

@@ -86,6 +86,13 @@ def facts(outdir: str) -> int:
     return 0
 
 
+def _safe(fn):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        return f"({type(e).__name__}: {e})"
+
+
 def build_check(outdir: str) -> int:
     """Exit 0 when the native backend runs on the device (CUDA when present, else CPU: dry run)."""
     sys.path.insert(0, ROOT)
@@ -97,7 +104,7 @@ def build_check(outdir: str) -> int:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     res = {"device": dev, "csgd_ext_file": csgd_ext.__file__,
            "available_backends": {d: csgd_ext.available_backends(d) for d in ("cpu", dev)},
-           "build_info": native.build_info(),
+           "build_info": _safe(native.build_info),
            "extension": sorted(glob.glob(os.path.join(ROOT, "csgd_ext", "_C*.so")))}
     res["native_ok"] = res["available_backends"][dev]["native"] is None
     cuobjdump = find_tool("cuobjdump")
