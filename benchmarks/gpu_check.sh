@@ -26,7 +26,7 @@
 #   triton_suite   (if time is left) tests/test_triton_backend.py on CUDA (its non-gpu-marked tests)
 #   summary        the table (printed last), summary.md, results.json
 #
-# --dry-run (CPU machine, CI): the same steps, each checked without a GPU, in two parallel lanes: the scripts
+# --dry-run (CPU machine, CI): the same steps, each checked without a GPU, in three parallel lanes: the scripts
 # run in their CPU/tiny modes (native CPU kernel, Triton interpreter), pytest -m gpu --collect-only, setup.py
 # byte-compiled, not built; steps that would repeat another's work are reported as SKIP with the reason.
 set -u -o pipefail
@@ -102,7 +102,7 @@ run_step() {
 NOTE=""
 
 if [ "$DRY" = 1 ]; then
-  # ---- dry run: every step checked on this CPU machine, in two lanes (CI time) ------------------------------
+  # ---- dry run: every step checked on this CPU machine, in three lanes (CI time) ----------------------------
   say "gpu_check.sh --dry-run: checking every step on this machine (no GPU used), output in $OUTDIR"
   for f in benchmarks/gpu_report.py benchmarks/gpu_small_step.py benchmarks/gpu_bench.py \
            benchmarks/host_overhead.py setup.py; do
@@ -114,7 +114,6 @@ if [ "$DRY" = 1 ]; then
       '$PY' benchmarks/gpu_report.py facts '$OUTDIR'"
     NOTE="dry run: setup.py byte-compiled, not built" \
     run_step build 30 5 "$PY" -m py_compile setup.py
-    run_step build_check 60 5 "$PY" benchmarks/gpu_report.py build-check "$OUTDIR"
     NOTE="dry run: collect only" \
     run_step tests_gpu 90 5 "$PY" -m pytest -m gpu tests --collect-only -q -p no:cacheprovider
     skip_step triton_suite "dry run: tests_gpu's collection imported tests/test_triton_backend.py"
@@ -129,6 +128,9 @@ if [ "$DRY" = 1 ]; then
     run_step bench 120 5 "$PY" benchmarks/gpu_bench.py --dry-run --sections step,train,latency --rounds 15 \
       --budget-s 120 --out "$OUTDIR/bench"
     skip_step bench_extra "dry run: its sections (train, latency) ran in the bench step's process"
+  ) &
+  (
+    run_step build_check 60 5 "$PY" benchmarks/gpu_report.py build-check "$OUTDIR"
     run_step host_overhead 90 5 "$PY" benchmarks/host_overhead.py --dry-run --steps 300 \
       --json "$OUTDIR/host_overhead.json"
   ) &
