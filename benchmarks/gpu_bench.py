@@ -183,15 +183,21 @@ def copy_bandwidth_gbs(timer: StepTimer, device: str, numel: int, repeats: int =
     return 2 * 4 * numel / _median(samples) / 1e9
 
 
-def predict(params, layouts, backend: str, bw: float):
-    """``(predicted µs or None, detail)`` from ``benchmarks.perf_model.predict`` (or, for Triton,
-    ``benchmarks.perf_model_triton.predict`` when the first has no Triton model); never raises."""
+def predict(params, layouts, backend: str, bw: float, sms: Optional[int] = None):
+    """``(predicted µs or None, detail)`` from ``benchmarks.perf_model.predict(params, layouts,
+    backend=..., bandwidth_gbs=...)`` (plus ``sms=`` when it takes it), or, for Triton,
+    ``benchmarks.perf_model_triton.predict`` with the same signature when the first raises; never raises."""
+    import inspect
+
     errors = []
     for modname in ("benchmarks.perf_model", "benchmarks.perf_model_triton") if backend == "triton" else \
             ("benchmarks.perf_model",):
         try:
             mod = __import__(modname, fromlist=["predict"])
-            res = mod.predict(params, layouts, backend=backend, bandwidth_gbs=bw)
+            kw = {"backend": backend, "bandwidth_gbs": bw}
+            if sms and "sms" in inspect.signature(mod.predict).parameters:
+                kw["sms"] = sms
+            res = mod.predict(params, layouts, **kw)
             us = float(res["predicted_us"])
             return us, {"model": modname, **{k: v for k, v in dict(res).items() if _jsonable(v)}}
         except Exception as e:  # noqa: BLE001 - the column stays empty
@@ -301,7 +307,8 @@ def step_section(args, timer, bw: float, l2_bytes: int, log, res_meta: Optional[
                 break
             if kind.startswith("csgd-") and args.predict:
                 o = opts[0]
-                pred[name] = predict(sets[0].params, [o.layout(p) for p in sets[0].params], kind[5:], bw)
+                pred[name] = predict(sets[0].params, [o.layout(p) for p in sets[0].params], kind[5:], bw,
+                                     res_meta.get("sm_count"))
             if "eager" in args.modes:
                 cands[f"{name} | eager"] = _rotate([o.step for o in opts])
                 per_call[f"{name} | eager"] = n_sets
