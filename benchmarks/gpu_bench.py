@@ -305,9 +305,11 @@ def step_section(args, timer, bw: float, l2_bytes: int, log, res_meta: Optional[
                 res_meta["broken_by"] = kind
                 log("  " + broken)
                 break
-            if kind.startswith("csgd-") and args.predict:
+            if args.predict:  # the model's row for this design (fused SGD too, where the model has one)
                 o = opts[0]
-                pred[name] = predict(sets[0].params, [o.layout(p) for p in sets[0].params], kind[5:], bw,
+                lays = [o.layout(p) for p in sets[0].params] if kind.startswith("csgd-") else \
+                    [None] * len(sets[0].params)
+                pred[name] = predict(sets[0].params, lays, kind[5:] if kind.startswith("csgd-") else kind, bw,
                                      res_meta.get("sm_count"))
             if "eager" in args.modes:
                 cands[f"{name} | eager"] = _rotate([o.step for o in opts])
