@@ -61,8 +61,10 @@ fi
 
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this tree's csgd_ext and benchmarks
 export PYTHONUNBUFFERED=1
-export PYTHONDONTWRITEBYTECODE=1
+# nvcc, compute-sanitizer, cuobjdump; the interpreter's own bin (ninja for torch's extension build)
 [ -d /usr/local/cuda/bin ] && export PATH="$PATH:/usr/local/cuda/bin"
+PYBIN=$(dirname "$(command -v "$PY" 2>/dev/null || echo /usr/bin/python3)")
+export PATH="$PATH:$PYBIN"
 unset CSGD_EXT_NO_NATIVE CSGD_EXT_NO_CUDA TRITON_INTERPRET
 
 say() { echo "$*" | tee -a "$MAIN_LOG"; }
