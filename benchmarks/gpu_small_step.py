@@ -112,12 +112,19 @@ def run(backend: str, device: str, steps: int = 3, seed: int = 0, specs=None) ->
         dtypes.append(dt)
     mod, refmod = ops.get_module(backend), ops.get_module("reference")
     bufs_mine, bufs_ref = [None] * len(mine), [None] * len(ref)
+    # the native kernel against its host emulation (the same device code run on the CPU), where it exists
+    emu = None
+    if backend == "native" and "cuda_emulated" in getattr(ops, "BACKENDS", ()):
+        if ops.get_module("cuda_emulated").unavailable_reason(torch.device("cpu")) is None:
+            emu = ([t.clone() for t in ref], [None] * len(ref), ops.get_module("cuda_emulated"))
     t0 = time.perf_counter()
     for _ in range(steps):
         grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in ref]
         mod.step(mine, [_place(torch, g, 1 if i % 2 else 0, specs[i][4], device) for i, g in enumerate(grads)],
                  bufs_mine, lay_mine, **HP)
         refmod.step(ref, grads, bufs_ref, lay_ref, **HP)
+        if emu is not None:
+            emu[2].step(emu[0], grads, emu[1], lay_ref, **HP)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
@@ -131,7 +138,12 @@ def run(backend: str, device: str, steps: int = 3, seed: int = 0, specs=None) ->
             rtol, atol = TOL[dt]
             if not torch.allclose(x, y, rtol=rtol, atol=atol) or not torch.isfinite(x).all():
                 bad.append(f"{what} #{i} {tuple(x.shape)} {dt}: max rel err {err:.3g}")
+    bitwise = None
+    if emu is not None:  # fp32 tensors bitwise equal to cuda_emulated (information: printed, not a failure)
+        pairs = [(a, b) for a, b, dt in zip(mine + bufs_mine, emu[0] + emu[1], dtypes + dtypes) if dt == "float32"]
+        bitwise = (sum(torch.equal(a.detach().cpu(), b) for a, b in pairs), len(pairs))
     return {"backend": backend, "device": device, "ok": not bad, "mismatches": bad, "max_rel_err": worst,
+            "bitwise_vs_cuda_emulated": bitwise,
             "tensors": len(mine), "elements": sum(p.numel() for p in mine), "seconds": secs}
 
 
@@ -162,6 +174,10 @@ def main(argv=None) -> int:
         print(f"gpu_small_step: {b} on {device}: {'OK' if r['ok'] else 'MISMATCH'}: {r['tensors']} tensors, "
               f"{r['elements']} elements, {args.steps} steps in {r['seconds']:.2f} s; max rel err vs reference "
               f"(CPU): {errs}")
+        if r.get("bitwise_vs_cuda_emulated"):
+            same, n = r["bitwise_vs_cuda_emulated"]
+            print(f"gpu_small_step: {b} on {device}: fp32 params and buffers bitwise equal to cuda_emulated: "
+                  f"{same}/{n}")
         for m in r["mismatches"][:20]:
             print("  " + m)
         if not r["ok"]:
