@@ -225,7 +225,8 @@ def _key(name: str, outdir: str, log: str, status: str, dry: bool) -> tuple:
         if not h:
             return "-", d
         d = h
-        return (f"CSGD.step host {h['csgd_stub_us']:.0f} us ({h['net']}, target <= {h['target_us']:.0f}: "
+        return (f"CSGD.step host {h['csgd_stub_us']:.0f} us stub / ~{h.get('estimated_compiled_us', 0):.0f} us "
+                f"compiled op ({h['net']}, target <= {h['target_us']:.0f}: "
                 f"{'met' if h['meets_target'] else 'missed'}), python-only {h['csgd_python_only_us']:.0f} us, "
                 f"fused SGD python {h.get('sgd_fused_python_only_us', float('nan')):.0f} us"), d
     return "-", d

@@ -18,8 +18,12 @@ interleaved step by step, the full fused-SGD step timed after them):
 * ``csgd_python_only_us``: the same with the op replaced by a plain Python function (no dispatcher): the
   Python-only part; ``python_fraction`` = this over ``csgd_stub_us``;
 * ``stub_direct_us``: one direct call of the stub op with the same arguments: what the dispatcher call with
-  its 161-entry lists costs here, *including* the re-entry into the stub's Python body (a compiled op has no
-  such re-entry, so ``csgd_stub_us`` slightly over-counts);
+  its 161-entry lists costs here, *including* the re-entry into the stub's Python body (every tensor of the
+  lists wrapped into a Python object again: a compiled op has no such re-entry, so ``csgd_stub_us``
+  over-counts);
+* ``real_op_tiny_us``: the real compiled op called with lists of the same length of one-element tensors
+  (negligible kernel work): a compiled dispatcher call's cost; ``estimated_compiled_us`` =
+  ``csgd_python_only_us`` + that, per op call of a step: the host time with the compiled op;
 * ``sgd_fused_full_us``: ``torch.optim.SGD(fused=True).step`` on the same CPU tensors, the whole step with its
   CPU kernel (for scale only: it is not host overhead); ``sgd_fused_python_only_us``: the same with
   ``torch._fused_sgd_`` replaced by a plain Python function (fused SGD's own Python-side host time).
@@ -180,11 +184,21 @@ def measure(net: str = "resnet50", keep: float = 0.625, steps: int = 300, warmup
             samples["sgd_fused_full"] = [variants["sgd_fused_full"]() / 1e3 for _ in range(steps)]
         stub_calls = STUB["calls"]
         args = STUB["args"]
-        direct = []
+        direct, real_tiny = [], []
+        # the compiled op with lists of the same length but one-element tensors: the cost of a compiled
+        # dispatcher call with these lists (no Python re-entry), its kernel's work negligible
+        n = len(args[0]) if args else 0
+        tiny = [[torch.randn(1) for _ in range(n)] for _ in range(3)]
+        real = torch.ops.csgd_ext.csgd_step_
+        real_args = (tiny[0], tiny[1], tiny[2], [None] * n) + tuple(args[4:11]) + (False,)
         for _ in range(max(20, steps // 2)):
             t0 = time.perf_counter_ns()
             stub(*args)
-            direct.append((time.perf_counter_ns() - t0) / 1e3)
+            t1 = time.perf_counter_ns()
+            real(*real_args)
+            t2 = time.perf_counter_ns()
+            direct.append((t1 - t0) / 1e3)
+            real_tiny.append((t2 - t1) / 1e3)
     finally:
         torch.set_num_threads(before_threads)
 
@@ -192,7 +206,7 @@ def measure(net: str = "resnet50", keep: float = 0.625, steps: int = 300, warmup
            "steps": steps, "torch_threads": threads or before_threads,
            "stub_calls": stub_calls, "python_noop_calls": python_calls["calls"],
            "op_calls_per_step": stub_calls / steps, "op_list_len": len(args[0]) if args else 0,
-           "stub_direct_us": _med(direct), "target_us": TARGET_US}
+           "stub_direct_us": _med(direct), "real_op_tiny_us": _med(real_tiny), "target_us": TARGET_US}
     for name, xs in samples.items():
         out[f"{name}_us"] = _med(xs)
         out[f"{name}_p10_us"] = _pct(xs, 0.1)
@@ -200,6 +214,8 @@ def measure(net: str = "resnet50", keep: float = 0.625, steps: int = 300, warmup
     out["python_fraction"] = out["csgd_python_only_us"] / out["csgd_stub_us"]
     out["dispatch_us"] = out["csgd_stub_us"] - out["csgd_python_only_us"]
     out["meets_target"] = bool(out["csgd_stub_us"] <= TARGET_US)
+    # with a compiled op instead of the Python-bodied stub: the Python-only part + a compiled call's cost
+    out["estimated_compiled_us"] = out["csgd_python_only_us"] + out["real_op_tiny_us"] * out["op_calls_per_step"]
     out["finite"] = all(math.isfinite(v) for k, v in out.items() if k.endswith("_us"))
     return out
 
@@ -216,7 +232,11 @@ def report(r: dict) -> str:
              f"  dispatcher call (difference)              {r['dispatch_us']:9.1f} µs  ({r['op_calls_per_step']:g} "
              f"op call(s) per step, {r['op_list_len']} tensors per list)",
              f"  stub op called directly, same arguments   {r['stub_direct_us']:9.1f} µs  (includes re-entering "
-             "the stub's Python body)"]
+             "the stub's Python body)",
+             f"  real op, same list lengths, 1-elem tensors{r['real_op_tiny_us']:9.1f} µs  (a compiled call, no "
+             "Python re-entry)",
+             f"  => estimated host time with the compiled op {r['estimated_compiled_us']:7.1f} µs  (Python-only + "
+             "compiled call)"]
     if "sgd_fused_full_us" in r:
         lines += [f"  SGD(fused=True).step, full CPU step      {r['sgd_fused_full_us']:9.1f} µs  (kernel work "
                   "included: for scale only)",
