@@ -40,7 +40,6 @@ place when its gradient and buffer share its strides; other layouts go through a
 
 from __future__ import annotations
 
-import functools
 import os
 from collections import OrderedDict
 from typing import List, Optional, Sequence
@@ -55,13 +54,17 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CACHE_SIZE = 16
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORT_ERROR = []  # memo of _import_error (a plain list, not functools.lru_cache: dynamo traces through it)
+
+
 def _import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install
-        return f"triton is not installed or fails to import ({e}); pip install triton"
-    return None
+    if not _IMPORT_ERROR:
+        try:
+            import triton  # noqa: F401
+            _IMPORT_ERROR.append(None)
+        except Exception as e:  # ImportError, or a broken install
+            _IMPORT_ERROR.append(f"triton is not installed or fails to import ({e}); pip install triton")
+    return _IMPORT_ERROR[0]
 
 
 def _interpret_env() -> bool:
