@@ -31,8 +31,9 @@ Assumptions (an H200-like GPU; every constant is a module-level name below):
   an SM retires ``L1_WAVEFRONTS_PER_CLK`` per clock at ``CLOCK_GHZ`` (so wasted lanes and 2-byte scalar
   loads cost issue time even though they move no DRAM bytes). Member-index loads count one instruction
   per 32 items per member iteration.
-* **latency**: each member iteration is a dependent chain (index load, then data load): 2 round trips of
-  ``LATENCY_US`` per iteration per pass, 1 for a ``flat`` program, plus 1 for the work/meta loads;
+* **latency**: in the old kernel each member iteration is a dependent chain (index load, then data load):
+  2 round trips of ``LATENCY_US`` per iteration per pass; the new kernel loads the next member's index one
+  iteration ahead: 1 per iteration plus 1 per pass; a ``flat`` program 1; plus 1 for the work/meta loads;
   ``RESIDENT_THREADS`` threads per SM (at most 32 programs) overlap their chains.
 * a launch costs ``max(t_dram, t_l1, t_latency)`` (the latency chains of some programs hidden behind the
   streaming of others) plus ``LAUNCH_US`` for the first launch of a step and ``LAUNCH_GAP_US`` for each
@@ -88,7 +89,7 @@ def _entries(params, layouts):
 
 
 def _launch_stats(sizes: torch.Tensor, widths: torch.Tensor, R: int, C: int, passes_arrays, esize: int,
-                  bpl: int, idx_bytes: int, warps: int) -> dict:
+                  bpl: int, idx_bytes: int, warps: int, prefetch: bool = False) -> dict:
     """Statistics of one launch whose items have cluster ``sizes`` and useful columns ``widths``."""
     n = sizes.numel()
     progs = -(-n // R)
@@ -106,7 +107,10 @@ def _launch_stats(sizes: torch.Tensor, widths: torch.Tensor, R: int, C: int, pas
     if idx_bytes:  # member indices: one load per item per member iteration per pass, 32 items per instruction
         wavefronts += trips.sum().item() * math.ceil(R / WARP) * len(passes_arrays)
     resident = min(MAX_PROGRAMS_PER_SM, RESIDENT_THREADS // (WARP * warps))
-    chain = (trips * (2 if idx_bytes else 1) * len(passes_arrays) + 1).sum().item()  # round trips summed
+    # round trips per program: index load then data load per member iteration (2), or 1 when the next
+    # member's index is loaded one iteration ahead (plus the first index of each pass); +1 for work/meta
+    per_iter, first = (2, 0) if idx_bytes and not prefetch else ((1, 1) if idx_bytes else (1, 0))
+    chain = ((trips * per_iter + first) * len(passes_arrays) + 1).sum().item()
     return dict(programs=progs, useful=useful, issued=issued * len(passes_arrays), useful_x=useful * len(passes_arrays),
                 wavefronts=wavefronts, chain=chain, resident=resident, elements=useful)
 
@@ -210,7 +214,7 @@ def triton_rows(params: Sequence[torch.Tensor], layouts: Sequence[Optional[objec
                 widths = (ms[tens] - seg[:, 3]).clamp(max=ln.C)
                 arrays, idx = (pass1, pass2), 4
             bpl = 16 if ln.aligned else es
-            st = _launch_stats(sizes, widths, ln.R, ln.C, arrays, es, bpl, idx, ln.num_warps)
+            st = _launch_stats(sizes, widths, ln.R, ln.C, arrays, es, bpl, idx, ln.num_warps, prefetch=True)
             dram = float((sizes * widths).sum()) * es * per_elem + ln.n_items * 32
             launches.append(dict(st, dram=dram, bpl=bpl))
             key = f"{ln.cls}{'' if ln.aligned or ln.cls == 'vec' else '/unaligned'}"

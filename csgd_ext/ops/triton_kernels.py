@@ -72,9 +72,13 @@ def _tile_kernel(work_ptr, item0, n_items, meta_ptr, rows_ptr, hp_ptr, W, G, B,
     # pass 1: each cluster's mean gradient (and mean weight when the centripetal term is on)
     sum_g = zero
     sum_w = zero
+    # member indices are loaded one iteration ahead: a member's data loads do not wait on its index load
+    cur = tl.load(member, mask=0 < size, other=0)
     for k in range(0, trips):
         live = k < size
-        roff = tl.load(member + k, mask=live, other=0).to(tl.int64) * m + col0
+        nxt = tl.load(member + (k + 1), mask=(k + 1) < size, other=0)
+        roff = cur.to(tl.int64) * m + col0
+        cur = nxt
         if ALIGN > 1:
             roff = tl.multiple_of(roff, ALIGN)
         lm = in_row & live[:, None]
@@ -96,9 +100,12 @@ def _tile_kernel(work_ptr, item0, n_items, meta_ptr, rows_ptr, hp_ptr, W, G, B,
         b_read = (first == 0)[:, None]  # on a tensor's first step its buffer is fresh memory: never read it
 
     # pass 2: every member's direction, momentum buffer and new weight
+    cur2 = tl.load(member, mask=0 < size, other=0)
     for j in range(0, trips):  # (fresh names: compiled Triton would carry pass-1 names into this loop)
         alive = j < size
-        roff2 = tl.load(member + j, mask=alive, other=0).to(tl.int64) * m + col0
+        nxt2 = tl.load(member + (j + 1), mask=(j + 1) < size, other=0)
+        roff2 = cur2.to(tl.int64) * m + col0
+        cur2 = nxt2
         if ALIGN > 1:
             roff2 = tl.multiple_of(roff2, ALIGN)
         lm2 = in_row & alive[:, None]
