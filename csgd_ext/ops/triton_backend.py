@@ -164,7 +164,17 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
     if reason is not None:
         raise RuntimeError(f"backend 'triton' is unavailable on {device.type}: {reason}")
     _check(params, device)
-    _run(params, grads, momentum_buffers, None, [_as_plan_layout(lay) for lay in layouts], hp)
+    lays, keys = [], []
+    for lay in layouts:
+        cached = None if lay is None else lay.extras.get(NAME)
+        if cached is None:
+            ll = _as_plan_layout(lay)
+            cached = (ll, _layout_key(ll))
+            if lay is not None:
+                lay.extras[NAME] = cached  # ClusterLayout.extras: per-backend derived forms
+        lays.append(cached[0])
+        keys.append(cached[1])
+    _run(params, grads, momentum_buffers, None, lays, keys, hp)
 
 
 def _check(params, device):
@@ -196,32 +206,34 @@ def _compiled_step(params, grads, momentum_buffers, layouts, hp):
         **hp)
 
 
-def _aligned_ptr(t: torch.Tensor) -> bool:
-    return t.data_ptr() % t.element_size() == 0
-
-
 def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]], lays: List[Optional[LayoutLike]],
-         hp: dict) -> None:
+         keys: list, hp: dict) -> None:
     """The eager step: stage odd layouts, build/fetch the plan, meta and hyperparameter tables, launch.
-    ``momentum_buffers[i] is None`` allocates a buffer (first step) unless ``first_flags`` is given (the op)."""
+    ``momentum_buffers[i] is None`` allocates a buffer (first step) unless ``first_flags`` is given (the op);
+    ``keys[i]`` is :func:`_layout_key` of ``lays[i]``."""
     from .triton_kernels import flat_kernel, interpreting, tile_kernel
 
     device = params[0].device
     use_mom = hp["momentum"] != 0
     staged: List[tuple] = []  # (destination, temporary) pairs copied back after the launch
-    groups = {}  # dtype -> [(layout, m, numel, w, g, b, first)]
+    groups = {}  # dtype -> [(layout, m, numel, key, w, g, b, first, (w, g, b addresses))]
     for i, p in enumerate(params):
         lay = lays[i]
         flat = lay is None or lay.max_size <= 1
         rows = p.shape[0] if (lay is not None and p.dim()) else 1
+        es = p.element_size()
         w = p
-        if not (is_dense(p) if flat else rows_dense(p, rows)) or not _aligned_ptr(p):
-            w = p.contiguous() if _aligned_ptr(p) or not p.is_contiguous() else p.clone()
+        wp = p.data_ptr()
+        if not (is_dense(p) if flat else rows_dense(p, rows)) or wp % es:
+            w = p.contiguous() if wp % es == 0 or not p.is_contiguous() else p.clone()
             staged.append((p, w))
+            wp = w.data_ptr()
         g = grads[i]
-        if g.dtype != w.dtype or not same_order(g, w) or not _aligned_ptr(g):
+        gp = g.data_ptr()
+        if g.dtype != w.dtype or gp % es or not same_order(g, w):
             g = torch.empty_like(w).copy_(g)
-        b, first = None, 0
+            gp = g.data_ptr()
+        b, bp, first = None, 0, 0
         if use_mom:
             buf = momentum_buffers[i]
             if buf is None:
@@ -230,15 +242,16 @@ def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]
                 first = 1
             else:
                 first = int(first_flags[i]) if first_flags is not None else 0
-                if buf.dtype != w.dtype or not same_order(buf, w) or not _aligned_ptr(buf):
+                if buf.dtype != w.dtype or buf.data_ptr() % es or not same_order(buf, w):
                     b = torch.empty_like(w).copy_(buf)
                     staged.append((buf, b))
                 else:
                     b = buf
-        if p.numel() == 0:
+            bp = b.data_ptr()
+        n = p.numel()
+        if n == 0:
             continue
-        m = p.numel() // rows
-        groups.setdefault(p.dtype, []).append((lay, m, p.numel(), w, g, b, first))
+        groups.setdefault(p.dtype, []).append((lay, n // rows, n, keys[i], w, g, b, first, (wp, gp, bp)))
 
     interpret = interpreting()
     tile, flat_k = tile_kernel(), flat_kernel()
@@ -247,16 +260,16 @@ def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]
     flags = dict(HAS_WD=hp["weight_decay"] != 0, USE_MOMENTUM=use_mom, NESTEROV=bool(hp["nesterov"] and use_mom),
                  MAXIMIZE=hp["maximize"])
     for dtype, items in groups.items():
-        plan_key = (device, dtype) + tuple((_layout_key(lay), m, n) for lay, m, n, *_ in items)
+        plan_key = (device, dtype) + tuple((key, m, n) for lay, m, n, key, *_ in items)
         plan = _PLANS.get_or(plan_key, lambda: build_plan([(lay, m, n) for lay, m, n, *_ in items], dtype, device))
-        esize = items[0][3].element_size()
-        W, G = items[0][3], items[0][4]
-        B = items[0][5] if use_mom else W
+        esize = items[0][4].element_size()
+        W, G = items[0][4], items[0][5]
+        B = items[0][6] if use_mom else W
         bases = (W.data_ptr(), G.data_ptr(), B.data_ptr())
+        bw, bg, bb = bases
         meta_vals = []
-        for (lay, m, n, w, g, b, first), cls in zip(items, plan.classes):
-            meta_vals += [(w.data_ptr() - bases[0]) // esize, (g.data_ptr() - bases[1]) // esize,
-                          (b.data_ptr() - bases[2]) // esize if b is not None else 0,
+        for (lay, m, n, _, w, g, b, first, (wp, gp, bp)), cls in zip(items, plan.classes):
+            meta_vals += [(wp - bw) // esize, (gp - bg) // esize, (bp - bb) // esize if b is not None else 0,
                           n if cls == "flat" else m, first, int(lay is not None)]
         meta_key = (device, dtype) + bases + tuple(meta_vals)
         meta, ok = _META.get_or(meta_key, lambda: (_upload(meta_vals, torch.int64, device),
@@ -320,7 +333,7 @@ def triton_step(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_
     hp = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
               maximize=maximize, centripetal=centripetal)
     bufs = list(momentum_buffers) if momentum != 0 else [None] * len(params)
-    _run(params, grads, bufs, list(first) if momentum != 0 else None, lays, hp)
+    _run(params, grads, bufs, list(first) if momentum != 0 else None, lays, [_layout_key(l) for l in lays], hp)
 
 
 @triton_step.register_fake
