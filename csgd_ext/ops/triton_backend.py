@@ -1,21 +1,29 @@
 """The Triton backend (GPU; on CPU tensors only under ``TRITON_INTERPRET=1``, for tests).
 
-One kernel launch per parameter dtype runs the whole step: every clustered tensor, and every unclustered
-tensor (one row, one singleton cluster: plain SGD), through the work table described in
-:mod:`csgd_ext.ops.triton_kernels`. A program owns one cluster and one block of columns: it sums the
-members' ``g`` (and ``w``) in a fixed order, then writes each member's new ``w`` and momentum buffer.
-No atomics, so results are bitwise reproducible run to run.
+Work shaped by row width: the tensors of one dtype are split into row-width classes (see
+:mod:`csgd_ext.ops.triton_plan`): ``flat`` (unclustered or all-singleton tensors, elementwise), ``vec``
+(one-column norm parameters, 512 clusters per program), ``short`` (2-D ``[R, C]`` tiles of several
+clusters) and ``long`` (column blocks). Each class runs with its own tile and ``num_warps``, as one
+launch for its 16-byte-aligned tensors (``tl.multiple_of`` hints: vector loads) and one for the rest:
+at most 7 launches per dtype, usually 4 or 5. A program sums its clusters' ``g`` (and ``w``) in a fixed
+member order, then writes each member's new ``w`` and momentum buffer: no atomics, bitwise reproducible.
 
 Caching (no per-step device-to-host sync):
 
-* the work table and member-row table depend only on the layouts, shapes and block size; they are built
-  on the device with tensor ops (no sync) once per set of layouts and kept in a small LRU cache;
-* the per-tensor address table (``data_ptr`` of weight, gradient and buffer) must follow gradients that
+* the work table and member-row table depend only on the layouts and shapes; they are built on the
+  device with tensor ops (no sync) once per set of layouts and kept in a small LRU cache;
+* the per-tensor offset table (weight, gradient and buffer addresses as element offsets from the first
+  tensor of each kind, which are the kernels' pointer arguments) must follow gradients that
   ``zero_grad(set_to_none=True)`` re-allocates; it is cached by its contents, so a step whose addresses
   match an earlier one (the usual case with PyTorch's caching allocator) uploads nothing, and a step whose
-  addresses changed uploads one small ``int64 [T, 5]`` tensor (asynchronous, no sync);
+  addresses changed uploads one small ``int64 [T, 6]`` tensor (asynchronous, no sync);
 * the five hyperparameters travel as a float64 device tensor cached by value, so LR schedulers work and an
   unchanged LR uploads nothing.
+
+Once cached, a step allocates nothing and syncs nothing, so it can be captured in a CUDA graph.
+
+Under ``torch.compile`` the step is the custom op ``torch.ops.csgd_ext.triton_step`` (fake
+implementation: no outputs), so a compiled training step traces without graph breaks.
 
 Example (CPU, interpreted; on a GPU drop the environment variable)::
 
@@ -32,7 +40,6 @@ place when its gradient and buffer share its strides; other layouts go through a
 
 from __future__ import annotations
 
-import functools
 import os
 from collections import OrderedDict
 from typing import List, Optional, Sequence
@@ -40,19 +47,24 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..layout import ClusterLayout, is_dense, rows_dense, same_order
+from .triton_plan import ALIGN_BYTES, LayoutLike, align_elems, build_plan
 
 NAME = "triton"
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CACHE_SIZE = 16
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORT_ERROR = []  # memo of _import_error (a plain list, not functools.lru_cache: dynamo traces through it)
+
+
 def _import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install
-        return f"triton is not installed or fails to import ({e}); pip install triton"
-    return None
+    if not _IMPORT_ERROR:
+        try:
+            import triton  # noqa: F401
+            _IMPORT_ERROR.append(None)
+        except Exception as e:  # ImportError, or a broken install
+            _IMPORT_ERROR.append(f"triton is not installed or fails to import ({e}); pip install triton")
+    return _IMPORT_ERROR[0]
 
 
 def _interpret_env() -> bool:
@@ -82,7 +94,6 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     return None
 
 
-# -- layout checks ----------------------------------------------------------------------------------
 # -- cached tables ----------------------------------------------------------------------------------
 class _LRU(OrderedDict):
     def get_or(self, key, make):
@@ -96,36 +107,9 @@ class _LRU(OrderedDict):
         return val
 
 
-_WORK = _LRU()
+_PLANS = _LRU()
 _META = _LRU()
 _HP = _LRU()
-
-
-def _build_work(entries, block: int, device: torch.device):
-    """``(work [P, 4], rows)`` int64 device tensors for ``entries = [(layout or None, m), ...]``."""
-    works, rows = [], []
-    base = 0
-    for t, (lay, m) in enumerate(entries):
-        nb = -(-m // block)
-        cols = torch.arange(nb, dtype=torch.int64, device=device) * block
-        if lay is None:
-            starts = torch.full((1,), base, dtype=torch.int64, device=device)
-            sizes = torch.ones(1, dtype=torch.int64, device=device)
-            members = torch.zeros(1, dtype=torch.int64, device=device)
-        else:
-            starts = lay.offsets[:-1] + base
-            sizes = lay.sizes()
-            members = lay.perm
-        k = sizes.numel()
-        works.append(torch.stack([torch.full((k * nb,), t, dtype=torch.int64, device=device),
-                                  starts.repeat_interleave(nb), sizes.repeat_interleave(nb),
-                                  cols.repeat(k)], dim=1))
-        rows.append(members)
-        base += members.numel()
-    work = torch.cat(works)
-    # group items of equal cluster size, so the R items of a program share their member-loop trip count
-    order = torch.sort(work[:, 2], stable=True).indices
-    return work.index_select(0, order).contiguous(), torch.cat(rows).contiguous()
 
 
 def _upload(vals, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -137,23 +121,26 @@ def _upload(vals, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _tile(max_m: int, n_items: int, interpret: bool):
-    """``(R, BLOCK)``: columns per item (a power of two covering the widest row, capped) and items per
-    program so that a program's tile holds about ``TILE`` elements."""
-    # Interpreted, every program costs Python overhead per op: few, large tiles. Compiled: 2048 elements.
-    lo, hi, tile = (16, 8192, 32768) if interpret else (32, 1024, 2048)
-    block = max(lo, min(hi, _pow2(max_m)))
-    return max(1, min(tile // block, _pow2(n_items))), block
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
             torch.float64: tl.float64}[dtype]
+
+
+def _as_plan_layout(lay) -> Optional[LayoutLike]:
+    """A :class:`ClusterLayout` (or :class:`LayoutLike`) as the plan's view of it; None when unclustered."""
+    if lay is None or lay.num_clusters == 0:
+        return None
+    if isinstance(lay, LayoutLike):
+        return lay
+    return LayoutLike(lay.perm, lay.offsets, lay.num_clusters, lay.max_size)
+
+
+def _layout_key(lay: Optional[LayoutLike]):
+    # the cached plan keeps perm and offsets alive, so their addresses cannot be reused while it is cached
+    if lay is None:
+        return None
+    return (lay.perm.data_ptr(), lay.offsets.data_ptr(), lay.num_clusters, lay.max_size)
 
 
 # -- the step ---------------------------------------------------------------------------------------
@@ -161,18 +148,36 @@ def _tl_dtype(dtype: torch.dtype):
 def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
          layouts: Sequence[Optional[ClusterLayout]], *, lr: float, weight_decay: float, momentum: float,
          dampening: float, nesterov: bool, maximize: bool, centripetal: float) -> None:
-    """One C-SGD step over ``params`` in place, same contract as :func:`csgd_ext.ops.reference.step`."""
+    """One C-SGD step over ``params`` in place, same contract as :func:`csgd_ext.ops.reference.step`.
+
+    Under ``torch.compile`` it is one call of the custom op ``torch.ops.csgd_ext.triton_step`` (first-step
+    momentum buffers allocated in the graph), so a compiled training step traces without graph breaks."""
     if len(params) == 0:
         return
+    hp = dict(lr=float(lr), weight_decay=float(weight_decay), momentum=float(momentum),
+              dampening=float(dampening), nesterov=bool(nesterov), maximize=bool(maximize),
+              centripetal=float(centripetal))
+    if torch.compiler.is_compiling():
+        return _compiled_step(params, grads, momentum_buffers, layouts, hp)
     device = params[0].device
     reason = unavailable_reason(device)
     if reason is not None:
         raise RuntimeError(f"backend 'triton' is unavailable on {device.type}: {reason}")
-    from .triton_kernels import csgd_kernel, interpreting
+    _check(params, device)
+    lays, keys = [], []
+    for lay in layouts:
+        cached = None if lay is None else lay.extras.get(NAME)
+        if cached is None:
+            ll = _as_plan_layout(lay)
+            cached = (ll, _layout_key(ll))
+            if lay is not None:
+                lay.extras[NAME] = cached  # ClusterLayout.extras: per-backend derived forms
+        lays.append(cached[0])
+        keys.append(cached[1])
+    _run(params, grads, momentum_buffers, None, lays, keys, hp)
 
-    use_mom = momentum != 0
-    staged: List[tuple] = []  # (destination, temporary) pairs copied back after the launch
-    groups = {}  # dtype -> [(layout, m, w, g, b, first)]
+
+def _check(params, device):
     for i, p in enumerate(params):
         if p.dtype not in _SUPPORTED:
             raise TypeError(f"backend 'triton' supports float16, bfloat16, float32 and float64 parameters; "
@@ -180,64 +185,123 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
         if p.device != device:
             raise ValueError(f"parameter #{i} is on {p.device} but parameter #0 is on {device}: "
                              "one step runs on one device")
-        lay = layouts[i]
-        if lay is not None and lay.num_rows == 0:
-            lay = None
-        rows = lay.num_rows if lay is not None else 1
+
+
+def _compiled_step(params, grads, momentum_buffers, layouts, hp):
+    _check(params, params[0].device)
+    bufs, first = [], []
+    if hp["momentum"] != 0:
+        for i, p in enumerate(params):
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = momentum_buffers[i] = torch.empty_like(p)
+                first.append(True)
+            else:
+                first.append(False)
+            bufs.append(buf)
+    lays = [None if lay is None or lay.num_rows == 0 else lay for lay in layouts]
+    torch.ops.csgd_ext.triton_step(
+        list(params), list(grads), bufs, first, [None if lay is None else lay.perm for lay in lays],
+        [None if lay is None else lay.offsets for lay in lays], [0 if lay is None else lay.max_size for lay in lays],
+        **hp)
+
+
+def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]], lays: List[Optional[LayoutLike]],
+         keys: list, hp: dict) -> None:
+    """The eager step: stage odd layouts, build/fetch the plan, meta and hyperparameter tables, launch.
+    ``momentum_buffers[i] is None`` allocates a buffer (first step) unless ``first_flags`` is given (the op);
+    ``keys[i]`` is :func:`_layout_key` of ``lays[i]``."""
+    from .triton_kernels import flat_kernel, interpreting, tile_kernel
+
+    device = params[0].device
+    use_mom = hp["momentum"] != 0
+    staged: List[tuple] = []  # (destination, temporary) pairs copied back after the launch
+    groups = {}  # dtype -> [(layout, m, numel, key, w, g, b, first, (w, g, b addresses))]
+    for i, p in enumerate(params):
+        lay = lays[i]
+        flat = lay is None or lay.max_size <= 1
+        rows = p.shape[0] if (lay is not None and p.dim()) else 1
+        es = p.element_size()
         w = p
-        if not (rows_dense(p, rows) if lay is not None else is_dense(p)):
-            w = p.contiguous()
+        wp = p.data_ptr()
+        if not (is_dense(p) if flat else rows_dense(p, rows)) or wp % es:
+            w = p.contiguous() if wp % es == 0 or not p.is_contiguous() else p.clone()
             staged.append((p, w))
+            wp = w.data_ptr()
         g = grads[i]
-        if g.dtype != w.dtype or not same_order(g, w):
+        gp = g.data_ptr()
+        if g.dtype != w.dtype or gp % es or not same_order(g, w):
             g = torch.empty_like(w).copy_(g)
-        b, first = None, 0
+            gp = g.data_ptr()
+        b, bp, first = None, 0, 0
         if use_mom:
             buf = momentum_buffers[i]
             if buf is None:
                 b = torch.empty_like(w)
                 momentum_buffers[i] = b
                 first = 1
-            elif buf.dtype != w.dtype or not same_order(buf, w):
-                b = torch.empty_like(w).copy_(buf)
-                staged.append((buf, b))
             else:
-                b = buf
-        if p.numel() == 0:
+                first = int(first_flags[i]) if first_flags is not None else 0
+                if buf.dtype != w.dtype or buf.data_ptr() % es or not same_order(buf, w):
+                    b = torch.empty_like(w).copy_(buf)
+                    staged.append((buf, b))
+                else:
+                    b = buf
+            bp = b.data_ptr()
+        n = p.numel()
+        if n == 0:
             continue
-        m = p.numel() // rows
-        groups.setdefault(p.dtype, []).append((lay, m, w, g, b, first))
+        groups.setdefault(p.dtype, []).append((lay, n // rows, n, keys[i], w, g, b, first, (wp, gp, bp)))
 
     interpret = interpreting()
-    kernel = csgd_kernel()
-    hp_key = (device, float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening), float(centripetal))
-    hp = _HP.get_or(hp_key, lambda: _upload(hp_key[1:], torch.float64, device))
+    tile, flat_k = tile_kernel(), flat_kernel()
+    hp_key = (device, hp["lr"], hp["weight_decay"], hp["momentum"], 1.0 - hp["dampening"], hp["centripetal"])
+    hp_t = _HP.get_or(hp_key, lambda: _upload(hp_key[1:], torch.float64, device))
+    flags = dict(HAS_WD=hp["weight_decay"] != 0, USE_MOMENTUM=use_mom, NESTEROV=bool(hp["nesterov"] and use_mom),
+                 MAXIMIZE=hp["maximize"])
     for dtype, items in groups.items():
-        max_m = max(it[1] for it in items)
-        block = _tile(max_m, 1, interpret)[1]
-        work_key = (device, block) + tuple((id(lay), m) if lay is not None else (None, m) for lay, m, *_ in items)
-        # the value keeps the layouts alive, so their ids in the key cannot be reused while it is cached
-        work, rows, _ = _WORK.get_or(work_key, lambda: _build_work([(lay, m) for lay, m, *_ in items], block, device)
-                                     + ([lay for lay, *_ in items],))
+        plan_key = (device, dtype) + tuple((key, m, n) for lay, m, n, key, *_ in items)
+        plan = _PLANS.get_or(plan_key, lambda: build_plan([(lay, m, n) for lay, m, n, *_ in items], dtype, device))
+        esize = items[0][4].element_size()
+        W, G = items[0][4], items[0][5]
+        B = items[0][6] if use_mom else W
+        bases = (W.data_ptr(), G.data_ptr(), B.data_ptr())
+        bw, bg, bb = bases
         meta_vals = []
-        for lay, m, w, g, b, first in items:
-            meta_vals += [w.data_ptr(), g.data_ptr(), b.data_ptr() if b is not None else 0, m, first]
-        meta_key = (device,) + tuple(meta_vals)
-        meta = _META.get_or(meta_key, lambda: _upload(meta_vals, torch.int64, device))
+        for (lay, m, n, _, w, g, b, first, (wp, gp, bp)), cls in zip(items, plan.classes):
+            meta_vals += [(wp - bw) // esize, (gp - bg) // esize, (bp - bb) // esize if b is not None else 0,
+                          n if cls == "flat" else m, first, int(lay is not None)]
+        meta_key = (device, dtype) + bases + tuple(meta_vals)
+        meta, ok = _META.get_or(meta_key, lambda: (_upload(meta_vals, torch.int64, device),
+                                                   _aligned_launches(plan, meta_vals, bases, dtype)))
         cdtype = torch.float64 if dtype == torch.float64 else torch.float32
-        has_c = centripetal != 0 and any(lay is not None for lay, *_ in items)
-        n_items = work.shape[0]
-        r_items = _tile(max_m, n_items, interpret)[0]
+        common = dict(DTYPE=_tl_dtype(dtype), CDTYPE=_tl_dtype(cdtype), SOFT_BF16=interpret and dtype == torch.bfloat16,
+                      enable_fp_fusion=True, **flags)  # FMA contraction, as nvcc does by default
         with (torch.cuda.device(device) if device.type == "cuda" else _nullctx()):
-            kernel[(-(-n_items // r_items),)](
-                work, meta, rows, hp, n_items,
-                DTYPE=_tl_dtype(dtype), CDTYPE=_tl_dtype(cdtype), R=r_items, BLOCK=block,
-                HAS_WD=weight_decay != 0, HAS_C=has_c, USE_MOMENTUM=use_mom,
-                NESTEROV=bool(nesterov and use_mom), MAXIMIZE=bool(maximize),
-                SOFT_BF16=interpret and dtype == torch.bfloat16,
-                num_warps=4, enable_fp_fusion=True)  # FMA contraction, as nvcc does by default
+            for li, ln in enumerate(plan.launches):
+                align = align_elems(dtype) if ok[li] else 1
+                if ln.cls == "flat":
+                    has_c = hp["centripetal"] != 0 and any(items[t][0] is not None for t in ln.tensors)
+                    flat_k[(ln.n_items,)](plan.work, ln.item0, meta, hp_t, W, G, B, BLOCK=ln.C, ALIGN=align,
+                                          HAS_C=has_c, num_warps=ln.num_warps, **common)
+                else:
+                    tile[(ln.programs,)](plan.work, ln.item0, ln.n_items, meta, plan.rows, hp_t, W, G, B,
+                                         R=ln.R, C=ln.C, ALIGN=align, HAS_C=hp["centripetal"] != 0,
+                                         num_warps=ln.num_warps, **common)
     for dst, tmp in staged:
         dst.copy_(tmp)
+
+
+def _aligned_launches(plan, meta_vals, bases, dtype) -> tuple:
+    """Per launch: whether ``ALIGN`` hints hold (statically aligned segment, 16-byte aligned base pointers
+    and every offset of its tensors a multiple of ``ALIGN``)."""
+    align = align_elems(dtype)
+    bases_ok = all(b % ALIGN_BYTES == 0 for b in bases)
+    out = []
+    for ln in plan.launches:
+        out.append(ln.aligned and bases_ok and align > 1 and
+                   all(meta_vals[6 * t + j] % align == 0 for t in ln.tensors for j in range(3)))
+    return tuple(out)
 
 
 class _nullctx:
@@ -246,3 +310,33 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+# -- the custom op: what torch.compile sees -----------------------------------------------------------
+@torch.library.custom_op("csgd_ext::triton_step", mutates_args=("params", "momentum_buffers"))
+def triton_step(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffers: List[torch.Tensor],
+                first: List[bool], perms: List[Optional[torch.Tensor]], offsets: List[Optional[torch.Tensor]],
+                max_sizes: List[int], lr: float, weight_decay: float, momentum: float, dampening: float,
+                nesterov: bool, maximize: bool, centripetal: float) -> None:
+    """The Triton C-SGD step as an opaque, in-place op. ``momentum_buffers`` (empty without momentum) are
+    allocated by the caller; ``first[i]`` marks a buffer never written yet (it is not read). A layout is
+    ``perms[i]``/``offsets[i]``/``max_sizes[i]`` of a :class:`ClusterLayout` (None: unclustered)."""
+    if len(params) == 0:
+        return
+    device = params[0].device
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend 'triton' is unavailable on {device.type}: {reason}")
+    _check(params, device)
+    lays = [None if perm is None else _as_plan_layout(LayoutLike(perm, off, off.numel() - 1, int(ms)))
+            for perm, off, ms in zip(perms, offsets, max_sizes)]
+    hp = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
+              maximize=maximize, centripetal=centripetal)
+    bufs = list(momentum_buffers) if momentum != 0 else [None] * len(params)
+    _run(params, grads, bufs, list(first) if momentum != 0 else None, lays, [_layout_key(l) for l in lays], hp)
+
+
+@triton_step.register_fake
+def _triton_step_fake(params, grads, momentum_buffers, first, perms, offsets, max_sizes, lr, weight_decay, momentum,
+                      dampening, nesterov, maximize, centripetal) -> None:
+    return None

@@ -1,24 +1,23 @@
-"""The Triton C-SGD kernel (one launch per dtype for every tensor of a step).
+"""The Triton C-SGD kernels: a 2-D tile kernel for clustered rows and a flat elementwise kernel.
 
-The kernel is kept as a plain Python function and wrapped with ``triton.jit`` lazily, by
-:func:`csgd_kernel`, because ``triton.jit`` decides *at decoration time* whether it builds a compiled
-``JITFunction`` or an ``InterpretedFunction`` (``TRITON_INTERPRET=1``). Wrapping on first use (and once per
-mode) means the mode in force when a step runs is the one used, whenever this module was imported.
+The kernels are kept as plain Python functions and wrapped with ``triton.jit`` lazily, by
+:func:`tile_kernel` / :func:`flat_kernel`, because ``triton.jit`` decides *at decoration time* whether it
+builds a compiled ``JITFunction`` or an ``InterpretedFunction`` (``TRITON_INTERPRET=1``). Wrapping on first
+use (and once per mode) means the mode in force when a step runs is the one used.
 
-Work decomposition (see :mod:`csgd_ext.ops.triton_backend` for how the tables are built):
+Tables (built in :mod:`csgd_ext.ops.triton_plan`, uploaded by :mod:`csgd_ext.ops.triton_backend`):
 
-* ``work``  int64 ``[P, 4]``: one row per work item: ``(tensor index, first member in rows, cluster size,
-  first column)``. An item is one cluster of one tensor and one ``BLOCK`` of its columns; a program runs
-  ``R`` items at once as the rows of an ``[R, BLOCK]`` tile (``R = 1`` for wide tensors on a GPU, more
-  when rows are short or under the interpreter, where every program costs Python overhead).
-* ``meta``  int64 ``[T, 5]``: per tensor ``(w address, g address, momentum-buffer address, columns m,
-  first-step flag)``; addresses are ``data_ptr()`` values cast to typed pointers in the kernel.
-* ``rows``  int64: the member rows of every cluster, cluster after cluster (``ClusterLayout.perm``).
+* ``work``  int64 ``[P, 4]``: ``(tensor, first member in rows, cluster size, first column)``; a launch runs
+  items ``item0 .. item0 + n_items``. ``flat`` items are ``(tensor, 0, 1, first element)``.
+* ``meta``  int64 ``[T, 6]``: per tensor ``(w offset, g offset, buffer offset, row width m, first-step flag,
+  clustered flag)``; offsets are in elements from the launch's base pointers ``W``, ``G``, ``B`` (the
+  first tensor of each kind), so the base pointers are kernel arguments (16-byte divisibility known to
+  the compiler) and ``ALIGN > 1`` can hint the offsets.
+* ``rows``  int32: the member rows of every cluster, cluster after cluster (``ClusterLayout.perm``).
 * ``hp``    float64 ``[5]``: ``lr, weight_decay, momentum, 1 - dampening, centripetal``, read every step.
 
-An unclustered tensor is one row of ``numel`` columns in a singleton cluster, so it runs as plain SGD
-through the same launch. Member sums are taken in ``rows`` order inside one program: deterministic,
-no atomics. Math is fp32 for fp16/bf16 (loads are cast explicitly) and fp64 for fp64.
+Member sums are taken in ``rows`` order inside one program: deterministic, no atomics. Math is fp32 for
+fp16/bf16 (loads cast explicitly, one rounding at the store) and fp64 for fp64.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["csgd_kernel", "interpreting"]
+__all__ = ["tile_kernel", "flat_kernel", "interpreting"]
 
 
 def interpreting() -> bool:
@@ -34,47 +33,58 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def _csgd_kernel(work_ptr, meta_ptr, rows_ptr, hp_ptr, n_items,
-                 DTYPE: tl.constexpr, CDTYPE: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
-                 HAS_WD: tl.constexpr, HAS_C: tl.constexpr, USE_MOMENTUM: tl.constexpr,
+def _tile_kernel(work_ptr, item0, n_items, meta_ptr, rows_ptr, hp_ptr, W, G, B,
+                 DTYPE: tl.constexpr, CDTYPE: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                 ALIGN: tl.constexpr, HAS_WD: tl.constexpr, HAS_C: tl.constexpr, USE_MOMENTUM: tl.constexpr,
                  NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    # A program runs R work items side by side as the rows of an [R, BLOCK] tile; each item is one
-    # cluster of one tensor and BLOCK of its columns (items are sorted by cluster size, so the R items
-    # of a program usually share the member-loop trip count).
-    item = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R).to(tl.int64)
-    valid = item < n_items
-    wrk = work_ptr + item * 4
-    t5 = meta_ptr + tl.load(wrk, mask=valid, other=0) * 5
+    # R items side by side as the rows of an [R, C] tile; an item is one cluster of one tensor and C of its
+    # columns (items of a segment are sorted by cluster size, so the R items share the loop trip count).
+    local = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R).to(tl.int64)
+    valid = local < n_items
+    wrk = work_ptr + (item0 + local) * 4
+    t6 = meta_ptr + tl.load(wrk, mask=valid, other=0) * 6
     begin = tl.load(wrk + 1, mask=valid, other=0)
     size = tl.load(wrk + 2, mask=valid, other=0)  # 0 for padding items: no member
     col0 = tl.load(wrk + 3, mask=valid, other=0)
-    m = tl.load(t5 + 3)
+    w_off = tl.load(t6, mask=valid, other=0)
+    g_off = tl.load(t6 + 1, mask=valid, other=0)
+    m = tl.load(t6 + 3, mask=valid, other=0)
+    if ALIGN > 1:  # proven on the host: m, the offsets and (by construction) col0 are multiples
+        w_off = tl.multiple_of(w_off, ALIGN)
+        g_off = tl.multiple_of(g_off, ALIGN)
+        m = tl.multiple_of(m, ALIGN)
+        col0 = tl.multiple_of(col0, C)
+    ar = tl.arange(0, C)
+    if ALIGN > 1:
+        ar = tl.max_contiguous(tl.multiple_of(ar, C), C)
 
-    # Everything used inside the member loops is broadcast to the [R, BLOCK] tile once, here (free when
-    # compiled; under the interpreter every in-loop broadcast costs Python time).
-    cols = col0[:, None] + tl.arange(0, BLOCK).to(tl.int64)[None, :]  # int64: row * m + col may pass 2**31
+    cols = col0[:, None] + ar[None, :].to(tl.int64)  # int64: row * m + col may pass 2**31
     in_row = cols < m[:, None]
-    w_base = tl.broadcast_to(tl.load(t5).to(tl.pointer_type(DTYPE))[:, None], [R, BLOCK])
-    g_base = tl.broadcast_to(tl.load(t5 + 1).to(tl.pointer_type(DTYPE))[:, None], [R, BLOCK])
-    zero = tl.full([R, BLOCK], 0.0, CDTYPE)
-    lr = zero + tl.load(hp_ptr).to(CDTYPE)
-    wd = zero + tl.load(hp_ptr + 1).to(CDTYPE)
-    mom = zero + tl.load(hp_ptr + 2).to(CDTYPE)
-    one_minus_damp = zero + tl.load(hp_ptr + 3).to(CDTYPE)
-    cen = zero + tl.load(hp_ptr + 4).to(CDTYPE)
+    zero = tl.full([R, C], 0.0, CDTYPE)
+    lr = tl.load(hp_ptr).to(CDTYPE)
+    wd = tl.load(hp_ptr + 1).to(CDTYPE)
+    mom = tl.load(hp_ptr + 2).to(CDTYPE)
+    one_minus_damp = tl.load(hp_ptr + 3).to(CDTYPE)
+    cen = tl.load(hp_ptr + 4).to(CDTYPE)
     member = rows_ptr + begin
     trips = tl.max(size, axis=0)
 
     # pass 1: each cluster's mean gradient (and mean weight when the centripetal term is on)
     sum_g = zero
     sum_w = zero
+    # member indices are loaded one iteration ahead: a member's data loads do not wait on its index load
+    cur = tl.load(member, mask=0 < size, other=0)
     for k in range(0, trips):
         live = k < size
-        off = (tl.load(member + k, mask=live, other=0) * m)[:, None] + cols
+        nxt = tl.load(member + (k + 1), mask=(k + 1) < size, other=0)
+        roff = cur.to(tl.int64) * m + col0
+        cur = nxt
+        if ALIGN > 1:
+            roff = tl.multiple_of(roff, ALIGN)
         lm = in_row & live[:, None]
-        sum_g += tl.load(g_base + off, mask=lm, other=0.0).to(CDTYPE)
+        sum_g += tl.load(G + ((g_off + roff)[:, None] + ar[None, :]), mask=lm, other=0.0).to(CDTYPE)
         if HAS_C:
-            sum_w += tl.load(w_base + off, mask=lm, other=0.0).to(CDTYPE)
+            sum_w += tl.load(W + ((w_off + roff)[:, None] + ar[None, :]), mask=lm, other=0.0).to(CDTYPE)
     cnt = zero + tl.maximum(size, 1).to(CDTYPE)[:, None]
     mean_g = sum_g / cnt
     if MAXIMIZE:
@@ -82,33 +92,40 @@ def _csgd_kernel(work_ptr, meta_ptr, rows_ptr, hp_ptr, n_items,
     mean_w = sum_w / cnt
 
     if USE_MOMENTUM:
-        b_base = tl.broadcast_to(tl.load(t5 + 2).to(tl.pointer_type(DTYPE))[:, None], [R, BLOCK])
-        first = tl.load(t5 + 4)
-        # on a tensor's first step its buffer is fresh (uninitialised) memory: never read it, b = d
-        b_in_row = cols < (m * (1 - first))[:, None]
-        fresh = tl.broadcast_to((first != 0)[:, None], [R, BLOCK])
+        b_off = tl.load(t6 + 2, mask=valid, other=0)
+        if ALIGN > 1:
+            b_off = tl.multiple_of(b_off, ALIGN)
+        first = tl.load(t6 + 4, mask=valid, other=0)
+        fresh = (first != 0)[:, None]
+        b_read = (first == 0)[:, None]  # on a tensor's first step its buffer is fresh memory: never read it
 
     # pass 2: every member's direction, momentum buffer and new weight
+    cur2 = tl.load(member, mask=0 < size, other=0)
     for j in range(0, trips):  # (fresh names: compiled Triton would carry pass-1 names into this loop)
         alive = j < size
-        off2 = (tl.load(member + j, mask=alive, other=0) * m)[:, None] + cols
-        alive2 = tl.broadcast_to(alive[:, None], [R, BLOCK])
-        lm2 = in_row & alive2
-        w = tl.load(w_base + off2, mask=lm2, other=0.0).to(CDTYPE)
+        nxt2 = tl.load(member + (j + 1), mask=(j + 1) < size, other=0)
+        roff2 = cur2.to(tl.int64) * m + col0
+        cur2 = nxt2
+        if ALIGN > 1:
+            roff2 = tl.multiple_of(roff2, ALIGN)
+        lm2 = in_row & alive[:, None]
+        wp = W + ((w_off + roff2)[:, None] + ar[None, :])
+        w = tl.load(wp, mask=lm2, other=0.0).to(CDTYPE)
         d = mean_g
         if HAS_WD:
             d = d + wd * w
         if HAS_C:
             d = d + cen * (w - mean_w)
         if USE_MOMENTUM:
-            b_old = tl.load(b_base + off2, mask=b_in_row & alive2, other=0.0).to(CDTYPE)
+            bp = B + ((b_off + roff2)[:, None] + ar[None, :])
+            b_old = tl.load(bp, mask=lm2 & b_read, other=0.0).to(CDTYPE)
             b = tl.where(fresh, d, b_old * mom + one_minus_damp * d)
             if SOFT_BF16:  # round to nearest even by hand: the interpreter's fp32->bf16 cast truncates
                 b_bits = b.to(tl.uint32, bitcast=True)
                 b_bits = (b_bits + (0x7FFF + ((b_bits >> 16) & 1))) >> 16
-                tl.store(b_base + off2, b_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=lm2)
+                tl.store(bp, b_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=lm2)
             else:
-                tl.store(b_base + off2, b.to(DTYPE), mask=lm2)
+                tl.store(bp, b.to(DTYPE), mask=lm2)
             if NESTEROV:
                 d = d + mom * b
             else:
@@ -117,18 +134,91 @@ def _csgd_kernel(work_ptr, meta_ptr, rows_ptr, hp_ptr, n_items,
         if SOFT_BF16:
             w_bits = w.to(tl.uint32, bitcast=True)
             w_bits = (w_bits + (0x7FFF + ((w_bits >> 16) & 1))) >> 16
-            tl.store(w_base + off2, w_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=lm2)
+            tl.store(wp, w_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=lm2)
         else:
-            tl.store(w_base + off2, w.to(DTYPE), mask=lm2)
+            tl.store(wp, w.to(DTYPE), mask=lm2)
+
+
+def _flat_kernel(work_ptr, item0, meta_ptr, hp_ptr, W, G, B,
+                 DTYPE: tl.constexpr, CDTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
+                 HAS_WD: tl.constexpr, HAS_C: tl.constexpr, USE_MOMENTUM: tl.constexpr,
+                 NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    # One BLOCK of one dense tensor per program: plain SGD (unclustered), or C-SGD on an all-singleton
+    # layout (each row its own cluster: mean g = g, mean w = w, so the update is elementwise).
+    wrk = work_ptr + (item0 + tl.program_id(0).to(tl.int64)) * 4
+    t6 = meta_ptr + tl.load(wrk) * 6
+    e0 = tl.load(wrk + 3)
+    w_off = tl.load(t6)
+    g_off = tl.load(t6 + 1)
+    n = tl.load(t6 + 3)
+    if ALIGN > 1:
+        w_off = tl.multiple_of(w_off, ALIGN)
+        g_off = tl.multiple_of(g_off, ALIGN)
+        n = tl.multiple_of(n, ALIGN)
+        e0 = tl.multiple_of(e0, BLOCK)
+    ar = tl.arange(0, BLOCK)
+    if ALIGN > 1:
+        ar = tl.max_contiguous(tl.multiple_of(ar, BLOCK), BLOCK)
+    idx = e0 + ar.to(tl.int64)
+    mask = idx < n
+    lr = tl.load(hp_ptr).to(CDTYPE)
+    wp = W + (w_off + idx)
+    w = tl.load(wp, mask=mask, other=0.0).to(CDTYPE)
+    d = tl.load(G + (g_off + idx), mask=mask, other=0.0).to(CDTYPE)
+    if MAXIMIZE:
+        d = -d
+    if HAS_WD:
+        d = d + tl.load(hp_ptr + 1).to(CDTYPE) * w
+    if HAS_C:  # the reference's centripetal * (w - mean w) with mean w = w, on clustered tensors only
+        d = tl.where(tl.load(t6 + 5) != 0, d + tl.load(hp_ptr + 4).to(CDTYPE) * (w - w), d)
+    if USE_MOMENTUM:
+        mom = tl.load(hp_ptr + 2).to(CDTYPE)
+        b_off = tl.load(t6 + 2)
+        if ALIGN > 1:
+            b_off = tl.multiple_of(b_off, ALIGN)
+        first = tl.load(t6 + 4)
+        bp = B + (b_off + idx)
+        n_read = n * (1 - first)  # on a tensor's first step its buffer is fresh memory: never read it
+        if ALIGN > 1:
+            n_read = tl.multiple_of(n_read, ALIGN)
+        b_old = tl.load(bp, mask=idx < n_read, other=0.0).to(CDTYPE)
+        b = tl.where(first != 0, d, b_old * mom + tl.load(hp_ptr + 3).to(CDTYPE) * d)
+        if SOFT_BF16:
+            b_bits = b.to(tl.uint32, bitcast=True)
+            b_bits = (b_bits + (0x7FFF + ((b_bits >> 16) & 1))) >> 16
+            tl.store(bp, b_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(bp, b.to(DTYPE), mask=mask)
+        if NESTEROV:
+            d = d + mom * b
+        else:
+            d = b
+    w = w - lr * d
+    if SOFT_BF16:
+        w_bits = w.to(tl.uint32, bitcast=True)
+        w_bits = (w_bits + (0x7FFF + ((w_bits >> 16) & 1))) >> 16
+        tl.store(wp, w_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(wp, w.to(DTYPE), mask=mask)
 
 
 _JITTED = {}
 
 
-def csgd_kernel():
-    """The kernel wrapped by ``triton.jit`` for the current mode (compiled or interpreted), cached."""
+def _jit(name, fn):
     mode = interpreting()
-    fn = _JITTED.get(mode)
-    if fn is None:
-        fn = _JITTED[mode] = triton.jit(_csgd_kernel)
-    return fn
+    key = (name, mode)
+    out = _JITTED.get(key)
+    if out is None:
+        out = _JITTED[key] = triton.jit(fn)
+    return out
+
+
+def tile_kernel():
+    """The 2-D tile kernel wrapped by ``triton.jit`` for the current mode (compiled or interpreted)."""
+    return _jit("tile", _tile_kernel)
+
+
+def flat_kernel():
+    """The flat elementwise kernel wrapped by ``triton.jit`` for the current mode."""
+    return _jit("flat", _flat_kernel)
