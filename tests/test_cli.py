@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from csgd_ext.cli import main
+from csgd_ext.apps.cli import main
 
 USER_MODULE = textwrap.dedent("""
     import torch
@@ -126,7 +126,6 @@ def test_existing_outputs_are_not_overwritten_without_force(user_pkg, capsys):
 
 def test_prune_plans_merges_and_reloads(user_pkg, capsys):
     import csgd_ext
-    from csgd_ext.prune_cli import load_merged
 
     mod = __import__("user_nets_for_cli")
     net = mod.make_net()
@@ -144,7 +143,7 @@ def test_prune_plans_merges_and_reloads(user_pkg, capsys):
     code, out, err = run(PRUNE + ["--plan", "plan.json", "--checkpoint", "trained.pt", "--out", "merged.pt"], capsys)
     assert code == 0, err
     assert "wrote merged model" in out
-    small = load_merged(str(user_pkg / "merged.pt"), mod.make_net()).eval()
+    small = csgd_ext.load_merged(str(user_pkg / "merged.pt"), mod.make_net()).eval()
     csgd_ext.collapse(net, plan)
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from csgd_ext.cli import main
+from csgd_ext.apps.cli import main
 
 # Tiny but real: 130 train / 30 test digits, 130 SGD steps then 130 C-SGD steps (batch 2). A strong centripetal
 # term (lr * centripetal = 0.5 at the start, Nesterov momentum) makes cluster members equal to float precision

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import csgd_ext
-from csgd_ext import data
+from csgd_ext.apps import data
 from csgd_ext.train import DeviationLogger, Every, evaluate, fit, predict
 
 
