@@ -35,7 +35,7 @@ from ..train import evaluate, predict
 from . import data as data_mod
 from . import plots
 from .compare import format_comparison, run_comparison
-from .recipes import make_csgd, make_sgd, set_determinism, train_base, train_csgd
+from .recipes import TRAINING_BACKEND, make_csgd, make_sgd, set_determinism, train_base, train_csgd
 
 __all__ = ["DemoConfig", "run_demo", "format_table", "latency_pair_ms", "step_time_ms", "RESULTS_FILE"]
 
@@ -65,6 +65,7 @@ class DemoConfig:
     step_repeats: int = 30
     compare: bool = False
     progress: bool = True
+    backend: str = TRAINING_BACKEND  # of C-SGD training (the step-time measurement uses "auto")
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

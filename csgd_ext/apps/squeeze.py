@@ -31,7 +31,7 @@ from ..train import evaluate
 from . import data as data_mod
 from . import plots
 from .demo import DemoConfig
-from .recipes import build_model, set_determinism, train_base, train_csgd
+from .recipes import TRAINING_BACKEND, build_model, set_determinism, train_base, train_csgd
 
 __all__ = ["SqueezeConfig", "run_squeeze", "format_squeeze", "RESULTS_FILE"]
 
@@ -53,12 +53,13 @@ class SqueezeConfig:
     limit: Optional[int] = None
     threads: int = 1
     progress: bool = True
+    backend: str = TRAINING_BACKEND  # of C-SGD training
 
     def demo_config(self, seed: int) -> DemoConfig:
         return DemoConfig(epochs=self.epochs, keep=1.0 / self.factor, seed=seed, out=self.out, arch=self.arch,
                           width=self.width, batch_size=self.batch_size, lr=self.lr,
                           weight_decay=self.weight_decay, centripetal=self.centripetal, limit=self.limit,
-                          threads=self.threads, progress=self.progress)
+                          threads=self.threads, progress=self.progress, backend=self.backend)
 
 
 def _stats(xs: List[float]) -> Dict[str, Any]:
