@@ -82,22 +82,21 @@ def resolve_modules(model: nn.Module, items: Iterable, what: str = "ignored_laye
     """Modules named (or given) in ``items``, with all their submodules; unknown names raise ValueError."""
     by_name = dict(model.named_modules())
     known = {id(m) for m in by_name.values()}
-    out = []
+
+    def lookup(it) -> nn.Module:
+        if isinstance(it, nn.Module):
+            if id(it) in known:
+                return it
+            raise ValueError(f"{what}: {type(it).__name__} module is not part of the model")
+        if not isinstance(it, str):
+            raise TypeError(f"{what} must hold module names or nn.Modules, got {type(it).__name__}")
+        if it in by_name:
+            return by_name[it]
+        raise ValueError(f"{what}: {type(model).__name__} has no module named {it!r}")
+
     if isinstance(items, (str, nn.Module)):
         items = [items]
-    for it in items:
-        if isinstance(it, str):
-            if it not in by_name:
-                raise ValueError(f"{what}: {type(model).__name__} has no module named {it!r}")
-            m = by_name[it]
-        elif isinstance(it, nn.Module):
-            if id(it) not in known:
-                raise ValueError(f"{what}: {type(it).__name__} module is not part of the model")
-            m = it
-        else:
-            raise TypeError(f"{what} must hold module names or nn.Modules, got {type(it).__name__}")
-        out.extend(m.modules())
-    return out
+    return [sub for it in items for sub in lookup(it).modules()]
 
 
 def _op_name(grad_fn) -> str:

@@ -40,7 +40,12 @@ __all__ = ["deviation", "collapse", "merge", "merged_shapes", "merge_report", "c
 
 
 def check_plan(model: nn.Module, plan) -> None:
-    """TypeError unless ``plan`` is a :class:`csgd_ext.ClusterPlan`; ValueError unless it fits ``model``."""
+    """TypeError unless ``plan`` is a :class:`csgd_ext.ClusterPlan`; ValueError unless it fits ``model``.
+
+    Example::
+
+        check_plan(model, plan)        # before using the plan's module names on model
+    """
     if not isinstance(plan, ClusterPlan):
         raise TypeError(f"plan must be a csgd_ext.ClusterPlan, got {type(plan).__name__}")
     plan.check_model(model)
@@ -63,7 +68,12 @@ def _means(t: torch.Tensor, clusters: List[List[int]]) -> torch.Tensor:
 
 @torch.no_grad()
 def snap_to_means(model: nn.Module, plan: ClusterPlan) -> None:
-    """Set every clustered producer tensor (params and norm running stats) of ``model`` to its cluster means."""
+    """Set every clustered producer tensor (params and norm running stats) of ``model`` to its cluster means.
+
+    :func:`collapse` is this after measuring :func:`deviation` (and checking the plan). Example::
+
+        snap_to_means(model, plan)     # csgd_ext.deviation(model, plan) is now ~0
+    """
     mods = dict(model.named_modules())
     for name, clusters in plan.producer_clusters().items():
         for _, t in channel_tensors(mods[name], with_buffers=True):

@@ -38,31 +38,32 @@ def first_line(e: BaseException) -> str:
     return s[0] if s else ""
 
 
-def keep_fraction(flag: str):
-    """An argparse type: a number in (0, 1] (:func:`csgd_ext.planner.check_keep`), errors naming ``flag``."""
-    def parse(text: str) -> float:
+def _arg_type(flag: str, convert, kind: str, check):
+    """An argparse type: ``check(convert(text))``; a failure is an ``ArgumentTypeError`` naming ``flag``."""
+    def parse(text: str):
         try:
-            v = float(text)
+            v = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{flag} must be {kind}, got {text!r}") from None
         try:
-            return check_keep(v, flag)
+            return check(v)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return parse
 
 
+def keep_fraction(flag: str):
+    """An argparse type: a number in (0, 1] (:func:`csgd_ext.planner.check_keep`), errors naming ``flag``."""
+    return _arg_type(flag, float, "a number", lambda v: check_keep(v, flag))
+
+
 def positive_int(flag: str):
     """An argparse type: an integer >= 1, errors naming ``flag``."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive integer, got {text!r}") from None
+    def check(v: int) -> int:
         if v < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive integer, got {text}")
+            raise ValueError(f"{flag} must be a positive integer, got {v}")
         return v
-    return parse
+    return _arg_type(flag, int, "a positive integer", check)
 
 
 def check_out_dir(out: str, force: bool, files) -> None:
