@@ -33,7 +33,6 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random

@@ -249,8 +249,9 @@ def test_reload_line_printed_by_prune_works_after_a_plain_import(user_pkg, capsy
     assert code == 0, err
     line = next(ln for ln in out.splitlines() if "reload:" in ln)
     assert "csgd_ext.load_merged('m.pt', model)" in line
-    r = subprocess.run([sys.executable, "-c", "import csgd_ext, user_nets_for_cli as u; "
-                        "m = csgd_ext.load_merged('m.pt', u.make_net()); print(sum(p.numel() for p in m.parameters()))"],
+    code = ("import csgd_ext, user_nets_for_cli as u; m = csgd_ext.load_merged('m.pt', u.make_net()); "
+            "print(sum(p.numel() for p in m.parameters()))")
+    r = subprocess.run([sys.executable, "-c", code],
                        capture_output=True, text=True, cwd=user_pkg, timeout=120,
                        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(user_pkg)] + sys.path)))
     assert r.returncode == 0, r.stderr

@@ -26,7 +26,8 @@ from ..optim import CSGD
 from ..train import DeviationLogger, fit
 from .data import NUM_CLASSES
 
-__all__ = ["TRAINING_BACKEND", "set_determinism", "make_sgd", "make_csgd", "cosine", "build_model", "train_base", "train_csgd"]
+__all__ = ["TRAINING_BACKEND", "set_determinism", "make_sgd", "make_csgd", "cosine", "build_model", "train_base",
+           "train_csgd"]
 
 
 #: the C-SGD backend the applications train with (see :func:`train_csgd`)
