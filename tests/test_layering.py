@@ -6,6 +6,7 @@ small synthetic packages that break each rule, so a break in ``csgd_ext`` cannot
 
 import ast
 import os
+import shutil
 import textwrap
 
 import pytest
@@ -151,6 +152,17 @@ def test_apps_hold_the_applications():
 
 
 # -- the checker breaks when the layering breaks -----------------------------------------------------
+def test_checker_fails_on_this_package_with_one_library_import_of_an_app(tmp_path):
+    copy = tmp_path / "csgd_ext"
+    shutil.copytree(PKG_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    with open(copy / "merge.py", "a", encoding="utf-8") as f:
+        f.write("\n\ndef _report_with_the_cli():\n    from .apps import cli  # noqa: F401\n")
+    edges, _ = import_edges(str(copy), "csgd_ext")
+    assert library_to_app(edges, "csgd_ext") == [("csgd_ext.merge", "csgd_ext.apps.cli")]
+    assert any({"csgd_ext.merge", "csgd_ext.apps.cli"} <= set(c) for c in cycles(edges))  # apps import merge
+
+
+
 def _write_pkg(root, files):
     for rel, text in files.items():
         path = root / rel
