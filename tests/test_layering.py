@@ -200,3 +200,19 @@ def test_checker_fails_on_a_private_name_import(tmp_path):
     files = {**GOOD, "pkg/a.py": "from .core import _secret\nfrom . import _mod\n", "pkg/_mod.py": ""}
     _, private = import_edges(_write_pkg(tmp_path, files), "pkg")
     assert private == [("pkg.a", "pkg.core", "_secret")]
+
+
+def test_only_the_layers_module_knows_layer_types_and_widths():
+    """Graph analysis, planning, merge and reorder ask ``csgd_ext.layers`` what a layer kind carries and how wide it
+    is; none of them tests a layer type or reads a width attribute itself."""
+    tokens = ("PReLU", "_ConvNd", "_BatchNorm", "_NormBase", "_InstanceNorm", "num_features", "num_parameters",
+              "out_channels", "in_channels", "out_features", "in_features")
+    for name in ("graph", "planner", "plan", "planfile", "merge", "reorder"):
+        with open(os.path.join(PKG_DIR, f"{name}.py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())  # names and attributes in code, not words in docstrings
+        used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        assert not used & set(tokens), (name, sorted(used & set(tokens)))
+    with open(os.path.join(PKG_DIR, "layers.py"), encoding="utf-8") as f:
+        layers_src = f.read()
+    assert all(t in layers_src for t in tokens)
