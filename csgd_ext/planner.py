@@ -30,8 +30,9 @@ __all__ = ["plan_clusters", "check_keep", "target_width"]
 
 
 def check_keep(keep, where: str = "keep"):
-    """``keep`` if it is a fraction in (0, 1] or a (non-validated) dict of widths; else TypeError/ValueError
-    naming ``where`` (a CLI passes its flag, e.g. ``"--keep"``).
+    """``keep`` if it is a fraction in (0, 1] or a non-empty dict ``{module name: int width}``; else
+    TypeError/ValueError naming ``where`` (a CLI passes its flag, e.g. ``"--keep"``). Whether the dict's names
+    and widths fit a model is checked by :func:`plan_clusters`, which knows the model.
 
     Example::
 
@@ -39,6 +40,13 @@ def check_keep(keep, where: str = "keep"):
         check_keep(1.5)       # ValueError: keep must be in (0, 1], got 1.5
     """
     if isinstance(keep, Mapping):
+        if not keep:
+            raise ValueError(f"{where} is an empty dict: name at least one producer module")
+        for k, v in keep.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} dict keys must be module names (str), got {type(k).__name__}")
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{where}[{k!r}] must be an int width, got {type(v).__name__}")
         return keep
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise TypeError(f"{where} must be a float in (0, 1] or a dict {{module name: width}}, got "
@@ -103,16 +111,10 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[s
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     keep = check_keep(keep)
     if isinstance(keep, Mapping):
-        if not keep:
-            raise ValueError("keep is an empty dict: name at least one producer module")
         mods = dict(model.named_modules())
-        for k, v in keep.items():
-            if not isinstance(k, str):
-                raise TypeError(f"keep dict keys must be module names (str), got {type(k).__name__}")
+        for k in keep:
             if k not in mods:
                 raise ValueError(f"keep names {k!r}, which is not a module of {type(model).__name__}")
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"keep[{k!r}] must be an int width, got {type(v).__name__}")
 
     groups, skipped = analyze(model, example_inputs, ignored_layers)
     ok = []
