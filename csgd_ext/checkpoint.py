@@ -8,7 +8,8 @@ Example::
                              scheduler=sched, scaler=scaler, extra={"epoch": epoch})
     ...
     ck = csgd_ext.load_checkpoint("run/ckpt.pt", model=model, optimizer=opt, scheduler=sched, scaler=scaler)
-    step, plan = ck.step, ck.plan          # plan rebuilt on ``model`` when ``ClusterPlan`` is available
+    step, plan = ck.step, ck.plan          # plan: a ``ClusterPlan`` rebuilt on ``model``
+    small = csgd_ext.load_merged("merged.pt", make_net())   # a model written by ``prune --out``
 
 Guarantees:
 
@@ -32,7 +33,6 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -43,7 +43,12 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "LoadedCheckpoint", "MAGIC", "FORMAT_VERSION"]
+from .merge import merge
+from .plan import ClusterPlan
+from .version import __version__
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "load_merged", "LoadedCheckpoint", "MAGIC",
+           "FORMAT_VERSION"]
 
 MAGIC = "csgd_ext.checkpoint"
 FORMAT_VERSION = 1
@@ -107,43 +112,17 @@ def _plan_to_dict(plan: Any) -> Optional[dict]:
         return None
     if isinstance(plan, Mapping):
         return json.loads(json.dumps(plan))
-    for meth in ("to_dict", "state_dict"):
-        if callable(getattr(plan, meth, None)):
-            return json.loads(json.dumps(getattr(plan, meth)()))
-    if callable(getattr(plan, "save", None)):  # fall back to the plan's own JSON file form
-        with tempfile.TemporaryDirectory() as d:
-            p = os.path.join(d, "plan.json")
-            plan.save(p)
-            with open(p, encoding="utf-8") as f:
-                return json.load(f)
-    raise TypeError(f"plan must be a ClusterPlan (with to_dict() or save()) or a dict, got {type(plan).__name__}")
+    if callable(getattr(plan, "to_dict", None)):  # a ClusterPlan, or an object of yours with to_dict()
+        return json.loads(json.dumps(plan.to_dict()))
+    raise TypeError(f"plan must be a ClusterPlan (or have to_dict()) or a dict, got {type(plan).__name__}")
 
 
-def _is_cluster_plan(plan: Any) -> bool:
-    try:
-        from .plan import ClusterPlan
-    except ImportError:
-        return False
-    return isinstance(plan, ClusterPlan)
-
-
-def _plan_from_dict(d: Optional[dict], model: torch.nn.Module, path: str) -> Any:
-    """Rebuild a ``ClusterPlan`` on ``model`` from its dict form (the dict itself if none is available)."""
+def _plan_from_dict(d: Optional[dict], model: torch.nn.Module, path: str) -> Optional[ClusterPlan]:
+    """Rebuild the ``ClusterPlan`` saved in its dict form on ``model``."""
     if d is None:
         return None
     try:
-        from . import plan as _plan_mod  # landed with planning/merge
-        cls = getattr(_plan_mod, "ClusterPlan")
-    except (ImportError, AttributeError):
-        return d
-    try:
-        if callable(getattr(cls, "from_dict", None)):
-            return cls.from_dict(d, model)
-        with tempfile.TemporaryDirectory() as tmp:
-            p = os.path.join(tmp, "plan.json")
-            with open(p, "w", encoding="utf-8") as f:
-                json.dump(d, f)
-            return cls.load(p, model)
+        return ClusterPlan.from_dict(d, model)
     except ValueError as e:
         raise ValueError(f"checkpoint {path!r}: its cluster plan does not match the model: {e}") from e
 
@@ -244,7 +223,7 @@ def save_checkpoint(path, *, model: torch.nn.Module, optimizer: Optional[torch.o
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "plan": _plan_to_dict(plan),
         # a ClusterPlan object is rebuilt on the model at load time; a plain dict comes back as the dict
-        "plan_kind": None if plan is None else ("ClusterPlan" if _is_cluster_plan(plan) else "dict"),
+        "plan_kind": None if plan is None else ("ClusterPlan" if isinstance(plan, ClusterPlan) else "dict"),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "scaler": None if scaler is None else scaler.state_dict(),
         "rng": _rng_state() if rng else None,
@@ -252,8 +231,6 @@ def save_checkpoint(path, *, model: torch.nn.Module, optimizer: Optional[torch.o
         "extra": dict(extra) if extra is not None else None,
         "torch_version": str(torch.__version__),
     }
-    from . import __version__
-
     payload["csgd_ext_version"] = str(__version__)
     digest = _digest(payload)  # also rejects content that weights_only loading could not read back
     _atomic_torch_save({"magic": MAGIC, "format_version": FORMAT_VERSION, "sha256": digest,
@@ -355,3 +332,26 @@ def load_checkpoint(path, *, model: torch.nn.Module, optimizer: Optional[torch.o
         g.set_state(payload["generators"][name])
     return LoadedCheckpoint(path=path, step=int(payload["step"]), plan=plan, extra=payload.get("extra"),
                             payload=payload)
+
+
+def load_merged(path, model: torch.nn.Module) -> torch.nn.Module:
+    """Rebuild the merged model written by ``python -m csgd_ext prune --out`` (a checkpoint of the merged model
+    with its plan) from a fresh, unpruned ``model`` of the same architecture: no pickled code is loaded.
+
+    Raises ``ValueError`` naming the file when it holds no plan or does not fit ``model``.
+
+    Example::
+
+        small = csgd_ext.load_merged("merged.pt", make_net())     # the same factory as --model
+    """
+    path = os.fspath(path)
+    payload = read_checkpoint(path)
+    plan_dict = payload.get("plan")
+    if plan_dict is None:
+        raise ValueError(f"{path!r} holds no cluster plan: not written by `python -m csgd_ext prune --out`")
+    small = merge(model, _plan_from_dict(plan_dict, model, path))
+    try:
+        small.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path!r} does not fit the merged model: {e}") from e
+    return small

@@ -21,19 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["METHODS", "cluster_channels", "even_labels", "canonical_labels", "target_width"]
+__all__ = ["METHODS", "cluster_channels", "even_labels", "canonical_labels"]
 
 METHODS = ("kmeans", "even")
-
-
-def target_width(keep, n: int, where: str) -> int:
-    """``max(1, round(keep * n))`` for a fraction ``keep`` in (0, 1]; ValueError naming ``where`` otherwise."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be a float in (0, 1] or a dict {{module name: width}}, got "
-                        f"{type(keep).__name__}")
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
-    return max(1, min(n, int(round(keep * n))))
 
 
 def canonical_labels(labels) -> np.ndarray:

@@ -34,13 +34,13 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["Member", "CoupledGroup", "analyze", "module_kind", "resolve_modules"]
+from .layers import CONSUMER_KINDS, ROOT_TYPES, TRACED_TYPES, module_kind
 
-PRODUCER_KINDS = ("conv", "linear", "depthwise", "norm", "prelu")
+__all__ = ["Member", "CoupledGroup", "analyze", "resolve_modules"]
 
 # Ops (autograd node names without the "Backward<N>" suffix) that act on each channel independently:
 # identical input channels give identical output channels, and the channel axis does not move.
-_CHANNELWISE = {
+_CHANNELWISE_OPS = {
     "Relu", "Hardtanh", "LeakyRelu", "Elu", "Gelu", "Silu", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid",
     "Mish", "Softplus", "Threshold", "Add", "Sub", "Mul", "Div", "Neg", "Clone", "Abs", "Pow", "Exp",
     "Clamp", "ClampMin", "ClampMax", "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices",
@@ -78,49 +78,25 @@ class CoupledGroup:
         return [m.name for m in self.producers] + [m.name for m in self.consumers]
 
 
-def module_kind(m: nn.Module):
-    """``(kind, None)`` for a layer a merge knows, else ``(None, reason)``."""
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return None, f"{type(m).__name__} (transposed convolutions are not supported)"
-    if isinstance(m, nn.modules.conv._ConvNd):
-        if m.groups == 1:
-            return "conv", None
-        if m.groups == m.in_channels == m.out_channels:
-            return "depthwise", None
-        return None, f"grouped {type(m).__name__} (groups={m.groups})"
-    if isinstance(m, nn.Linear):
-        return "linear", None
-    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-        return "norm", None
-    if isinstance(m, nn.PReLU):
-        return "prelu", None
-    if isinstance(m, nn.GroupNorm):
-        return None, "GroupNorm (normalizes across channels: a merge would change its statistics)"
-    if isinstance(m, nn.LayerNorm):
-        return None, "LayerNorm (normalizes across channels: a merge would change its statistics)"
-    return None, f"{type(m).__name__} (no exact merge rule for this layer)"
-
-
 def resolve_modules(model: nn.Module, items: Iterable, what: str = "ignored_layers") -> List[nn.Module]:
     """Modules named (or given) in ``items``, with all their submodules; unknown names raise ValueError."""
     by_name = dict(model.named_modules())
     known = {id(m) for m in by_name.values()}
-    out = []
+
+    def lookup(it) -> nn.Module:
+        if isinstance(it, nn.Module):
+            if id(it) in known:
+                return it
+            raise ValueError(f"{what}: {type(it).__name__} module is not part of the model")
+        if not isinstance(it, str):
+            raise TypeError(f"{what} must hold module names or nn.Modules, got {type(it).__name__}")
+        if it in by_name:
+            return by_name[it]
+        raise ValueError(f"{what}: {type(model).__name__} has no module named {it!r}")
+
     if isinstance(items, (str, nn.Module)):
         items = [items]
-    for it in items:
-        if isinstance(it, str):
-            if it not in by_name:
-                raise ValueError(f"{what}: {type(model).__name__} has no module named {it!r}")
-            m = by_name[it]
-        elif isinstance(it, nn.Module):
-            if id(it) not in known:
-                raise ValueError(f"{what}: {type(it).__name__} module is not part of the model")
-            m = it
-        else:
-            raise TypeError(f"{what} must hold module names or nn.Modules, got {type(it).__name__}")
-        out.extend(m.modules())
-    return out
+    return [sub for it in items for sub in lookup(it).modules()]
 
 
 def _op_name(grad_fn) -> str:
@@ -155,7 +131,7 @@ def _reaches_linear(node, tp_ops, depth: int = 0) -> bool:
         m = out.module
         if isinstance(m, nn.Linear):
             continue
-        if isinstance(m, tp_ops._ElementWiseOp) and _op_name(out.grad_fn) in _CHANNELWISE:
+        if isinstance(m, tp_ops._ElementWiseOp) and _op_name(out.grad_fn) in _CHANNELWISE_OPS:
             if not _reaches_linear(out, tp_ops, depth + 1):
                 return False
             continue
@@ -203,7 +179,7 @@ def _virtual_op_problem(node, tp_ops):
     if isinstance(m, (tp_ops._SplitOp, tp_ops._SliceOp, tp_ops._UnbindOp)):
         return f"{name} (split/slice of channels: cluster members may land in different branches)"
     if isinstance(m, tp_ops._ElementWiseOp):
-        if name in _CHANNELWISE:
+        if name in _CHANNELWISE_OPS:
             return None
         if name in _LINEAR_INTERNALS and node.outputs and all(isinstance(o.module, nn.Linear)
                                                                for o in node.outputs):
@@ -226,9 +202,7 @@ def _trace(model, example_inputs):
     def hook(mod, inp, out):
         calls[mod] = calls.get(mod, 0) + 1
 
-    watched = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear,
-                                                              nn.modules.batchnorm._NormBase, nn.PReLU,
-                                                              nn.GroupNorm, nn.LayerNorm))]
+    watched = [m for m in model.modules() if isinstance(m, TRACED_TYPES)]
     handles = [m.register_forward_hook(hook) for m in watched]
     was_training = {m: m.training for m in model.modules()}
     DG = tp.DependencyGraph()
@@ -251,7 +225,7 @@ def _trace(model, example_inputs):
             raise ValueError(f"cannot trace {type(model).__name__}: module {names[m]!r} ({type(m).__name__}) "
                              "ran in forward but is not connected to the output through autograd "
                              "(detach(), torch.no_grad() or a non-torch op such as .numpy() inside forward)")
-    if not any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in DG.module2node):
+    if not any(isinstance(m, ROOT_TYPES) for m in DG.module2node):
         raise ValueError(f"cannot trace {type(model).__name__}: no conv/linear layer is connected to the output "
                          "through autograd (does forward detach its result or run under torch.no_grad()?)")
     reused = {m for m, c in calls.items() if c > 1}
@@ -271,8 +245,7 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
     DG, names, reused = _trace(model, example_inputs)
     groups: List[CoupledGroup] = []
     skipped: list = []
-    roots = (nn.modules.conv._ConvNd, nn.Linear)
-    for g in DG.get_all_groups(root_module_types=roots):
+    for g in DG.get_all_groups(root_module_types=ROOT_TYPES):
         root_mod = g[0].dep.target.module
         n = len(g[0].idxs)
         root = names.get(root_mod, repr(root_mod))
@@ -309,9 +282,9 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
                 continue
             kinds[name] = kind
             is_out = DG.is_out_channel_pruning_fn(dep.handler)
-            if (is_out or kind not in ("conv", "linear")) and not dep.target.outputs:
+            if (is_out or kind not in CONSUMER_KINDS) and not dep.target.outputs:
                 reasons.append(f"{name!r} produces a model output (an output layer's channels are never pruned)")
-            if kind in ("conv", "linear") and not is_out:
+            if kind in CONSUMER_KINDS and not is_out:
                 slot = cons.setdefault(name, {})
                 for i, r in zip(item.idxs, item.root_idxs):
                     slot.setdefault(r, []).append(int(i))

@@ -26,6 +26,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .progress import progress as make_progress
+
 __all__ = ["measure_latency", "measure_latency_interleaved", "summarize_times"]
 
 
@@ -127,7 +129,8 @@ def measure_latency_interleaved(models: Mapping[str, nn.Module], inputs, *, repe
                                 progress: bool = False) -> Dict[str, Dict[str, Any]]:
     """:func:`measure_latency` for several models, alternating them each round (fair under varying load).
 
-    Returns ``{name: stats}`` with the same keys as :func:`measure_latency`. ``progress`` shows a tqdm bar.
+    Returns ``{name: stats}`` with the same keys as :func:`measure_latency`. ``progress`` reports the rounds
+    (:func:`csgd_ext.progress.progress`).
     """
     if not isinstance(models, Mapping) or not models:
         raise TypeError("models must be a non-empty mapping {name: nn.Module}")
@@ -139,12 +142,7 @@ def measure_latency_interleaved(models: Mapping[str, nn.Module], inputs, *, repe
         for n in names:
             for _ in range(warmup):
                 _call(models[n], inputs)
-        rounds = range(repeats)
-        if progress:
-            from tqdm.auto import tqdm
-
-            rounds = tqdm(rounds, desc="latency", leave=False)
-        for _ in rounds:
+        for _ in make_progress(range(repeats), desc="latency", enabled=progress):
             for n in names:
                 t0 = time.perf_counter()
                 _call(models[n], inputs)

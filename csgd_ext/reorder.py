@@ -28,7 +28,8 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .merge import CHANNELWISE, _channel_tensors, _check, _kind_of, _out_in
+from .layers import CHANNELWISE_KINDS, channel_tensors, widths
+from .merge import check_plan
 from .plan import ClusterPlan, GroupPlan
 
 __all__ = ["contiguous_clusters"]
@@ -36,7 +37,7 @@ __all__ = ["contiguous_clusters"]
 
 def _root_order(g: GroupPlan) -> List[int]:
     """Root channels in their new order: cluster after cluster (clusters by first member, members ascending)."""
-    return [r for cl in g.clusters for r in cl]
+    return [r for cl in g.cluster_members for r in cl]
 
 
 @torch.no_grad()
@@ -50,7 +51,7 @@ def contiguous_clusters(model: nn.Module, plan: ClusterPlan) -> ClusterPlan:
     is unchanged (up to nothing: values are moved, not recomputed). The parameters and buffers stay the same
     objects (their values are permuted in place).
     """
-    _check(model, plan)
+    check_plan(model, plan)
     mods = dict(model.named_modules())
     out_perm: Dict[str, torch.Tensor] = {}  # module -> new index -> old index, along output channels
     in_perm: Dict[str, torch.Tensor] = {}   # module -> new index -> old index, along input features
@@ -61,11 +62,11 @@ def contiguous_clusters(model: nn.Module, plan: ClusterPlan) -> ClusterPlan:
             groups.append(g)
             continue
         for name, index in g.producers.items():
-            perm = out_perm.setdefault(name, torch.arange(_out_in(mods[name])[0]))
+            perm = out_perm.setdefault(name, torch.arange(widths(mods[name], g.kinds[name])[0]))
             for k, r in enumerate(order):
                 perm[index[k]] = index[r]
         for name, feats in g.consumers.items():
-            if _kind_of(plan, name) in CHANNELWISE:
+            if g.kinds[name] in CHANNELWISE_KINDS:
                 continue  # its channel tensors move with its output channels (it is a producer too)
             perm = in_perm.setdefault(name, torch.arange(mods[name].weight.shape[1]))
             for k, r in enumerate(order):
@@ -75,12 +76,7 @@ def contiguous_clusters(model: nn.Module, plan: ClusterPlan) -> ClusterPlan:
                 perm[feats[k]] = torch.as_tensor(feats[r], dtype=torch.long)
         groups.append(dataclasses.replace(g, labels=[g.labels[r] for r in order]))
     for name, perm in out_perm.items():
-        m = mods[name]
-        if _kind_of(plan, name) in CHANNELWISE:
-            tensors = _channel_tensors(m, with_buffers=True)
-        else:
-            tensors = [(k, t) for k, t in (("weight", m.weight), ("bias", m.bias)) if t is not None]
-        for _, t in tensors:
+        for _, t in channel_tensors(mods[name], with_buffers=True):
             t.copy_(t.index_select(0, perm.to(t.device)))
     for name, perm in in_perm.items():
         w = mods[name].weight

@@ -3,7 +3,7 @@
 Run C-SGD on your own model in a few lines (train -> plan -> CSGD -> fit -> collapse -> merge)::
 
     import torch, csgd_ext
-    from csgd_ext.data import mnist_loaders
+    from csgd_ext.apps.data import mnist_loaders   # the demo's data: pip install -e ".[demo]"
     from csgd_ext.models import get_model
 
     torch.manual_seed(0)
@@ -44,10 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover - tqdm is a dependency
-    tqdm = None
+from .merge import deviation
+from .progress import progress as make_progress
+
 
 __all__ = ["TrainState", "fit", "evaluate", "predict", "Every", "DeviationLogger"]
 
@@ -100,8 +99,6 @@ class DeviationLogger:
         self.values: List[float] = []
 
     def record(self, model: nn.Module, step: int) -> float:
-        from . import deviation  # late import: the plan module may be optional at import time
-
         v = float(deviation(model, self.plan))
         self.steps.append(int(step))
         self.values.append(v)
@@ -162,7 +159,7 @@ def fit(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
         except TypeError:
             total = None
     state = TrainState(model=model, optimizer=optimizer)
-    bar = tqdm(total=total, desc=desc, leave=False, disable=not progress or tqdm is None) if tqdm else None
+    bar = make_progress(total=total, desc=desc, enabled=progress)
     model.train()
     try:
         for epoch, (x, y) in _batches(loader, epochs, max_steps):
@@ -189,13 +186,9 @@ def fit(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
             state.history["loss"].append(state.loss)
             for cb in callbacks:
                 cb(state)
-            if bar is not None:
-                bar.update(1)
-                if state.step % 10 == 0:
-                    bar.set_postfix(loss=f"{state.loss:.3f}")
+            bar.update(1, **({"loss": f"{state.loss:.3f}"} if state.step % 10 == 0 else {}))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return state
 
 

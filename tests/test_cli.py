@@ -1,6 +1,7 @@
 """``python -m csgd_ext prune`` / ``demo`` / ``squeeze``: bad input gives one ``error:`` line, a non-zero exit,
 no traceback, and nothing overwritten; the happy path of ``prune`` writes a plan and a merged model."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from csgd_ext.cli import main
+from csgd_ext.apps.cli import main
 
 USER_MODULE = textwrap.dedent("""
     import torch
@@ -126,7 +127,6 @@ def test_existing_outputs_are_not_overwritten_without_force(user_pkg, capsys):
 
 def test_prune_plans_merges_and_reloads(user_pkg, capsys):
     import csgd_ext
-    from csgd_ext.prune_cli import load_merged
 
     mod = __import__("user_nets_for_cli")
     net = mod.make_net()
@@ -144,7 +144,7 @@ def test_prune_plans_merges_and_reloads(user_pkg, capsys):
     code, out, err = run(PRUNE + ["--plan", "plan.json", "--checkpoint", "trained.pt", "--out", "merged.pt"], capsys)
     assert code == 0, err
     assert "wrote merged model" in out
-    small = load_merged(str(user_pkg / "merged.pt"), mod.make_net()).eval()
+    small = csgd_ext.load_merged(str(user_pkg / "merged.pt"), mod.make_net()).eval()
     csgd_ext.collapse(net, plan)
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
@@ -168,8 +168,6 @@ def test_real_process_prints_one_line_and_no_traceback(user_pkg):
 
 
 def test_prune_zoo_model_and_csgd_ext_checkpoint(user_pkg, capsys):
-    import json
-
     import csgd_ext
     from csgd_ext.models import get_model
 
@@ -188,3 +186,81 @@ def test_prune_zoo_model_and_csgd_ext_checkpoint(user_pkg, capsys):
     csgd_ext.save_checkpoint(str(user_pkg / "ck2.pt"), model=mine, rng=False)
     code, out, err = run(PRUNE + ["--keep", "0.5", "--checkpoint", "ck2.pt", "--plan-out", "p2.json"], capsys)
     assert code == 0 and "loaded csgd_ext checkpoint" in out, err
+
+
+# -- what a new user tripped on -------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, needles", [
+    (["prune", "--model", "not_a_zoo_net", "--input-shape", "3,8,8"], ["--model", "not_a_zoo_net"]),
+    (PRUNE[:3] + ["--input-shape", "1,16,16"], ["--input-shape", "does not run"]),
+    (PRUNE + ["--checkpoint", "missing.pt"], ["--checkpoint", "missing.pt"]),
+])
+def test_prune_checks_model_shape_and_checkpoint_before_asking_for_keep(user_pkg, capsys, argv, needles):
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, *needles)
+    assert "--keep F" not in err
+
+
+def test_prune_misspelt_option_points_to_prune_help(user_pkg, capsys):
+    code, _, err = run(PRUNE + ["--kep", "0.5", "--plan-out", "p.json"], capsys)
+    assert_one_line_error(code, err, "--kep", "python -m csgd_ext prune --help")
+    assert not os.path.exists(user_pkg / "p.json")
+
+
+def test_prune_help_shows_no_double_backticks(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--keep" in out and "csgd_ext.load_merged" in out
+    assert "``" not in out
+
+
+def test_non_checkpoint_file_gets_no_weights_only_advice(user_pkg, capsys):
+    import pickle
+
+    (user_pkg / "pickled.pt").write_bytes(pickle.dumps({"weights": object()}, protocol=4))
+    code, _, err = run(PRUNE + ["--keep", "0.5", "--plan-out", "p.json", "--checkpoint", "pickled.pt"], capsys)
+    assert_one_line_error(code, err, "--checkpoint", "pickled.pt", "not a torch.save file of tensors")
+    assert "weights_only" not in err
+
+
+def test_mismatched_plan_is_not_reported_as_planning_failure(user_pkg, capsys):
+    code, _, err = run(["prune", "--model", "resnet20", "--input-shape", "1,16,16", "--keep", "0.5",
+                        "--plan-out", "zoo.json"], capsys)
+    assert code == 0, err
+    code, _, err = run(PRUNE + ["--plan", "zoo.json", "--out", "m.pt"], capsys)
+    assert_one_line_error(code, err, "--plan:", "does not match")
+    assert "planning failed" not in err and not os.path.exists(user_pkg / "m.pt")
+
+
+def test_zoo_model_without_checkpoint_warns_and_is_seeded(user_pkg, capsys):
+    argv = ["prune", "--model", "resnet20", "--input-shape", "1,16,16", "--keep", "0.5", "--seed", "3"]
+    plans = []
+    for name in ("a.json", "b.json"):
+        code, out, err = run(argv + ["--plan-out", name], capsys)
+        assert code == 0, err
+        assert "warning" in err and "random initial weights" in err and "--seed 3" in err
+        with open(user_pkg / name) as f:
+            plans.append(json.load(f)["groups"])
+    assert plans[0] == plans[1]  # the same --seed: the same initial weights, the same plan
+
+
+def test_reload_line_printed_by_prune_works_after_a_plain_import(user_pkg, capsys):
+    code, out, err = run(PRUNE + ["--keep", "0.5", "--out", "m.pt"], capsys)
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if "reload:" in ln)
+    assert "csgd_ext.load_merged('m.pt', model)" in line
+    code = ("import csgd_ext, user_nets_for_cli as u; m = csgd_ext.load_merged('m.pt', u.make_net()); "
+            "print(sum(p.numel() for p in m.parameters()))")
+    r = subprocess.run([sys.executable, "-c", code],
+                       capture_output=True, text=True, cwd=user_pkg, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(user_pkg)] + sys.path)))
+    assert r.returncode == 0, r.stderr
+    assert 0 < int(r.stdout) < sum(p.numel() for p in __import__("user_nets_for_cli").make_net().parameters())
+
+
+def test_missing_demo_extra_is_one_line_naming_the_install_command(user_pkg, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # "import matplotlib" now raises ImportError
+    for argv in (["demo", "--out", "d"], ["squeeze", "--out", "d"]):
+        code, _, err = run(argv, capsys)
+        assert_one_line_error(code, err, "matplotlib", 'pip install --no-build-isolation -e ".[demo]"')
+    assert not os.path.exists(user_pkg / "d")

@@ -2,11 +2,13 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from csgd_ext.cli import main
+from csgd_ext.apps.cli import main
 
 # Tiny but real: 130 train / 30 test digits, 130 SGD steps then 130 C-SGD steps (batch 2). A strong centripetal
 # term (lr * centripetal = 0.5 at the start, Nesterov momentum) makes cluster members equal to float precision
@@ -43,6 +45,15 @@ def test_demo_merge_is_lossless_and_smaller(demo_run):
         assert isinstance(r[key], float) and r[key] > 0, key
 
 
+def test_demo_table_says_one_thread_in_the_singular(demo_run):
+    from csgd_ext.apps.demo import format_table
+
+    _, r = demo_run
+    assert r["threads"] == 1
+    assert any(ln.endswith(" on 1 thread") for ln in format_table(r).splitlines())
+    assert any(ln.endswith(" on 2 threads") for ln in format_table({**r, "threads": 2}).splitlines())
+
+
 def test_demo_writes_plots_and_comparison(demo_run):
     out, r = demo_run
     assert len(r["plots"]) == 3
@@ -59,18 +70,23 @@ def test_demo_writes_plots_and_comparison(demo_run):
     assert rows["L1 prune (no finetune)"]["params"] == rows["C-SGD merged (no finetune)"]["params"]
 
 
-def test_demo_refuses_to_overwrite_then_force_is_deterministic(demo_run, capsys):
+def test_demo_refuses_to_overwrite_then_force_is_deterministic_across_processes(demo_run, capsys):
+    """The same seed in another process (another hash seed, so another set/dict order) gives the same results."""
     out, r = demo_run
     before = (out / "results.json").read_text()
     assert main(["demo", "--out", str(out), *TINY]) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "results.json").read_text() == before
-    n = torch.get_num_threads()
-    assert main(["demo", "--out", str(out), "--force", *TINY]) == 0
-    torch.set_num_threads(n)
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-m", "csgd_ext", "demo", "--out", str(out), "--force", *TINY],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
     with open(out / "results.json") as f:
         r2 = json.load(f)
-    for key in ("base_accuracy", "csgd_accuracy_before_merge", "merged_accuracy", "params_after", "flops_after"):
+    assert r2["config"]["backend"] == "reference"
+    for key in ("base_accuracy", "csgd_accuracy_before_merge", "merged_accuracy", "predictions_identical",
+                "max_logit_diff", "max_logit_diff_collapsed_vs_merged", "deviation_at_collapse", "params_before",
+                "params_after", "flops_before", "flops_after"):
         assert r2[key] == r[key], key
     assert r2["deviation"]["values"] == r["deviation"]["values"]  # bit-identical run with the same seed
 

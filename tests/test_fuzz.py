@@ -109,7 +109,8 @@ def test_backend_matches_reference(backend):
 
 
 def naive_step(w, g, buf, ids, *, lr, momentum, dampening, weight_decay, nesterov, maximize, centripetal):
-    """The DESIGN.md rule transcribed row by row with Python dicts (float64): the reference's own oracle."""
+    """The update rule (csgd_ext/ops/reference.py's docstring) transcribed row by row with Python dicts (float64):
+    the reference's own oracle."""
     n, cols = w.shape[0], math.prod(w.shape[1:])
     w2, g2 = w.reshape(n, cols), g.reshape(n, cols)
     if maximize:

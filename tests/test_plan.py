@@ -46,7 +46,7 @@ def test_widths_follow_keep_fraction(resnet_plan):
     for g in plan.groups:
         assert g.width_after == max(1, round(0.625 * g.width_before))
         assert len(set(g.labels)) == g.width_after and len(g.labels) == g.width_before
-        assert len(g.clusters) == g.width_after
+        assert len(g.cluster_members) == g.width_after
 
 
 def test_kmeans_is_deterministic_and_seeded():
@@ -142,7 +142,7 @@ def test_clusters_cover_every_producer_param(resnet_plan):
                 assert len(torch.unique(ids)) == g.width_after
     # channels in one cluster share the id in every coupled param
     g = next(g for g in plan.groups if "pbn" in g.producers)
-    for c in g.clusters:
+    for c in g.cluster_members:
         for p in (net.proj.weight, net.pbn.weight, net.pbn.bias, net.b2.weight):
             assert len(set(cl[p][c].tolist())) == 1
     assert "fc.weight" not in clustered
@@ -323,7 +323,7 @@ def test_unedited_plan_and_valid_edits_still_load(tmp_path, resnet_plan):
     g["labels"] = [4, 4, 3, 3, 2, 2, 1, 0]
     (tmp_path / "edited.json").write_text(json.dumps(d))
     loaded = csgd_ext.ClusterPlan.load(tmp_path / "edited.json", net)
-    assert next(x for x in loaded.groups if x.root == "a1").clusters == [[0, 1], [2, 3], [4, 5], [6], [7]]
+    assert next(x for x in loaded.groups if x.root == "a1").cluster_members == [[0, 1], [2, 3], [4, 5], [6], [7]]
     small = csgd_ext.merge(net, loaded)
     assert small.a1.out_channels == small.abn1.num_features == small.a2.in_channels == 5
 

@@ -40,7 +40,7 @@ def _check(net, x, keep=0.625):
     _assert_contiguous(new)
     # the same clusters (as sets of channel values): cluster sizes per group are unchanged
     for g0, g1 in zip(plan.groups, new.groups):
-        assert sorted(map(len, g0.clusters)) == sorted(map(len, g1.clusters))
+        assert sorted(map(len, g0.cluster_members)) == sorted(map(len, g1.cluster_members))
     return plan, new
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import csgd_ext
-from csgd_ext import data
+from csgd_ext.apps import data
 from csgd_ext.train import DeviationLogger, Every, evaluate, fit, predict
 
 
@@ -130,3 +130,18 @@ def test_fit_rejects_bad_arguments():
         DeviationLogger(None, every=0)
     with pytest.raises(ValueError, match="k must"):
         Every(0, print)
+
+
+def test_progress_in_a_log_is_short_lines_not_one_enormous_line(capsys):
+    """stderr here is not a terminal (a CI log): a few plain lines, no carriage-return redraws."""
+    x, y = torch.randn(200, 4), torch.randint(0, 2, (200,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+    model = torch.nn.Linear(4, 2)
+    fit(model, loader, torch.optim.SGD(model.parameters(), lr=0.01), epochs=2, progress=True, desc="log test")
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and 2 <= len(lines) <= 11, err
+    assert all(ln.startswith("log test: ") and len(ln) < 120 for ln in lines), err
+    assert "200/200 (100 %)" in lines[-1]
+    fit(model, loader, torch.optim.SGD(model.parameters(), lr=0.01), epochs=1, progress=False)
+    assert capsys.readouterr().err == ""

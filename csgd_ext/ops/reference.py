@@ -8,6 +8,32 @@ Every other backend is tested against :func:`step`. For a parameter ``W`` viewed
 followed by exactly ``torch.optim.SGD``'s momentum / dampening / nesterov / maximize rule on ``d``.
 A parameter without a layout is plain SGD. fp16/bf16 parameters are computed in fp32 and rounded once
 when written back (weights and momentum buffers keep the parameter's dtype).
+
+How the rule is run fast (the ``native`` and ``triton`` backends): one pass over the weights. A program (or
+OpenMP task) owns one cluster and one block of columns: it reads the members' ``g`` and ``w`` once to form
+the two means, then writes every member's new ``w`` and momentum buffer, the same memory traffic per element
+as fused momentum SGD (read ``w, g, b``; write ``w, b``). The cluster layout (members sorted by cluster, CSR
+offsets: :class:`csgd_ext.layout.ClusterLayout`) is built once per assignment and cached; unclustered
+parameters go through the same op as all-singleton rows. Reductions run in a fixed order (no atomics): same
+inputs, same bits. Backends agree with this spec to rounding, not bit for bit (the native CPU kernel
+multiplies by the reciprocal of the cluster size, and ``-march=native`` builds may fuse multiply-adds).
+
+The official C-SGD code (DingXiaoH/Centripetal-SGD) and this package, name for name:
+
+* ``target_deps`` (the kept width of each layer) -> ``keep`` of :func:`csgd_ext.plan_clusters` (a fraction,
+  or ``{module: width}``), recorded as ``GroupPlan.width_after``.
+* the clusters of a target layer (k-means on its kernels) -> ``GroupPlan.labels`` /
+  ``GroupPlan.cluster_members``, and the per-parameter ids :class:`csgd_ext.CSGD` takes
+  (``ClusterPlan.clusters``).
+* the pacesetter (``pacesetter_dict``: a layer whose channels must follow another layer's clusters because of
+  a residual add) -> a coupled group's ``root``: every producer of the group (residual adds, concatenations,
+  depthwise chains) shares the root's clusters; :mod:`csgd_ext.graph` finds the groups, no table is written.
+* the succeeding layers (``succeeding_strategy``: the layers that read a target layer's output) -> a group's
+  consumers (``GroupPlan.consumers``): :func:`csgd_ext.merge` sums their input slices of a cluster's members
+  into the kept slice.
+* ``centri_strength`` -> ``centripetal`` (times ``vector_centripetal_scale`` for norm and bias rows).
+* the dense per-layer merge matrix of the official update -> the cluster layout above (the dense approach is
+  the baseline in ``benchmarks/baselines.py``).
 """
 
 from __future__ import annotations

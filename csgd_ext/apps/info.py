@@ -9,8 +9,9 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from . import __version__, ops
-from .ops import native
+from .. import ops
+from ..ops import native
+from ..version import __version__
 
 
 def _version(mod: str) -> str:

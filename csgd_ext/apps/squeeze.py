@@ -7,14 +7,13 @@ and spread of both over the seeds, and writes ``DIR/squeeze_results.json`` and `
 
 Example::
 
-    from csgd_ext.squeeze import SqueezeConfig, run_squeeze
+    from csgd_ext.apps.squeeze import SqueezeConfig, run_squeeze
     res = run_squeeze(SqueezeConfig(factor=2, seeds=[0, 1, 2], epochs=2, out="squeeze_out"))
     res["narrow"]["mean"], res["squeezed"]["mean"]
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import statistics
@@ -24,9 +23,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..flops import count_flops_params
+from ..merge import collapse, merge
+from ..planner import plan_clusters
+from ..train import evaluate
 from . import data as data_mod
-from .demo import DemoConfig, _build, count_flops_params, set_determinism, train_base, train_csgd
-from .train import evaluate
+from . import plots
+from .demo import DemoConfig
+from .recipes import TRAINING_BACKEND, build_model, set_determinism, train_base, train_csgd
 
 __all__ = ["SqueezeConfig", "run_squeeze", "format_squeeze", "RESULTS_FILE"]
 
@@ -48,12 +52,13 @@ class SqueezeConfig:
     limit: Optional[int] = None
     threads: int = 1
     progress: bool = True
+    backend: str = TRAINING_BACKEND  # of C-SGD training
 
     def demo_config(self, seed: int) -> DemoConfig:
         return DemoConfig(epochs=self.epochs, keep=1.0 / self.factor, seed=seed, out=self.out, arch=self.arch,
                           width=self.width, batch_size=self.batch_size, lr=self.lr,
                           weight_decay=self.weight_decay, centripetal=self.centripetal, limit=self.limit,
-                          threads=self.threads, progress=self.progress)
+                          threads=self.threads, progress=self.progress, backend=self.backend)
 
 
 def _stats(xs: List[float]) -> Dict[str, Any]:
@@ -63,9 +68,6 @@ def _stats(xs: List[float]) -> Dict[str, Any]:
 
 def run_squeeze(cfg: SqueezeConfig) -> Dict[str, Any]:
     """Run the experiment for every seed; returns (and writes) the results dict."""
-    from . import collapse, merge, plan_clusters
-    from . import plots
-
     if not isinstance(cfg.factor, int) or cfg.factor < 2:
         raise ValueError(f"factor must be an integer >= 2, got {cfg.factor!r}")
     if not cfg.seeds:
@@ -87,16 +89,16 @@ def run_squeeze(cfg: SqueezeConfig) -> Dict[str, Any]:
         a_n = 100.0 * evaluate(narrow, test_loader)
 
         torch.manual_seed(seed)
-        wide = _build(dc, cfg.width * cfg.factor)
+        wide = build_model(cfg.arch, cfg.width * cfg.factor)
         plan = plan_clusters(wide, example, keep=1.0 / cfg.factor, seed=seed)
         dev = train_csgd(wide, plan, dc, train_loader, desc=f"seed {seed}: {cfg.factor}x wide (C-SGD)")
         a_w = 100.0 * evaluate(wide, test_loader)
         collapse(wide, plan)
         squeezed = merge(wide, plan)
         a_s = 100.0 * evaluate(squeezed, test_loader)
-        fn, pn = count_flops_params(narrow, example)
-        fs, ps = count_flops_params(squeezed, example)
-        flops = {"narrow_flops": fn, "narrow_params": pn, "squeezed_flops": fs, "squeezed_params": ps}
+        cn, cs = count_flops_params(narrow, example), count_flops_params(squeezed, example)
+        flops = {"narrow_flops": cn.flops, "narrow_params": cn.params, "squeezed_flops": cs.flops,
+                 "squeezed_params": cs.params}
         narrow_acc.append(a_n)
         squeezed_acc.append(a_s)
         per_seed.append({"seed": seed, "narrow_accuracy": a_n, "wide_csgd_accuracy_before_merge": a_w,

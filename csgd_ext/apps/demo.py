@@ -7,7 +7,7 @@ params/FLOPs, CPU inference latency and optimizer step time (C-SGD vs SGD, side 
 
 Example::
 
-    from csgd_ext.demo import DemoConfig, run_demo
+    from csgd_ext.apps.demo import DemoConfig, run_demo
     results = run_demo(DemoConfig(epochs=2, out="demo_out"))
     print(results["base_accuracy"], results["merged_accuracy"])
 """
@@ -20,16 +20,24 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .. import ops
+from ..flops import count_flops_params
+from ..latency import measure_latency_interleaved
+from ..merge import collapse, merge
+from ..plan import ClusterPlan
+from ..planner import check_keep, plan_clusters
+from ..train import evaluate, predict
 from . import data as data_mod
-from .train import DeviationLogger, evaluate, fit, predict
+from . import plots
+from .compare import format_comparison, run_comparison
+from .recipes import TRAINING_BACKEND, make_csgd, make_sgd, set_determinism, train_base, train_csgd
 
-__all__ = ["DemoConfig", "run_demo", "format_table", "set_determinism", "make_sgd", "make_csgd",
-           "count_flops_params", "latency_pair_ms", "step_time_ms"]
+__all__ = ["DemoConfig", "run_demo", "format_table", "latency_pair_ms", "step_time_ms", "RESULTS_FILE"]
 
 RESULTS_FILE = "results.json"
 
@@ -39,7 +47,7 @@ class DemoConfig:
     """Every knob of the demo; the CLI exposes the public ones, tests use the small-size ones."""
 
     epochs: int = 3                 # epochs of base training, and again of C-SGD training
-    keep: float = 0.625             # fraction of channels kept in every coupled group
+    keep: float = 0.625             # fraction of channels kept in every coupled group, in (0, 1]
     seed: int = 0
     out: str = "csgd_demo_out"
     arch: str = "resnet20"
@@ -57,60 +65,20 @@ class DemoConfig:
     step_repeats: int = 30
     compare: bool = False
     progress: bool = True
+    backend: str = TRAINING_BACKEND  # of C-SGD training (the step-time measurement uses "auto")
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if not isinstance(self.keep, (int, float)) or not 0.0 < self.keep < 1.0:
-            raise ValueError(f"keep must be in (0, 1), got {self.keep!r}")
+        check_keep(self.keep)
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
-
-
-def set_determinism(seed: int, threads: int) -> None:
-    """Seed torch, fix the intra-op thread count and ask for deterministic algorithms."""
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def make_sgd(params, lr: float, weight_decay: float) -> torch.optim.SGD:
-    """The baseline optimizer of every run: SGD, momentum 0.9, Nesterov."""
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-
-
-def make_csgd(plan, lr: float, weight_decay: float, centripetal: float, vector_centripetal_scale: float = 1.0):
-    """C-SGD over ``plan`` with the same momentum/Nesterov as :func:`make_sgd`."""
-    from . import CSGD
-
-    groups = plan.param_groups(lr=lr, weight_decay=weight_decay, centripetal=centripetal,
-                               vector_centripetal_scale=vector_centripetal_scale)
-    return CSGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay,
-                centripetal=centripetal, clusters=plan.clusters)
-
-
-def cosine(opt: torch.optim.Optimizer, steps: int):
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-
-
-def count_flops_params(model: nn.Module, example: torch.Tensor) -> Tuple[int, int]:
-    """``(flops, params)`` of ``model`` for one ``example`` batch, via :mod:`csgd_ext.flops`."""
-    from .flops import count_flops_params as cfp
-
-    r = cfp(model, example)
-    if isinstance(r, tuple):
-        return int(r[0]), int(r[1])
-    if isinstance(r, dict):
-        return int(r["flops"]), int(r["params"])
-    return int(getattr(r, "flops")), int(getattr(r, "params"))
 
 
 def latency_pair_ms(a: nn.Module, b: nn.Module, example: torch.Tensor, repeats: int,
                     threads: int = 1) -> Tuple[float, float]:
     """Median CPU latencies (ms) of ``a`` and ``b``, interleaved round by round (same load for both)."""
-    from .latency import measure_latency_interleaved
-
     r = measure_latency_interleaved({"a": a, "b": b}, example, repeats=repeats, warmup=5, threads=threads)
     return float(r["a"]["median_ms"]), float(r["b"]["median_ms"])
 
@@ -149,8 +117,6 @@ def step_time_ms(model: nn.Module, plan, cfg: DemoConfig) -> Dict[str, float]:
 
 def _backend_used(opt) -> str:
     try:
-        from . import ops
-
         dev = next(p.device for g in opt.param_groups for p in g["params"])
         return ops.resolve(opt.backend, dev).NAME
     except Exception:  # noqa: BLE001 - informative only
@@ -159,46 +125,11 @@ def _backend_used(opt) -> str:
 
 def _plan_for(model: nn.Module, plan):
     """The same plan re-bound to a copy of its model (plans map parameters by identity)."""
-    from . import ClusterPlan
-
     return ClusterPlan.from_dict(plan.to_dict(), model)
-
-
-def _build(cfg: DemoConfig, width: float) -> nn.Module:
-    from .models import get_model
-
-    return get_model(cfg.arch, width=width, num_classes=data_mod.NUM_CLASSES, in_channels=1)
-
-
-def train_base(cfg: DemoConfig, train_loader, width: Optional[float] = None, epochs: Optional[int] = None,
-               desc: str = "base (SGD)") -> nn.Module:
-    """A zoo model trained with SGD + cosine LR for ``epochs``."""
-    model = _build(cfg, cfg.width if width is None else width)
-    ep = cfg.epochs if epochs is None else epochs
-    opt = make_sgd(model.parameters(), cfg.lr, cfg.weight_decay)
-    fit(model, train_loader, opt, epochs=ep, scheduler=cosine(opt, ep * len(train_loader)),
-        progress=cfg.progress, desc=desc)
-    return model
-
-
-def train_csgd(model: nn.Module, plan, cfg: DemoConfig, train_loader, epochs: Optional[int] = None,
-               log_every: int = 10, desc: str = "C-SGD") -> DeviationLogger:
-    """Train ``model`` in place with C-SGD over ``plan``; returns the deviation log."""
-    ep = cfg.epochs if epochs is None else epochs
-    opt = make_csgd(plan, cfg.lr, cfg.weight_decay, cfg.centripetal, cfg.vector_centripetal_scale)
-    dev = DeviationLogger(plan, every=log_every)
-    dev.record(model, 0)
-    fit(model, train_loader, opt, epochs=ep, scheduler=cosine(opt, ep * len(train_loader)),
-        callbacks=[dev], progress=cfg.progress, desc=desc)
-    dev.record(model, len(train_loader) * ep)
-    return dev
 
 
 def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """Run the demo; returns the results dict (also written to ``cfg.out/results.json``)."""
-    from . import collapse, merge, plan_clusters
-    from . import plots
-
     cfg.validate()
     t_start = time.perf_counter()
     set_determinism(cfg.seed, cfg.threads)
@@ -225,8 +156,8 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     merged_logits = predict(merged, test_loader)
     merged_acc = evaluate(merged, test_loader)
 
-    flops_b, params_b = count_flops_params(base, example)
-    flops_a, params_a = count_flops_params(merged, example)
+    before, after = count_flops_params(base, example), count_flops_params(merged, example)
+    flops_b, params_b, flops_a, params_a = before.flops, before.params, after.flops, after.params
     lat_b, lat_a = latency_pair_ms(base, merged, example, cfg.latency_repeats, cfg.threads)
     big = split.x_test[:64]
     lat64_b, lat64_a = latency_pair_ms(base, merged, big, max(3, cfg.latency_repeats // 2), cfg.threads)
@@ -261,8 +192,6 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
                                 [flops_b, flops_b, flops_a], os.path.join(cfg.out, "accuracy_flops.png")),
     ]
     if cfg.compare:
-        from .compare import run_comparison
-
         cmp = run_comparison(base, res, cfg, train_loader, test_loader, example)
         res["compare"] = cmp
         res["plots"].append(cmp["plot"])
@@ -296,12 +225,11 @@ def format_table(res: Dict[str, Any]) -> str:
         ("optimizer step SGD fused=True (median)",
          f"{res['step_ms_sgd_fused']:.3f} ms (C-SGD / fused SGD x{res['step_time_ratio_vs_fused']:.2f})"
          if "step_ms_sgd_fused" in res else "n/a"),
-        ("wall time", f"{res.get('wall_s', float('nan')):.1f} s on {res['threads']} threads"),
+        ("wall time", f"{res.get('wall_s', float('nan')):.1f} s on {res['threads']} "
+                      f"thread{'' if res['threads'] == 1 else 's'}"),
     ]
     w = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(w)}  {v}" for k, v in rows]
     if "compare" in res:
-        from .compare import format_comparison
-
         lines += ["", format_comparison(res["compare"])]
     return "\n".join(lines)

@@ -10,17 +10,25 @@ Rows (all start from the same trained base model):
 
 Example::
 
-    from csgd_ext.compare import l1_prune
+    from csgd_ext.apps.compare import l1_prune
     small = l1_prune(model, torch.randn(1, 1, 28, 28), keep=0.625)
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Dict, Sequence
 
 import torch
+import torch_pruning as tp
 from torch import nn
+
+from ..flops import count_flops_params
+from ..planner import check_keep
+from ..train import evaluate, fit
+from . import plots
+from .recipes import cosine, make_sgd
 
 __all__ = ["l1_prune", "run_comparison", "format_comparison"]
 
@@ -32,10 +40,7 @@ def l1_prune(model: nn.Module, example: torch.Tensor, keep: float, num_classes: 
     Uses torch-pruning (``tp.pruner.MagnitudePruner``, ``tp.importance.MagnitudeImportance(p=1)``, local
     per-group ratios); the classifier's outputs are never pruned. ``model`` is untouched.
     """
-    import torch_pruning as tp
-
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+    keep = check_keep(keep)
     pruned = copy.deepcopy(model)
     ignored = [m for m in pruned.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
     names = {id(m): n for n, m in model.named_modules()}
@@ -50,15 +55,10 @@ def l1_prune(model: nn.Module, example: torch.Tensor, keep: float, num_classes: 
 def run_comparison(base: nn.Module, res: Dict[str, Any], cfg, train_loader, test_loader,
                    example: torch.Tensor) -> Dict[str, Any]:
     """Rows for the table and ``accuracy_vs_flops.png``; ``res`` is the demo's result dict (C-SGD numbers)."""
-    import os
-
-    from . import plots
-    from .demo import cosine, count_flops_params, make_sgd
-    from .train import evaluate, fit
-
     torch.manual_seed(cfg.seed + 1)
     pruned = l1_prune(base, example, cfg.keep)
-    fl_p, pa_p = count_flops_params(pruned, example)
+    counted = count_flops_params(pruned, example)
+    fl_p, pa_p = counted.flops, counted.params
     acc_p = 100.0 * evaluate(pruned, test_loader)
     tuned = copy.deepcopy(pruned)
     opt = make_sgd(tuned.parameters(), cfg.lr, cfg.weight_decay)

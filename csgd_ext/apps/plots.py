@@ -1,8 +1,8 @@
-"""PNG plots for the demo, comparison and squeeze results (matplotlib, headless ``Agg`` backend).
+"""PNG plots for the demo, comparison and squeeze results (matplotlib, headless ``Agg`` backend; the ``.[demo]`` extra).
 
 Example::
 
-    from csgd_ext.plots import plot_deviation
+    from csgd_ext.apps.plots import plot_deviation
     plot_deviation([1, 10, 20], [0.5, 0.05, 0.005], "out/deviation.png")
 """
 
@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Sequence
 
+from .extras import INSTALL_DEMO, require
+
 
 def _plt():
+    require(["matplotlib"], "plotting", INSTALL_DEMO)
     import matplotlib
 
     matplotlib.use("Agg", force=True)

@@ -1,4 +1,4 @@
-"""``python -m csgd_ext prune``: plan clusters for your own model and write the merged model.
+"""The ``prune`` command: plan clusters for your own model and write the merged model.
 
 Typical workflow::
 
@@ -15,7 +15,7 @@ Typical workflow::
 name (``resnet20``, ``resnet56``, ``vgg16``, ...; ``--num-classes`` and the ``C`` of ``--input-shape`` are
 passed to it). ``--checkpoint`` reads a csgd_ext checkpoint, a plain ``state_dict`` file, or a dict holding
 one under ``"state_dict"``/``"model"``. ``--out`` is a csgd_ext checkpoint of the merged model with the plan
-embedded; reload it with :func:`load_merged`. Existing outputs are never overwritten without ``--force``.
+embedded; reload it with :func:`csgd_ext.load_merged`. Existing outputs are never overwritten without ``--force``.
 """
 
 from __future__ import annotations
@@ -24,35 +24,40 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from typing import Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["register", "load_user_model", "parse_input_shape", "load_weights", "load_merged", "run_prune"]
+from ..checkpoint import MAGIC, load_checkpoint, save_checkpoint
+from ..merge import collapse, merge
+from ..models import available_models, get_model
+from ..plan import ClusterPlan
+from ..planner import plan_clusters
+from .args import CLIError, first_line, keep_fraction
 
+__all__ = ["register", "load_user_model", "parse_input_shape", "load_weights", "run_prune", "DESCRIPTION"]
 
-def _cli_error():
-    from .cli import CLIError
-
-    return CLIError
+DESCRIPTION = ("Plan clusters for your own model (--keep F, written with --plan-out) and collapse and merge it "
+               "into a physically smaller model (--plan FILE and --out FILE; reload it with "
+               "csgd_ext.load_merged(path, model)).")
 
 
 def parse_input_shape(text: str) -> Tuple[int, ...]:
-    """``"3,32,32"`` -> ``(3, 32, 32)``; raises the CLI's error for anything but positive integers."""
+    """``"3,32,32"`` -> ``(3, 32, 32)``; raises :class:`CLIError` for anything but positive integers."""
     parts = [p.strip() for p in str(text).replace("x", ",").split(",")]
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
-        raise _cli_error()(f"--input-shape must be C,H,W with positive integers, got {text!r}") from None
+        raise CLIError(f"--input-shape must be C,H,W with positive integers, got {text!r}") from None
     if len(shape) != 3 or any(s < 1 for s in shape):
-        raise _cli_error()(f"--input-shape must be C,H,W with positive integers, got {text!r}")
+        raise CLIError(f"--input-shape must be C,H,W with positive integers, got {text!r}")
     return shape
 
 
 def load_user_model(spec: str, in_channels: int, num_classes: int) -> nn.Module:
-    """Build ``package.module:factory()`` or the zoo model ``spec``; errors are one-line CLI errors."""
-    CLIError = _cli_error()
+    """Build ``package.module:factory()`` or the zoo model ``spec``; errors are one-line :class:`CLIError`."""
     if ":" in spec:
         mod_name, _, fn_name = spec.partition(":")
         if not mod_name or not fn_name:
@@ -62,7 +67,7 @@ def load_user_model(spec: str, in_channels: int, num_classes: int) -> nn.Module:
         try:
             module = importlib.import_module(mod_name)
         except Exception as e:  # noqa: BLE001 - ModuleNotFoundError, or the module's own import error
-            raise CLIError(f"--model: cannot import module {mod_name!r}: {type(e).__name__}: {_first_line(e)}") \
+            raise CLIError(f"--model: cannot import module {mod_name!r}: {type(e).__name__}: {first_line(e)}") \
                 from None
         factory = getattr(module, fn_name, None)
         if factory is None or not callable(factory):
@@ -70,45 +75,42 @@ def load_user_model(spec: str, in_channels: int, num_classes: int) -> nn.Module:
         try:
             model = factory()
         except Exception as e:  # noqa: BLE001 - any failure of user code becomes one line
-            raise CLIError(f"--model: factory {spec!r} failed: {type(e).__name__}: {_first_line(e)}") from None
+            raise CLIError(f"--model: factory {spec!r} failed: {type(e).__name__}: {first_line(e)}") from None
         if not isinstance(model, nn.Module):
             raise CLIError(f"--model: factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model
     try:
-        from .models import get_model
-    except ImportError as e:
-        raise CLIError(f"--model: the model zoo is unavailable ({_first_line(e)})") from None
-    try:
         return get_model(spec, num_classes=num_classes, in_channels=in_channels)
     except (ValueError, TypeError, KeyError) as e:
-        raise CLIError(f"--model: {spec!r} is not package.module:factory nor a zoo model ({_first_line(e)})") \
+        raise CLIError(f"--model: {spec!r} is not package.module:factory nor a zoo model ({first_line(e)})") \
             from None
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else ""
+def _read_tensors(path: str):
+    """``torch.load(path, weights_only=True)`` with a message of ours (never torch's weights_only advice)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. the weights-only unpickler's pickle-protocol warning
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        why = "" if "weights_only" in str(e) else f": {type(e).__name__}: {first_line(e)}"
+        raise CLIError(f"--checkpoint: cannot read {path!r}: not a torch.save file of tensors (a state_dict or "
+                       f"a csgd_ext checkpoint){why}") from None
 
 
 def load_weights(model: nn.Module, path: str) -> str:
     """Load ``path`` into ``model``: a csgd_ext checkpoint, a ``state_dict``, or ``{"state_dict"|"model": sd}``.
 
-    Returns a short description of what was read; raises the CLI's error for an unreadable/unfitting file.
+    Returns a short description of what was read; raises :class:`CLIError` for an unreadable/unfitting file.
     """
-    CLIError = _cli_error()
     if not os.path.isfile(path):
         raise CLIError(f"--checkpoint: no such file {path!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CLIError(f"--checkpoint: cannot read {path!r} ({type(e).__name__}: {_first_line(e)})") from None
-    if isinstance(obj, dict) and obj.get("magic") == "csgd_ext.checkpoint":
-        from .checkpoint import load_checkpoint
-
+    obj = _read_tensors(path)
+    if isinstance(obj, dict) and obj.get("magic") == MAGIC:
         try:
             load_checkpoint(path, model=model, restore_rng=False)
         except (ValueError, FileNotFoundError) as e:
-            raise CLIError(f"--checkpoint: {_first_line(e)}") from None
+            raise CLIError(f"--checkpoint: {first_line(e)}") from None
         return "csgd_ext checkpoint"
     sd = obj
     if isinstance(obj, dict):
@@ -121,34 +123,21 @@ def load_weights(model: nn.Module, path: str) -> str:
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise CLIError(f"--checkpoint: {path!r} does not fit the model: {_first_line(e)}") from None
+        raise CLIError(f"--checkpoint: {path!r} does not fit the model: {first_line(e)}") from None
     return "state_dict"
 
 
-def load_merged(path: str, model: nn.Module) -> nn.Module:
-    """Rebuild the merged model written by ``prune --out`` from a fresh, unpruned ``model`` of the same kind.
-
-    Example::
-
-        small = load_merged("merged.pt", make_net())     # same factory as --model
-    """
-    from . import ClusterPlan, merge
-    from .checkpoint import read_checkpoint
-
-    payload = read_checkpoint(path)
-    plan_dict = payload.get("plan")
-    if plan_dict is None:
-        raise ValueError(f"{path!r} holds no cluster plan: not written by `python -m csgd_ext prune --out`")
-    plan = ClusterPlan.from_dict(plan_dict, model)
-    small = merge(model, plan)
-    small.load_state_dict(payload["model"])
-    return small
-
-
-def _check_outputs(args) -> None:
-    CLIError = _cli_error()
-    outs = [("--plan-out", args.plan_out), ("--out", args.out)]
-    for flag, path in outs:
+def _check_request(args) -> None:
+    """What to do and where to write it: --keep or --plan, the output files (after the model is checked)."""
+    if args.keep is None and args.plan is None:
+        raise CLIError("give --keep F (plan now) or --plan FILE (a plan written by --plan-out)")
+    if args.keep is not None and args.plan is not None:
+        raise CLIError("give either --keep or --plan, not both")
+    if args.plan is not None and not os.path.isfile(args.plan):
+        raise CLIError(f"--plan: no such file {args.plan!r}")
+    if args.plan_out is None and args.out is None:
+        raise CLIError("nothing to write: give --plan-out FILE and/or --out FILE")
+    for flag, path in [("--plan-out", args.plan_out), ("--out", args.out)]:
         if path is None:
             continue
         if os.path.isdir(path):
@@ -164,27 +153,23 @@ def _check_outputs(args) -> None:
         raise CLIError("--plan-out and --out must be different files")
 
 
+def _get_plan(args, model: nn.Module, example: torch.Tensor) -> ClusterPlan:
+    if args.plan is not None:
+        try:
+            return ClusterPlan.load(args.plan, model)
+        except (ValueError, OSError) as e:
+            raise CLIError(f"--plan: {first_line(e)}") from None
+    try:
+        return plan_clusters(model, example, keep=args.keep, seed=args.seed)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"planning failed: {first_line(e)}") from None
+
+
 def run_prune(args: argparse.Namespace) -> int:
     """The ``prune`` sub-command (see the module docstring)."""
-    from . import ClusterPlan, collapse, merge, plan_clusters
-
-    CLIError = _cli_error()
     shape = parse_input_shape(args.input_shape)
-    if args.keep is not None and not (0.0 < args.keep <= 1.0):
-        raise CLIError(f"--keep must be in (0, 1], got {args.keep}")
-    if args.keep is None and args.plan is None:
-        raise CLIError("give --keep F (plan now) or --plan FILE (a plan written by --plan-out)")
-    if args.keep is not None and args.plan is not None:
-        raise CLIError("give either --keep or --plan, not both")
-    if args.plan is not None and not os.path.isfile(args.plan):
-        raise CLIError(f"--plan: no such file {args.plan!r}")
-    if args.plan_out is None and args.out is None:
-        raise CLIError("nothing to write: give --plan-out FILE and/or --out FILE")
-    _check_outputs(args)
+    torch.manual_seed(args.seed)  # a zoo model's (or an unseeded factory's) random initial weights
     model = load_user_model(args.model, shape[0], args.num_classes)
-    if args.checkpoint:
-        what = load_weights(model, args.checkpoint)
-        print(f"loaded {what} from {args.checkpoint}")
     model.eval()
     example = torch.zeros(1, *shape)
     try:
@@ -192,22 +177,21 @@ def run_prune(args: argparse.Namespace) -> int:
             model(example)
     except Exception as e:  # noqa: BLE001
         raise CLIError(f"--input-shape {args.input_shape}: the model does not run on a 1x{shape[0]}x{shape[1]}x"
-                       f"{shape[2]} input ({type(e).__name__}: {_first_line(e)})") from None
-    try:
-        if args.plan is not None:
-            plan = ClusterPlan.load(args.plan, model)
-        else:
-            plan = plan_clusters(model, example, keep=args.keep, seed=args.seed)
-    except (ValueError, TypeError, OSError) as e:
-        raise CLIError(f"planning failed: {_first_line(e)}") from None
+                       f"{shape[2]} input ({type(e).__name__}: {first_line(e)})") from None
+    loaded = load_weights(model, args.checkpoint) if args.checkpoint else None
+    _check_request(args)
+    if loaded:
+        print(f"loaded {loaded} from {args.checkpoint}")
+    elif ":" not in args.model:
+        print(f"warning: no --checkpoint: zoo model {args.model!r} has random initial weights (seeded with --seed "
+              f"{args.seed}); its plan and merge are those of an untrained network", file=sys.stderr)
+    plan = _get_plan(args, model, example)
     n_before = sum(p.numel() for p in model.parameters())
     print(f"plan: {len(plan.groups)} coupled channel groups")
     if args.plan_out:
         plan.save(args.plan_out)
         print(f"wrote plan to {args.plan_out}")
     if args.out:
-        from .checkpoint import save_checkpoint
-
         dev = float(collapse(model, plan))
         small = merge(model, plan)
         n_after = sum(p.numel() for p in small.parameters())
@@ -217,22 +201,26 @@ def run_prune(args: argparse.Namespace) -> int:
                         extra={"model": args.model, "input_shape": list(shape), "merged": True})
         print(f"collapsed (largest intra-cluster deviation was {dev:.3g}); merged: params {n_before:,} -> "
               f"{n_after:,}; max |output difference| collapsed vs merged {diff:.3g}")
-        print(f"wrote merged model to {args.out} (reload: csgd_ext.prune_cli.load_merged({args.out!r}, model))")
+        print(f"wrote merged model to {args.out} (reload: csgd_ext.load_merged({args.out!r}, model))")
     return 0
 
 
-def register(sub) -> None:
-    """Add the ``prune`` sub-command to the CLI's sub-parsers."""
+def register(sub) -> argparse.ArgumentParser:
+    """Add the ``prune`` sub-command to the CLI's sub-parsers; returns its parser."""
     p = sub.add_parser("prune", help="plan clusters for your model; collapse and merge it into a smaller one",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="package.module:factory or a zoo name (resnet20, vgg16, ...)")
+                       description=DESCRIPTION)
+    p.add_argument("--model", required=True,
+                   help=f"package.module:factory or a zoo name ({', '.join(available_models())})")
     p.add_argument("--input-shape", required=True, help="C,H,W of one input, e.g. 3,32,32")
-    p.add_argument("--keep", type=float, default=None, help="fraction of channels kept per group, in (0, 1]")
+    p.add_argument("--keep", type=keep_fraction("--keep"), default=None,
+                   help="fraction of channels kept per group, in (0, 1]")
     p.add_argument("--plan", default=None, help="use this plan (from --plan-out) instead of planning")
     p.add_argument("--plan-out", default=None, help="write the cluster plan here")
     p.add_argument("--checkpoint", default=None, help="weights to load before planning/merging")
     p.add_argument("--out", default=None, help="write the collapsed, merged model here (csgd_ext checkpoint)")
     p.add_argument("--num-classes", type=int, default=10, help="classes for a zoo model (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the k-means clustering and of a zoo model's random initial weights (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=run_prune)
+    return p

