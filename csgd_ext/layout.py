@@ -38,13 +38,6 @@ class ClusterLayout:
     def sizes(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
-    def to(self, device) -> "ClusterLayout":
-        device = torch.device(device)
-        if device == self.device:
-            return self
-        return ClusterLayout(self.labels.to(device), self.perm.to(device), self.offsets.to(device),
-                             self.num_clusters, self.max_size, self.num_rows)
-
 
 def validate_cluster_ids(ids, param: torch.Tensor, name: str) -> torch.Tensor:
     """Check that ``ids`` is a valid cluster assignment for ``param`` and return it as int64.

@@ -40,6 +40,7 @@ place when its gradient and buffer share its strides; other layouts go through a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from typing import List, Optional, Sequence
@@ -277,7 +278,7 @@ def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]
         cdtype = torch.float64 if dtype == torch.float64 else torch.float32
         common = dict(DTYPE=_tl_dtype(dtype), CDTYPE=_tl_dtype(cdtype), SOFT_BF16=interpret and dtype == torch.bfloat16,
                       enable_fp_fusion=True, **flags)  # FMA contraction, as nvcc does by default
-        with (torch.cuda.device(device) if device.type == "cuda" else _nullctx()):
+        with (torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()):
             for li, ln in enumerate(plan.launches):
                 align = align_elems(dtype) if ok[li] else 1
                 if ln.cls == "flat":
@@ -302,41 +303,3 @@ def _aligned_launches(plan, meta_vals, bases, dtype) -> tuple:
         out.append(ln.aligned and bases_ok and align > 1 and
                    all(meta_vals[6 * t + j] % align == 0 for t in ln.tensors for j in range(3)))
     return tuple(out)
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-# -- the custom op: what torch.compile sees -----------------------------------------------------------
-@torch.library.custom_op("csgd_ext::triton_step", mutates_args=("params", "momentum_buffers"))
-def triton_step(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffers: List[torch.Tensor],
-                first: List[bool], perms: List[Optional[torch.Tensor]], offsets: List[Optional[torch.Tensor]],
-                max_sizes: List[int], lr: float, weight_decay: float, momentum: float, dampening: float,
-                nesterov: bool, maximize: bool, centripetal: float) -> None:
-    """The Triton C-SGD step as an opaque, in-place op. ``momentum_buffers`` (empty without momentum) are
-    allocated by the caller; ``first[i]`` marks a buffer never written yet (it is not read). A layout is
-    ``perms[i]``/``offsets[i]``/``max_sizes[i]`` of a :class:`ClusterLayout` (None: unclustered)."""
-    if len(params) == 0:
-        return
-    device = params[0].device
-    reason = unavailable_reason(device)
-    if reason is not None:
-        raise RuntimeError(f"backend 'triton' is unavailable on {device.type}: {reason}")
-    _check(params, device)
-    lays = [None if perm is None else _as_plan_layout(LayoutLike(perm, off, off.numel() - 1, int(ms)))
-            for perm, off, ms in zip(perms, offsets, max_sizes)]
-    hp = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
-              maximize=maximize, centripetal=centripetal)
-    bufs = list(momentum_buffers) if momentum != 0 else [None] * len(params)
-    _run(params, grads, bufs, list(first) if momentum != 0 else None, lays, [_layout_key(l) for l in lays], hp)
-
-
-@triton_step.register_fake
-def _triton_step_fake(params, grads, momentum_buffers, first, perms, offsets, max_sizes, lr, weight_decay, momentum,
-                      dampening, nesterov, maximize, centripetal) -> None:
-    return None
