@@ -4,7 +4,7 @@ A step with momentum must move 5 accesses per element (read w, g, b; write w, b:
 ``torch.optim.SGD(fused=True)``, so a good kernel is a stream at the device's copy bandwidth. The model
 counts, per design, the bytes each launch moves and how they are spread over the blocks, and predicts::
 
-    time = launches * LAUNCH_US
+    time = LAUNCH_US + (launches - 1) * LAUNCH_GAP_US
            + sum over launches of max( bytes / bandwidth,                          # the stream
                                        max block bytes / per-block rate )         # the slowest block
     per-block rate = bytes a block keeps in flight / LATENCY_US   (Little's law; at most the bandwidth)
@@ -18,9 +18,10 @@ chunks, 320 blocks x 512 threads per launch, 16-byte accesses, 4 per thread in f
 depth 3 per launch) are modelled from their launch rules; the Triton rows come from
 ``benchmarks/perf_model_triton.py`` when it is present.
 
-Assumptions (leads to check on the GPU, not measurements): LATENCY_US = 0.8 (a loaded HBM access),
-LAUNCH_US = 3 (a launch's fixed cost on an idle stream; less when the step is replayed from a CUDA graph),
-a 32-byte sector for every scattered access narrower than that. Run::
+Assumptions (leads to check on the GPU, not measurements; the Triton rows use the same ones): LATENCY_US = 0.7
+(a loaded HBM round trip), LAUNCH_US = 2.5 for a step's first launch and LAUNCH_GAP_US = 1.0 for each further
+one (less when the step is replayed from a CUDA graph), a 32-byte sector for every scattered access narrower
+than that. Run::
 
     python benchmarks/perf_model.py            # ResNet-50 and ResNet-56 shapes at 5/8, 1/2, singletons
 
@@ -47,14 +48,19 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from csgd_ext.layout import ClusterLayout, build_layout  # noqa: E402
 from csgd_ext.ops import cuda_emulated  # noqa: E402
 
-LATENCY_US = 0.8
-LAUNCH_US = 3.0
+LATENCY_US = 0.7      # a loaded global-memory round trip
+LAUNCH_US = 2.5       # the first launch of a step: launch latency, ramp-up, tail
+LAUNCH_GAP_US = 1.0   # each further back-to-back launch in the same stream: drain and ramp-up
 SECTOR = 32
 H200 = dict(bandwidth_gbs=4300.0, sms=132)
 
 
 def _accesses(momentum: bool = True) -> int:
     return 5 if momentum else 3
+
+
+def _launch_us(launches: int) -> float:
+    return LAUNCH_US + max(0, launches - 1) * LAUNCH_GAP_US if launches else 0.0
 
 
 def _wave_us(total_bytes: float, max_block_bytes: float, inflight_per_block: float, bandwidth_gbs: float) -> float:
@@ -82,7 +88,7 @@ def cuda_new(params: Sequence[torch.Tensor], layouts: Sequence[Optional[ClusterL
         # bytes in flight per block: 256 threads x (2 vectors x 3 streams) of 16 B on vector rows, 4 B otherwise
         vec_frac = 1.0 - scalar / max(1, n)
         inflight = 256 * 6 * (16 * vec_frac + esize * (1 - vec_frac))
-        us = st["launches"] * LAUNCH_US + _wave_us(total, max_block, inflight, bandwidth_gbs)
+        us = _launch_us(st["launches"]) + _wave_us(total, max_block, inflight, bandwidth_gbs)
         rows.append(dict(design="cuda (new)", dtype=st["dtype"], bytes=int(total), launches=st["launches"],
                          blocks=st["blocks"], items=st["items"], threads_per_sm=256 * blocks_per_sm,
                          bytes_per_load=16 if vec_frac > 0.5 else esize,
@@ -151,7 +157,7 @@ def cuda_old(params: Sequence[torch.Tensor], layouts: Sequence[Optional[ClusterL
         per_tensor.append(items)
     launches = _pack(per_tensor, max_tensors, max_blocks)
     inflight = threads * 2 * 4  # one thread: about two 4-byte loads in flight (serial member loops)
-    us = sum(LAUNCH_US + _wave_us(sum(launch), max(launch), inflight, bandwidth_gbs) for launch in launches)
+    us = _launch_us(len(launches)) + sum(_wave_us(sum(ln), max(ln), inflight, bandwidth_gbs) for ln in launches)
     return dict(design="cuda (old)", dtype="float32", bytes=int(sum(map(sum, launches))), launches=len(launches),
                 blocks=sum(map(len, launches)), items=sum(map(len, launches)), threads_per_sm=256,
                 bytes_per_load=4, predicted_us=us)
@@ -165,7 +171,7 @@ def sgd_fused(params: Sequence[torch.Tensor], *, bandwidth_gbs: float) -> Dict[s
                   for p in params if p.numel() > 0]
     launches = _pack(per_tensor, max_tensors, max_blocks)
     inflight = threads * 4 * 3 * 16  # ILP 4, three streams, 16-byte accesses
-    us = sum(LAUNCH_US + _wave_us(sum(launch), max(launch), inflight, bandwidth_gbs) for launch in launches)
+    us = _launch_us(len(launches)) + sum(_wave_us(sum(ln), max(ln), inflight, bandwidth_gbs) for ln in launches)
     return dict(design="SGD fused (torch)", dtype=str(params[0].dtype).replace("torch.", "") if params else "-",
                 bytes=int(sum(map(sum, launches))), launches=len(launches), blocks=sum(map(len, launches)),
                 items=sum(map(len, launches)), threads_per_sm=2048, bytes_per_load=16, predicted_us=us)
@@ -211,10 +217,11 @@ def model_rows(ws, *, bandwidth_gbs: float = H200["bandwidth_gbs"], sms: int = H
 
 
 def format_table(label: str, rows: List[Dict[str, object]]) -> str:
-    head = "| workload | design | launches | blocks | items | MB moved | predicted µs | x SGD fused | % of copy BW at 20 B/elem |"
+    head = "| workload | design | launches | blocks (programs) | items | MB moved | predicted µs | x SGD fused | % of copy BW at 20 B/elem |"
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        lines.append(f"| {label} | {r['design']} | {r['launches']} | {r['blocks']} | {r['items']} | "
+        blocks = r.get("blocks", r.get("programs"))
+        lines.append(f"| {label} | {r['design']} | {r['launches']} | {blocks} | {r.get('items', blocks)} | "
                      f"{r['bytes'] / 1e6:.1f} | {r['predicted_us']:.1f} | {r['x_sgd_fused']:.2f} | "
                      f"{r['pct_of_copy_bw']:.0f} % |")
     return "\n".join(lines)

@@ -60,13 +60,13 @@ from csgd_ext.ops import triton_plan as tp
 
 __all__ = ["triton_rows", "old_tables", "new_tables", "main"]
 
+# shared with the CUDA rows (benchmarks/perf_model.py): memory latency and launch costs
+from benchmarks.perf_model import LATENCY_US, LAUNCH_GAP_US, LAUNCH_US  # noqa: E402
+
 CLOCK_GHZ = 1.98            # H200 SM boost clock
 L1_WAVEFRONTS_PER_CLK = 1   # per SM: one 128-byte wavefront per clock through the LSU/L1
-LATENCY_US = 0.7            # loaded global-memory round trip
 RESIDENT_THREADS = 2048     # per SM
 MAX_PROGRAMS_PER_SM = 32
-LAUNCH_US = 2.5             # the first launch of a step: launch latency, ramp-up, tail
-LAUNCH_GAP_US = 1.0         # each further back-to-back launch in the same stream: drain + ramp-up
 WARP = 32
 
 

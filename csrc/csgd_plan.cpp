@@ -19,7 +19,12 @@ using dev::Cluster;
 using dev::Item;
 using dev::kThreads;
 
-constexpr int64_t kItemElems = 16384;  // target elements per work item
+// Elements per work item: kMaxItemElems, or fewer for a small step, so that there are at least kItemsPerBlock
+// items per block of the grid (a block keeps only about 25 KB in flight: one big item per block would leave
+// a small step latency-bound), but never under kMinItemElems.
+constexpr int64_t kMaxItemElems = 16384;
+constexpr int64_t kMinItemElems = 2048;
+constexpr int64_t kItemsPerBlock = 4;
 constexpr int64_t kRunElems = 4096;    // runs of adjacent singleton rows at least this long go elementwise
 constexpr size_t kCacheSize = 16;
 
@@ -40,9 +45,9 @@ std::pair<int64_t, int64_t> column_blocks(int64_t nvec) {
   return {nb, ceil_div(nvec, nb)};
 }
 
-void add_elem_items(std::vector<Item>& items, int32_t slot, int64_t e0, int64_t e1) {
-  for (int64_t a = e0; a < e1; a += kItemElems) {
-    items.push_back(Item{dev::kElem, slot, a, std::min(e1, a + kItemElems), 0, 0});
+void add_elem_items(std::vector<Item>& items, int32_t slot, int64_t e0, int64_t e1, int64_t chunk) {
+  for (int64_t a = e0; a < e1; a += chunk) {
+    items.push_back(Item{dev::kElem, slot, a, std::min(e1, a + chunk), 0, 0});
   }
 }
 
@@ -58,7 +63,7 @@ std::vector<std::vector<int32_t>> checked_clusters(const int64_t* lay, int64_t k
 
 // Items of one clustered tensor (slot) whose layout is `lay`.
 void plan_clustered(Plan& p, std::vector<Item>& items, int32_t slot, const Geom& geo, const int64_t* lay,
-                    int64_t vec, int64_t i) {
+                    int64_t vec, int64_t i, int64_t chunk) {
   std::vector<std::vector<int32_t>> cl = checked_clusters(lay, geo.clusters, geo.rows, i);
   // singleton rows in long runs of adjacent rows go elementwise; the rest are clusters of one
   std::vector<int32_t> single;
@@ -72,7 +77,7 @@ void plan_clustered(Plan& p, std::vector<Item>& items, int32_t slot, const Geom&
     while (b < single.size() && single[b] == single[b - 1] + 1) ++b;
     const int64_t n = static_cast<int64_t>(b - a);
     if (n * geo.cols >= kRunElems) {
-      add_elem_items(items, slot, int64_t(single[a]) * geo.cols, int64_t(single[a] + n) * geo.cols);
+      add_elem_items(items, slot, int64_t(single[a]) * geo.cols, int64_t(single[a] + n) * geo.cols, chunk);
     } else {
       for (size_t q = a; q < b; ++q) small.push_back({single[q]});
     }
@@ -94,7 +99,7 @@ void plan_clustered(Plan& p, std::vector<Item>& items, int32_t slot, const Geom&
     for (const auto& m : small) member_rows += static_cast<int64_t>(m.size());
     const int64_t cpp = kThreads / std::min<int64_t>(vb, kThreads);  // clusters per pass of the block
     const int64_t per_pass = cpp * std::min(geo.cols, vb * vec) * member_rows / static_cast<int64_t>(small.size());
-    const int64_t per_item = cpp * std::max<int64_t>(1, kItemElems / std::max<int64_t>(1, per_pass));
+    const int64_t per_item = cpp * std::max<int64_t>(1, chunk / std::max<int64_t>(1, per_pass));
     const int64_t c_begin = static_cast<int64_t>(p.clusters.size());
     for (const auto& m : small) add_cluster(m);
     const int64_t c_end = static_cast<int64_t>(p.clusters.size());
@@ -149,7 +154,12 @@ Plan build_plan(const std::vector<int64_t>& idx, const std::vector<Geom>& geoms,
     PlanLaunch pl;
     std::vector<Item> items;
     std::vector<int64_t> cols;
-    for (size_t t = t0; t < std::min(todo.size(), t0 + dev::kMaxSlots); ++t) {
+    const size_t t1 = std::min(todo.size(), t0 + dev::kMaxSlots);
+    int64_t total = 0;
+    for (size_t t = t0; t < t1; ++t) total += geoms[todo[t]].rows * geoms[todo[t]].cols;
+    const int64_t per_block = ceil_div(total, kItemsPerBlock * target.sm_count * target.blocks_per_sm);
+    const int64_t chunk = std::clamp(ceil_div(per_block, kMinItemElems) * kMinItemElems, kMinItemElems, kMaxItemElems);
+    for (size_t t = t0; t < t1; ++t) {
       const int64_t i = todo[t];
       const Geom& geo = geoms[i];
       const int32_t slot = static_cast<int32_t>(pl.tensors.size());
@@ -160,9 +170,9 @@ Plan build_plan(const std::vector<int64_t>& idx, const std::vector<Geom>& geoms,
       if (geo.clusters == 0 || geo.clusters == geo.rows) {
         // unclustered, or every row its own cluster: plain SGD on the flat range (still validated)
         if (geo.clusters > 0) checked_clusters(host_layouts[i], geo.clusters, geo.rows, i);
-        add_elem_items(items, slot, 0, geo.rows * geo.cols);
+        add_elem_items(items, slot, 0, geo.rows * geo.cols, chunk);
       } else {
-        plan_clustered(p, items, slot, geo, host_layouts[i], vec, i);
+        plan_clustered(p, items, slot, geo, host_layouts[i], vec, i, chunk);
       }
     }
     TORCH_CHECK_VALUE(p.members.size() < (size_t(1) << 31), "csgd_step_: too many clustered rows in one step");

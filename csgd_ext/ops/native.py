@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..layout import ClusterLayout
-from .staging import layout_forms, stage
+from .staging import copy_back, layout_forms, stage
 
 NAME = "native"
 OP = "csgd_ext::csgd_step_"
@@ -171,8 +171,7 @@ def run_op(backend: str, op_name: str, params, grads, momentum_buffers: list, la
             _STAGED[id(layouts)] = layouts  # staged from now on (kept: its id stays its own)
             if len(_STAGED) > 64:
                 _STAGED.pop(next(iter(_STAGED)))
-    calls, copy_back = stage(params, grads, momentum_buffers, layouts, momentum != 0, native_layout)
+    calls, staged = stage(params, grads, momentum_buffers, layouts, momentum != 0, native_layout)
     for (_, first), (ps, gs, bs, ls) in calls.items():
         op(ps, gs, bs, ls, *hp, first)
-    for dst, src in copy_back:
-        dst.copy_(src)
+    copy_back(staged)

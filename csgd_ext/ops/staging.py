@@ -1,9 +1,11 @@
-"""Staging of a step's tensors for the fused kernels: what must be copied in and out, and the grouping of the
-tensors into kernel calls (one per dtype and first-step flag).
+"""Staging of a step's tensors for the fused kernels (native and Triton): what must be copied in and out, and
+the grouping of the tensors into kernel calls.
 
 The kernels address a parameter's rows as dense blocks of memory and read its gradient and momentum buffer in
 the parameter's own memory order. Contiguous and ``channels_last`` tensors qualify as they are; anything else
-goes through a temporary copy (parameters and buffers are copied back after the kernel).
+goes through a temporary copy (:func:`conform`; parameters and buffers are copied back after the kernel by
+:func:`copy_back`). :func:`stage` is the native backend's whole staging; the Triton backend adds its own
+alignment rules and uses :func:`conform`, :func:`first_step_buffer` and :func:`copy_back`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,30 @@ class KernelLists(NamedTuple):
     layouts: list  # per param: the kernel's layout form, or None (plain SGD)
 
 
+def conform(t: torch.Tensor, like: torch.Tensor, ok: bool, staged: Optional[list] = None) -> torch.Tensor:
+    """``t`` itself when ``ok``, else a copy of it in ``like``'s memory order and dtype; with ``staged`` the pair
+    ``(t, copy)`` is recorded there so that :func:`copy_back` writes the kernel's result back into ``t``."""
+    if ok:
+        return t
+    tmp = torch.empty_like(like).copy_(t)
+    if staged is not None:
+        staged.append((t, tmp))
+    return tmp
+
+
+def first_step_buffer(momentum_buffers: list, i: int, like: torch.Tensor) -> torch.Tensor:
+    """A new momentum buffer for parameter ``i`` (``empty_like``: a first step writes all of it), stored into
+    ``momentum_buffers``."""
+    b = momentum_buffers[i] = torch.empty_like(like)
+    return b
+
+
+def copy_back(staged: list) -> None:
+    """Copy every staged temporary back into its destination (after the kernel)."""
+    for dst, tmp in staged:
+        dst.copy_(tmp)
+
+
 def stage(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
           layouts: Sequence[Optional[ClusterLayout]], use_momentum: bool,
           layout_form: Callable[[ClusterLayout], object]) -> Tuple[Dict[tuple, KernelLists], list]:
@@ -35,7 +61,7 @@ def stage(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentu
     all of it) and stored into ``momentum_buffers``.
     """
     calls: Dict[tuple, KernelLists] = {}
-    copy_back: list = []
+    staged: list = []
     for i, p in enumerate(params):
         g = grads[i]
         b = momentum_buffers[i] if use_momentum else None
@@ -47,17 +73,14 @@ def stage(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentu
         pw = p
         if not (p.is_contiguous() and g.is_contiguous() and (b is None or b.is_contiguous())):
             # the common case skips this: nothing to copy (the op checks shapes, dtypes and devices)
-            if not rows_dense(p):
-                pw = p.contiguous()  # documented copy: rows of p are not dense blocks
-                copy_back.append((p, pw))
-            if not same_order(g, pw):
-                g = torch.empty_like(pw).copy_(g)
-            if b is not None and not same_order(b, pw):
-                bw = torch.empty_like(pw).copy_(b)
-                copy_back.append((b, bw))
-                b = bw
+            if not rows_dense(p):  # documented copy: rows of p are not dense blocks
+                pw = p.contiguous()
+                staged.append((p, pw))
+            g = conform(g, pw, same_order(g, pw))
+            if b is not None:
+                b = conform(b, pw, same_order(b, pw), staged)
         if first:
-            b = momentum_buffers[i] = torch.empty_like(pw)
+            b = first_step_buffer(momentum_buffers, i, pw)
         lay = layouts[i]
         key = (p.dtype, first)
         lists = calls.get(key)
@@ -68,7 +91,7 @@ def stage(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentu
         if use_momentum:
             lists.bufs.append(b)
         lists.layouts.append(None if lay is None or lay.num_rows == 0 else layout_form(lay))
-    return calls, copy_back
+    return calls, staged
 
 
 _FORMS: "OrderedDict[int, tuple]" = OrderedDict()  # id(layouts list) -> (item ids, items, forms, layout_form)

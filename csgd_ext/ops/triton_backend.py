@@ -48,6 +48,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..layout import ClusterLayout, is_dense, rows_dense, same_order
+from .staging import conform, copy_back, first_step_buffer
 from .triton_plan import ALIGN_BYTES, LayoutLike, align_elems, build_plan
 
 NAME = "triton"
@@ -223,31 +224,24 @@ def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]
         flat = lay is None or lay.max_size <= 1
         rows = p.shape[0] if (lay is not None and p.dim()) else 1
         es = p.element_size()
-        w = p
         wp = p.data_ptr()
-        if not (is_dense(p) if flat else rows_dense(p, rows)) or wp % es:
+        w = p
+        if not ((is_dense(p) if flat else rows_dense(p, rows)) and wp % es == 0):
             w = p.contiguous() if wp % es == 0 or not p.is_contiguous() else p.clone()
             staged.append((p, w))
             wp = w.data_ptr()
         g = grads[i]
+        g = conform(g, w, g.dtype == w.dtype and g.data_ptr() % es == 0 and same_order(g, w))
         gp = g.data_ptr()
-        if g.dtype != w.dtype or gp % es or not same_order(g, w):
-            g = torch.empty_like(w).copy_(g)
-            gp = g.data_ptr()
         b, bp, first = None, 0, 0
         if use_mom:
             buf = momentum_buffers[i]
             if buf is None:
-                b = torch.empty_like(w)
-                momentum_buffers[i] = b
+                b = first_step_buffer(momentum_buffers, i, w)
                 first = 1
             else:
                 first = int(first_flags[i]) if first_flags is not None else 0
-                if buf.dtype != w.dtype or buf.data_ptr() % es or not same_order(buf, w):
-                    b = torch.empty_like(w).copy_(buf)
-                    staged.append((buf, b))
-                else:
-                    b = buf
+                b = conform(buf, w, buf.dtype == w.dtype and buf.data_ptr() % es == 0 and same_order(buf, w), staged)
             bp = b.data_ptr()
         n = p.numel()
         if n == 0:
@@ -289,8 +283,7 @@ def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]
                     tile[(ln.programs,)](plan.work, ln.item0, ln.n_items, meta, plan.rows, hp_t, W, G, B,
                                          R=ln.R, C=ln.C, ALIGN=align, HAS_C=hp["centripetal"] != 0,
                                          num_warps=ln.num_warps, **common)
-    for dst, tmp in staged:
-        dst.copy_(tmp)
+    copy_back(staged)
 
 
 def _aligned_launches(plan, meta_vals, bases, dtype) -> tuple:
@@ -303,3 +296,33 @@ def _aligned_launches(plan, meta_vals, bases, dtype) -> tuple:
         out.append(ln.aligned and bases_ok and align > 1 and
                    all(meta_vals[6 * t + j] % align == 0 for t in ln.tensors for j in range(3)))
     return tuple(out)
+
+
+# -- the custom op: what torch.compile sees -----------------------------------------------------------
+@torch.library.custom_op("csgd_ext::triton_step", mutates_args=("params", "momentum_buffers"))
+def triton_step(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_buffers: List[torch.Tensor],
+                first: List[bool], perms: List[Optional[torch.Tensor]], offsets: List[Optional[torch.Tensor]],
+                max_sizes: List[int], lr: float, weight_decay: float, momentum: float, dampening: float,
+                nesterov: bool, maximize: bool, centripetal: float) -> None:
+    """The Triton C-SGD step as an opaque, in-place op. ``momentum_buffers`` (empty without momentum) are
+    allocated by the caller; ``first[i]`` marks a buffer never written yet (it is not read). A layout is
+    ``perms[i]``/``offsets[i]``/``max_sizes[i]`` of a :class:`ClusterLayout` (None: unclustered)."""
+    if len(params) == 0:
+        return
+    device = params[0].device
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend 'triton' is unavailable on {device.type}: {reason}")
+    _check(params, device)
+    lays = [None if perm is None else _as_plan_layout(LayoutLike(perm, off, off.numel() - 1, int(ms)))
+            for perm, off, ms in zip(perms, offsets, max_sizes)]
+    hp = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
+              maximize=maximize, centripetal=centripetal)
+    bufs = list(momentum_buffers) if momentum != 0 else [None] * len(params)
+    _run(params, grads, bufs, list(first) if momentum != 0 else None, lays, [_layout_key(l) for l in lays], hp)
+
+
+@triton_step.register_fake
+def _triton_step_fake(params, grads, momentum_buffers, first, perms, offsets, max_sizes, lr, weight_decay, momentum,
+                      dampening, nesterov, maximize, centripetal) -> None:
+    return None
