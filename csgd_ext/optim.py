@@ -49,12 +49,13 @@ class _StepCache(NamedTuple):
     group: Dict[str, Any]
     use_momentum: bool
     clustered: List[torch.Tensor]  # the clustered parameters
-    rows: List[int]  # ... and the rows their layouts were built for
+    shapes: List[torch.Size]  # ... and their shapes when their layouts were checked
     batch: _Batch
 
 
 _GRAD = operator.attrgetter("grad")
 _IS_SPARSE = operator.attrgetter("is_sparse")
+_SHAPE = operator.attrgetter("shape")
 
 
 _HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "centripetal")
@@ -334,7 +335,7 @@ class CSGD(Optimizer):
         grads = list(map(_GRAD, params))
         if any(map(operator.is_, grads, repeat(None))) or any(map(_IS_SPARSE, grads)):
             return None
-        if list(map(len, c.clustered)) != c.rows:  # len(p) == p.shape[0]
+        if list(map(_SHAPE, c.clustered)) != c.shapes:  # a clustered parameter changed shape
             return None
         return c.batch._replace(grads=grads)
 
@@ -342,9 +343,9 @@ class CSGD(Optimizer):
         """Keep ``batch`` for the next steps when it holds every parameter of the group and every buffer."""
         if len(batch.params) != len(group["params"]) or (use_momentum and any(b is None for b in batch.bufs)):
             return
-        clustered = [(p, lay.num_rows) for p, lay in zip(batch.params, batch.layouts) if lay is not None]
-        self._step_cache[id(group)] = _StepCache(self._epoch, group, use_momentum, [p for p, _ in clustered],
-                                                 [r for _, r in clustered], batch._replace(grads=[], states=[]))
+        clustered = [p for p, lay in zip(batch.params, batch.layouts) if lay is not None]
+        self._step_cache[id(group)] = _StepCache(self._epoch, group, use_momentum, clustered,
+                                                 list(map(_SHAPE, clustered)), batch._replace(grads=[], states=[]))
 
     @torch.no_grad()
     def step(self, closure=None):
