@@ -13,8 +13,9 @@
 // * kElem:  a flat element range of one tensor (unclustered tensors, all-singleton layouts, long runs of
 //           singleton rows): 16-byte vectors, kIlp<T> vectors in flight per thread, scalar head and tail.
 // * kSmall: clusters of at most kMaxSmall rows (singletons included) on a range of column vectors. A thread
-//           owns one (cluster, column vector): it reads each member's g and w once (w kept in registers),
-//           forms the means, then reads b and writes w and b of every member. Several clusters share a block
+//           owns one (cluster, column vector): it reads each member's g and w once (the w of the first kKeep
+//           members stays in registers; later members read theirs again, from cache), forms the means, then
+//           reads b and writes w and b of every member. Several clusters share a block
 //           when rows are short (one-column tensors: one cluster per thread).
 // * kLarge: one cluster of more than kMaxSmall rows on up to kThreads column vectors. Members are split
 //           across the block's threads; partial sums go through shared memory and are reduced in a fixed
