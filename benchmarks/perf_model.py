@@ -77,7 +77,7 @@ def cuda_new(params: Sequence[torch.Tensor], layouts: Sequence[Optional[ClusterL
     rows = []
     for st in cuda_emulated.plan_stats(params, layouts, sm_count=sms, blocks_per_sm=blocks_per_sm):
         esize = st["elem_bytes"]
-        n = st["elems_elem"] + st["elems_small"] + st["elems_large"]
+        n = st["elems_elem"] + st["elems_small"] + st["elems_large"] + st.get("elems_packed", 0)
         acc = _accesses()
         scalar = st["elems_scalar"]
         # scattered one-column clusters: each 2-8 byte access costs a 32-byte sector

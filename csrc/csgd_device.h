@@ -17,6 +17,8 @@
 //           members stays in registers; later members read theirs again, from cache), forms the means, then
 //           reads b and writes w and b of every member. Several clusters share a block
 //           when rows are short (one-column tensors: one cluster per thread).
+// * kPacked: several small unclustered tensors (norm vectors, biases) as one run of elements: the block's
+//           threads stride over their concatenation, so a 64-element vector does not hold a block alone.
 // * kLarge: one cluster of more than kMaxSmall rows on up to kThreads column vectors. Members are split
 //           across the block's threads; partial sums go through shared memory and are reduced in a fixed
 //           order after a barrier (phase 0 | barrier | phase 1), so there is no serial walk over a big cluster.
@@ -74,16 +76,17 @@ constexpr int kMaxSlots = 1000;
 constexpr int kMaxSlots = 112;
 #endif
 
-enum ItemKind : int32_t { kElem = 0, kSmall = 1, kLarge = 2 };
+enum ItemKind : int32_t { kElem = 0, kSmall = 1, kLarge = 2, kPacked = 3 };
 
 // One work item (a block's unit of work; 32 bytes).
 struct Item {
   int32_t kind;
-  int32_t slot;   // tensor slot of the launch
-  int64_t a0;     // kElem: first element; kSmall/kLarge: first cluster (index into the cluster table)
-  int64_t a1;     // kElem: end element;   kSmall/kLarge: end cluster
+  int32_t slot;   // tensor slot of the launch (kPacked: the first of v1 consecutive slots)
+  int64_t a0;     // kElem: first element; kSmall/kLarge: first cluster (index into the cluster table);
+                  // kPacked: where the tensors' element counts start in the member table
+  int64_t a1;     // kElem: end element;   kSmall/kLarge: end cluster; kPacked: total elements
   int32_t v0;     // kSmall/kLarge: column-vector range [v0, v1) (a column vector = kVecBytes of one row)
-  int32_t v1;
+  int32_t v1;     // kPacked: number of tensors
 };
 static_assert(sizeof(Item) == 32, "Item is 32 bytes");
 
@@ -464,6 +467,20 @@ CSGD_HD void large_item(const Launch<T>& L, const Item& it, int phase, int tid, 
   }
 }
 
+// kPacked: tensors slots [it.slot, it.slot + it.v1) with element counts members[it.a0 ...], elementwise over
+// their concatenation (thread tid takes elements tid, tid + kThreads, ...; scalar accesses: the tensors are
+// small and each starts anywhere).
+template <typename T>
+CSGD_HD void packed_item(const Launch<T>& L, const Item& it, int tid) {
+  int t = 0;
+  int64_t base = 0;
+  for (int64_t c = tid; c < it.a1; c += kThreads) {
+    while (c >= base + L.members[it.a0 + t]) base += L.members[it.a0 + t++];
+    const Slot& s = L.slots[it.slot + t];
+    elem_pack<T, 1>(static_cast<T*>(s.w), static_cast<const T*>(s.g), static_cast<T*>(s.b), c - base, L.c);
+  }
+}
+
 // Phases an item needs (one barrier between consecutive phases): kLarge 2 per column of its vector when its
 // rows are not vectorizable, else 2; others 1.
 template <typename T>
@@ -481,6 +498,9 @@ CSGD_HD void run_item(const Launch<T>& L, const Item& it, int phase, int tid, Sm
       break;
     case kSmall:
       small_item<T>(L, it, tid);
+      break;
+    case kPacked:
+      packed_item<T>(L, it, tid);
       break;
     default:
       large_item<T>(L, it, phase, tid, sm);

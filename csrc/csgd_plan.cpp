@@ -26,6 +26,7 @@ constexpr int64_t kMaxItemElems = 16384;
 constexpr int64_t kMinItemElems = 2048;
 constexpr int64_t kItemsPerBlock = 4;
 constexpr int64_t kRunElems = 4096;    // runs of adjacent singleton rows at least this long go elementwise
+constexpr int64_t kPackMaxElems = 4096;  // flat tensors this small share packed items
 constexpr size_t kCacheSize = 16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -33,6 +34,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Elements an item touches (its cost: every element moves the same bytes).
 int64_t item_elems(const Item& it, const std::vector<Cluster>& clusters, int64_t cols, int64_t vec) {
   if (it.kind == dev::kElem) return it.a1 - it.a0;
+  if (it.kind == dev::kPacked) return it.a1;
   const int64_t ncols = std::min<int64_t>(cols, int64_t(it.v1) * vec) - int64_t(it.v0) * vec;
   int64_t rows = 0;
   for (int64_t c = it.a0; c < it.a1; ++c) rows += clusters[c].size;
@@ -159,8 +161,32 @@ Plan build_plan(const std::vector<int64_t>& idx, const std::vector<Geom>& geoms,
     for (size_t t = t0; t < t1; ++t) total += geoms[todo[t]].rows * geoms[todo[t]].cols;
     const int64_t per_block = ceil_div(total, kItemsPerBlock * target.sm_count * target.blocks_per_sm);
     const int64_t chunk = std::clamp(ceil_div(per_block, kMinItemElems) * kMinItemElems, kMinItemElems, kMaxItemElems);
+    // small flat tensors (unclustered, or every row its own cluster) take the first slots, consecutively, and
+    // go in packed items; the others follow
+    std::vector<int64_t> packed, rest;
     for (size_t t = t0; t < t1; ++t) {
-      const int64_t i = todo[t];
+      const Geom& geo = geoms[todo[t]];
+      const bool flat = geo.clusters == 0 || geo.clusters == geo.rows;
+      (flat && geo.rows * geo.cols <= kPackMaxElems ? packed : rest).push_back(todo[t]);
+    }
+    for (size_t k = 0; k < packed.size();) {
+      const int32_t slot0 = static_cast<int32_t>(pl.tensors.size());
+      const int64_t a0 = static_cast<int64_t>(p.members.size());
+      int64_t n = 0;
+      int32_t count = 0;
+      for (; k < packed.size() && (count == 0 || n + geoms[packed[k]].rows * geoms[packed[k]].cols <= chunk); ++k) {
+        const int64_t i = packed[k];
+        const Geom& geo = geoms[i];
+        if (geo.clusters > 0) validate_layout(host_layouts[i], geo.clusters, geo.rows, i);
+        pl.tensors.push_back(i);
+        cols.push_back(geo.cols);
+        p.members.push_back(static_cast<int32_t>(geo.rows * geo.cols));
+        n += geo.rows * geo.cols;
+        ++count;
+      }
+      items.push_back(Item{dev::kPacked, slot0, a0, n, 0, count});
+    }
+    for (const int64_t i : rest) {
       const Geom& geo = geoms[i];
       const int32_t slot = static_cast<int32_t>(pl.tensors.size());
       pl.tensors.push_back(i);
@@ -169,7 +195,7 @@ Plan build_plan(const std::vector<int64_t>& idx, const std::vector<Geom>& geoms,
                         "] has rows too long for the CUDA kernel");
       if (geo.clusters == 0 || geo.clusters == geo.rows) {
         // unclustered, or every row its own cluster: plain SGD on the flat range (still validated)
-        if (geo.clusters > 0) checked_clusters(host_layouts[i], geo.clusters, geo.rows, i);
+        if (geo.clusters > 0) validate_layout(host_layouts[i], geo.clusters, geo.rows, i);
         add_elem_items(items, slot, 0, geo.rows * geo.cols, chunk);
       } else {
         plan_clustered(p, items, slot, geo, host_layouts[i], vec, i, chunk);
@@ -193,7 +219,7 @@ Plan build_plan(const std::vector<int64_t>& idx, const std::vector<Geom>& geoms,
 
 std::string plan_stats(const Plan& p, const std::vector<Geom>& geoms, int64_t elem_size) {
   const int64_t vec = dev::kVecBytes / elem_size;
-  int64_t n_kind[3] = {0, 0, 0}, elems_kind[3] = {0, 0, 0};
+  int64_t n_kind[4] = {0, 0, 0, 0}, elems_kind[4] = {0, 0, 0, 0};
   int64_t scalar_elems = 0, scattered = 0, reread = 0, max_block = 0, sum_grid = 0, lanes_used = 0, lanes_total = 0;
   for (const PlanLaunch& pl : p.launches) {
     std::vector<int64_t> per_block(pl.grid, 0);
@@ -205,8 +231,9 @@ std::string plan_stats(const Plan& p, const std::vector<Geom>& geoms, int64_t el
       n_kind[it.kind] += 1;
       elems_kind[it.kind] += e;
       per_block[(k - pl.item0) % pl.grid] += e;
-      if (it.kind != dev::kElem && (geo.cols * elem_size) % dev::kVecBytes != 0) scalar_elems += e;
-      if (it.kind != dev::kElem && geo.cols * elem_size < 32) scattered += e;  // rows shorter than a sector
+      const bool clustered = it.kind == dev::kSmall || it.kind == dev::kLarge;
+      if (it.kind == dev::kPacked || (clustered && (geo.cols * elem_size) % dev::kVecBytes != 0)) scalar_elems += e;
+      if (clustered && geo.cols * elem_size < 32) scattered += e;  // rows shorter than a sector
       if (it.kind == dev::kLarge) reread += e;  // w read in both phases
       if (it.kind == dev::kSmall) {
         const int64_t ncols = std::min<int64_t>(geo.cols, int64_t(it.v1) * vec) - int64_t(it.v0) * vec;
@@ -228,7 +255,8 @@ std::string plan_stats(const Plan& p, const std::vector<Geom>& geoms, int64_t el
   std::ostringstream s;
   s << "launches=" << p.launches.size() << ";blocks=" << sum_grid << ";items=" << p.items.size()
     << ";items_elem=" << n_kind[0] << ";items_small=" << n_kind[1] << ";items_large=" << n_kind[2]
-    << ";elems_elem=" << elems_kind[0] << ";elems_small=" << elems_kind[1] << ";elems_large=" << elems_kind[2]
+    << ";items_packed=" << n_kind[3] << ";elems_elem=" << elems_kind[0] << ";elems_small=" << elems_kind[1]
+    << ";elems_large=" << elems_kind[2] << ";elems_packed=" << elems_kind[3]
     << ";elems_scalar=" << scalar_elems << ";elems_scattered=" << scattered << ";elems_reread=" << reread << ";max_block_elems=" << max_block
     << ";small_lanes_used=" << lanes_used << ";small_lanes_total=" << lanes_total
     << ";clusters_1=" << sizes[0] << ";clusters_2_4=" << sizes[1] << ";clusters_5_8=" << sizes[2]

@@ -177,21 +177,26 @@ def test_many_tensors_take_several_launches():
 
 
 def test_plan_paths():
-    """The planner's choices: unclustered and all-singleton tensors run elementwise, clusters of <= 8 rows in
-    small items (one-column tensors: 256 clusters per item), larger ones in large items."""
+    """The planner's choices: unclustered and all-singleton tensors run elementwise (small ones several to an
+    item), clusters of <= 8 rows in small items (one-column tensors: 256 clusters per item), larger ones in
+    large items."""
     gen = torch.Generator().manual_seed(10)
     p = [torch.zeros(512, 64), torch.zeros(512), torch.zeros(512, 64), torch.zeros(100, 64), torch.zeros(64, 64)]
     lays = [None, build_layout(torch.arange(512)), build_layout(small_ids(512, gen, 4)),
             build_layout(large_ids(100, gen)), build_layout(torch.zeros(64, dtype=torch.long))]
     single = cuda_emulated.plan_stats(p[:2], lays[:2])[0]
-    assert single["items_small"] == single["items_large"] == 0 and single["elems_elem"] == 512 * 65
+    assert single["items_small"] == single["items_large"] == 0
+    assert single["elems_elem"] == 512 * 64 and single["elems_packed"] == 512 and single["items_packed"] == 1
+    norms = cuda_emulated.plan_stats([torch.zeros(c) for c in (64, 256, 1000, 2048, 5000)] * 3, [None] * 15)[0]
+    assert norms["items_packed"] < 12 and norms["elems_elem"] == 3 * 5000  # small vectors share items
     bn = cuda_emulated.plan_stats([torch.zeros(4096)], [build_layout(small_ids(4096, gen, 4))])[0]
     clusters = bn["clusters_1"] + bn["clusters_2_4"]
     assert bn["small_lanes_used"] == clusters and bn["small_lanes_used"] > 0.9 * bn["small_lanes_total"]
     assert bn["items_small"] <= -(-clusters // 256)  # 256 clusters or more per item: one per thread
     mixed = cuda_emulated.plan_stats(p, lays)[0]
     assert mixed["items_small"] > 0 and mixed["items_large"] > 0 and mixed["clusters_large"] >= 2
-    assert mixed["elems_elem"] + mixed["elems_small"] + mixed["elems_large"] == sum(t.numel() for t in p)
+    assert (mixed["elems_elem"] + mixed["elems_small"] + mixed["elems_large"] + mixed["elems_packed"]
+            == sum(t.numel() for t in p))
     assert mixed["launches"] == 1 and mixed["blocks"] == min(mixed["items"], 132 * 4)
 
 
