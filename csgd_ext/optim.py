@@ -32,6 +32,7 @@ from .layout import ClusterLayout, build_layout, validate_cluster_ids
 
 __all__ = ["CSGD"]
 
+
 class _Batch(NamedTuple):
     """The tensors of one param group on one device that one backend call steps."""
 
