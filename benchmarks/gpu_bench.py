@@ -423,7 +423,6 @@ def targets(rows: List[dict]) -> List[dict]:
 def train_section(args, timer, log) -> List[dict]:
     """ResNet-56 (batch 64) forward + backward + step, fused SGD against C-SGD (native, triton) at 5/8."""
     import torch
-    from torch import nn
 
     import csgd_ext
     from benchmarks import nets, suites
@@ -434,7 +433,7 @@ def train_section(args, timer, log) -> List[dict]:
     model = nets.resnet(net).to(args.device).train()
     x = torch.randn(nets.input_shape(net, batch), device=args.device)
     y = torch.randint(0, 10, (batch,), device=args.device)
-    clusters = {p: ids.to(args.device) for p, ids in suites._cluster_model(model, 0.625).items()}
+    clusters = {p: ids.to(args.device) for p, ids in suites.cluster_model(model, 0.625).items()}
     params = list(model.parameters())
     opts, errors = {"SGD fused": torch.optim.SGD(params, fused=True, **HP)}, {}
     # on CPU the Triton interpreter takes seconds per ResNet step: the training step leaves it out there
@@ -444,14 +443,7 @@ def train_section(args, timer, log) -> List[dict]:
         except Exception as e:  # noqa: BLE001
             errors[f"C-SGD {b}"] = f"{type(e).__name__}: {e}"
 
-    def make(opt):
-        def train_step():
-            model.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        return train_step
-
-    cands = {k: make(o) for k, o in opts.items()}
+    cands = {k: suites.train_step(model, x, y, o) for k, o in opts.items()}
     for k, fn in list(cands.items()):
         try:
             fn(), fn()
@@ -491,7 +483,7 @@ def latency_section(args, timer, log) -> List[dict]:
         model = nets.resnet(net).eval()
         t0 = time.perf_counter()
         try:
-            merged, how = suites._merged(model, net, keep)
+            merged, how = suites.merged_model(model, net, keep)
         except Exception as e:  # noqa: BLE001
             merged, how = None, f"merge failed: {type(e).__name__}: {e}"
         if merged is None:

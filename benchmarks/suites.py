@@ -218,7 +218,16 @@ def memory_section(cfg: Config, device="cpu", keep: float = 0.625) -> List[dict]
     return rows
 
 
-def _cluster_model(model: nn.Module, keep: float, seed: int = 0) -> Dict[nn.Parameter, torch.Tensor]:
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt):
+    """One training step of ``model`` on ``(x, y)`` with ``opt``, as a callable for the timers."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def cluster_model(model: nn.Module, keep: float, seed: int = 0) -> Dict[nn.Parameter, torch.Tensor]:
     """Random ids at ``keep`` for every conv/norm parameter (the optimizer cost ignores which rows pair up)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
@@ -238,7 +247,7 @@ def train_section(cfg: Config, device="cpu", net: Optional[str] = None, keep: fl
     model = nets.resnet(net).to(device).train()
     x = torch.randn(nets.input_shape(net, cfg.train_batch), device=device)
     y = torch.randint(0, 1000 if net == "resnet50" else 10, (cfg.train_batch,), device=device)
-    clusters = _cluster_model(model, keep)
+    clusters = cluster_model(model, keep)
     clusters = {p: ids.to(device) for p, ids in clusters.items()}
     params = list(model.parameters())
     opts = {"SGD (torch default)": torch.optim.SGD(params, **HP),
@@ -248,14 +257,7 @@ def train_section(cfg: Config, device="cpu", net: Optional[str] = None, keep: fl
             continue
         opts[f"C-SGD {b}"] = csgd_ext.CSGD(params, centripetal=CENTRIPETAL, clusters=clusters, backend=b, **HP)
 
-    def make(opt):
-        def train_step():
-            model.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        return train_step
-
-    times = interleave({k: make(o) for k, o in opts.items()}, min_rounds=cfg.train_rounds,
+    times = interleave({k: train_step(model, x, y, o) for k, o in opts.items()}, min_rounds=cfg.train_rounds,
                        max_rounds=cfg.train_rounds, warmup=1, device=torch.device(device))
     base = times["SGD (torch default)"].median
     fused = times["SGD fused"].median
@@ -272,7 +274,7 @@ def _latency_keep(model: nn.Module, net: str, keep: float):
             if isinstance(m, nn.Conv2d) and name.startswith("layer") and name.endswith((".conv1", ".conv2"))}
 
 
-def _merged(model: nn.Module, net: str, keep: float):
+def merged_model(model: nn.Module, net: str, keep: float):
     """``(merged model, how)``: ``plan_clusters(method="even")`` + ``collapse`` + ``merge`` (so the merged model
     computes the same function, checked by the caller), or ``(None, why not)``."""
     missing = [n for n in ("plan_clusters", "collapse", "merge") if not hasattr(csgd_ext, n)]
@@ -292,7 +294,7 @@ def latency_section(cfg: Config, device="cpu", progress: bool = True) -> List[di
     for net, keep, batch in tqdm(cfg.latency, desc="inference latency", disable=not progress):
         torch.manual_seed(0)
         model = nets.resnet(net).eval()
-        merged, how = _merged(model, net, keep)
+        merged, how = merged_model(model, net, keep)
         row = {"net": net, "keep": keep, "batch": batch, "how": how,
                "params_before": sum(p.numel() for p in model.parameters())}
         if merged is None:

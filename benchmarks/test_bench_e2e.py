@@ -6,11 +6,10 @@ and inference latency of merged vs unmerged models (ResNet-56 at 5/8, ResNet-50 
 
 import pytest
 import torch
-from torch import nn
 
 import csgd_ext
 from benchmarks import nets
-from benchmarks.suites import _cluster_model, _merged
+from benchmarks.suites import cluster_model, merged_model, train_step
 from benchmarks.workloads import CENTRIPETAL, HP, csgd_backends
 
 TRAIN = ["sgd-default", "sgd-fused"] + [f"csgd-{b}" for b in csgd_backends()]
@@ -27,16 +26,11 @@ def test_train_step(benchmark, kind):
     elif kind == "sgd-fused":
         opt = torch.optim.SGD(params, fused=True, **HP)
     else:
-        opt = csgd_ext.CSGD(params, centripetal=CENTRIPETAL, clusters=_cluster_model(model, 0.625),
+        opt = csgd_ext.CSGD(params, centripetal=CENTRIPETAL, clusters=cluster_model(model, 0.625),
                             backend=kind[5:], **HP)
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
     benchmark.group = "train resnet56 b64"
-    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(train_step(model, x, y, opt), rounds=5, iterations=1, warmup_rounds=1)
 
 
 LATENCY = [("resnet56", 0.625, 64), ("resnet50", 0.7, 1)]
@@ -48,7 +42,7 @@ def test_inference(benchmark, net, keep, batch, merged):
     torch.manual_seed(0)
     model = nets.resnet(net).eval()
     if merged:
-        model, how = _merged(model, net, keep)
+        model, how = merged_model(model, net, keep)
         if model is None:
             pytest.skip(how)
         model.eval()
