@@ -59,7 +59,6 @@ constexpr int kMaxSmall = 8;    // largest cluster one thread updates alone (lar
 // Register budget (the kernel is built for kMinBlocks blocks per SM, 128 registers a thread, and ptxas must
 // not spill; the CUDA compile test checks its report):
 // members whose w a thread keeps in registers between its two passes (the others re-read theirs, from L1)
-template <typename T>
 constexpr int kKeep = 2;
 // vectors of each of w, g, b in flight per thread in the elementwise path (fp16/bf16 vectors widen to 16
 // registers each)
@@ -325,12 +324,12 @@ CSGD_HD void small_cluster(const Slot& s, const int32_t* mem, int size, int64_t 
   }
   // pass 1: sums of g and w; the first kKeep members unrolled (their w stays in registers), the rest in a
   // loop (bounded register use: at most kKeep members' loads in flight)
-  Pack<T, W> wv[kKeep<T>];
+  Pack<T, W> wv[kKeep];
   A sg[W], sw[W];
   CSGD_UNROLL
   for (int k = 0; k < W; ++k) sg[k] = sw[k] = A(0);
   CSGD_UNROLL
-  for (int q = 0; q < kKeep<T>; ++q) {
+  for (int q = 0; q < kKeep; ++q) {
     if (q < size) {
       const int64_t o = static_cast<int64_t>(mem[q]) * s.cols + col;
       const Pack<T, W> gq = load<T, W>(g + o);
@@ -342,7 +341,7 @@ CSGD_HD void small_cluster(const Slot& s, const int32_t* mem, int size, int64_t 
       }
     }
   }
-  add_members<T, W>(g, w, mem, kKeep<T>, size, 1, s.cols, col, sg, sw);
+  add_members<T, W>(g, w, mem, kKeep, size, 1, s.cols, col, sg, sw);
   const A inv = A(1) / static_cast<A>(size), sinv = c.sign * inv;
   CSGD_UNROLL
   for (int k = 0; k < W; ++k) {
@@ -351,10 +350,10 @@ CSGD_HD void small_cluster(const Slot& s, const int32_t* mem, int size, int64_t 
   }
   // pass 2: every member's update (members past kKeep read their w again, from cache)
   CSGD_UNROLL
-  for (int q = 0; q < kKeep<T>; ++q) {
+  for (int q = 0; q < kKeep; ++q) {
     if (q < size) member_update<T, W>(w, b, static_cast<int64_t>(mem[q]) * s.cols + col, wv[q], sg, sw, c);
   }
-  for (int q = kKeep<T>; q < size; ++q) {
+  for (int q = kKeep; q < size; ++q) {
     const int64_t o = static_cast<int64_t>(mem[q]) * s.cols + col;
     member_update<T, W>(w, b, o, load<T, W>(w + o), sg, sw, c);
   }

@@ -217,6 +217,20 @@ Plan build_plan(const std::vector<int64_t>& idx, const std::vector<Geom>& geoms,
   return p;
 }
 
+Plan plan_from_tensors(const std::vector<int64_t>& idx, at::TensorList params,
+                       const c10::List<std::optional<at::Tensor>>& layouts, const std::vector<Geom>& geoms,
+                       const PlanTarget& target) {
+  std::vector<at::Tensor> host(geoms.size());
+  std::vector<const int64_t*> host_ptr(geoms.size(), nullptr);
+  for (int64_t i : idx) {
+    if (geoms[i].clusters > 0) {
+      host[i] = layouts.get(i)->to(at::kCPU).contiguous();
+      host_ptr[i] = host[i].const_data_ptr<int64_t>();
+    }
+  }
+  return build_plan(idx, geoms, host_ptr, params[idx[0]].element_size(), target);
+}
+
 std::string plan_stats(const Plan& p, const std::vector<Geom>& geoms, int64_t elem_size) {
   const int64_t vec = dev::kVecBytes / elem_size;
   int64_t n_kind[4] = {0, 0, 0, 0}, elems_kind[4] = {0, 0, 0, 0};
@@ -238,7 +252,7 @@ std::string plan_stats(const Plan& p, const std::vector<Geom>& geoms, int64_t el
       if (it.kind == dev::kSmall) {
         const int64_t ncols = std::min<int64_t>(geo.cols, int64_t(it.v1) * vec) - int64_t(it.v0) * vec;
         for (int64_t c = it.a0; c < it.a1; ++c) {
-          reread += std::max<int64_t>(0, p.clusters[c].size - dev::kKeep<float>) * ncols;
+          reread += std::max<int64_t>(0, p.clusters[c].size - dev::kKeep) * ncols;
         }
       }
       if (it.kind == dev::kSmall) {
@@ -343,16 +357,10 @@ std::shared_ptr<const CachedPlan> cached_plan(const std::vector<int64_t>& idx, a
   }
   on_miss();
   auto cp = std::make_shared<CachedPlan>();
-  std::vector<at::Tensor> host(geoms.size());
-  std::vector<const int64_t*> host_ptr(geoms.size(), nullptr);
   for (int64_t i : idx) {
-    if (geoms[i].clusters > 0) {
-      cp->layouts.push_back(*layouts.get(i));
-      host[i] = layouts.get(i)->to(at::kCPU).contiguous();  // once per new set of layouts
-      host_ptr[i] = host[i].const_data_ptr<int64_t>();
-    }
+    if (geoms[i].clusters > 0) cp->layouts.push_back(*layouts.get(i));
   }
-  cp->plan = build_plan(idx, geoms, host_ptr, params[idx[0]].element_size(), target);
+  cp->plan = plan_from_tensors(idx, params, layouts, geoms, target);  // once per new set of layouts
   const Plan& p = cp->plan;
   const size_t nbytes = p.items.size() * sizeof(Item) + p.clusters.size() * sizeof(Cluster) +
                         p.members.size() * sizeof(int32_t);

@@ -50,6 +50,12 @@ void validate_layout(const int64_t* lay, int64_t k, int64_t rows, int64_t i);
 Plan build_plan(const std::vector<int64_t>& idx, const std::vector<Geom>& geoms,
                 const std::vector<const int64_t*>& host_layouts, int64_t elem_size, const PlanTarget& target);
 
+// build_plan for tensors and layouts on any device: the layouts are copied to the host first (a device-to-host
+// copy when they live on a GPU).
+Plan plan_from_tensors(const std::vector<int64_t>& idx, at::TensorList params,
+                       const c10::List<std::optional<at::Tensor>>& layouts, const std::vector<Geom>& geoms,
+                       const PlanTarget& target);
+
 // Statistics of a plan, as "key=value;..." (the performance model's input).
 std::string plan_stats(const Plan& plan, const std::vector<Geom>& geoms, int64_t elem_size);
 

@@ -124,16 +124,8 @@ std::vector<std::string> cuda_plan_stats(at::TensorList params, const c10::List<
       params.empty() ? std::vector<Geom>{} : check_step_args(params, params, {}, layouts, h, params[0].device().type());
   std::vector<std::string> out;
   for (const std::vector<int64_t>& idx : group_by_dtype(params)) {
-    std::vector<at::Tensor> host(geoms.size());
-    std::vector<const int64_t*> ptr(geoms.size(), nullptr);
-    for (int64_t i : idx) {
-      if (geoms[i].clusters > 0) {
-        host[i] = layouts.get(i)->to(at::kCPU).contiguous();
-        ptr[i] = host[i].const_data_ptr<int64_t>();
-      }
-    }
+    const Plan p = plan_from_tensors(idx, params, layouts, geoms, PlanTarget{sm_count, blocks_per_sm});
     const int64_t esize = params[idx[0]].element_size();
-    const Plan p = build_plan(idx, geoms, ptr, esize, PlanTarget{sm_count, blocks_per_sm});
     out.push_back("dtype=" + std::string(c10::toString(params[idx[0]].scalar_type())) + ";" +
                   plan_stats(p, geoms, esize));
   }

@@ -24,6 +24,7 @@ import torch
 
 from ..layout import ClusterLayout
 from . import native
+from .staging import kernel_layout
 
 NAME = "cuda_emulated"
 OP_NAME = "csgd_step_cuda_emulated_"
@@ -64,7 +65,7 @@ def plan_stats(params: Sequence[torch.Tensor], layouts: Sequence[Optional[Cluste
     """
     if native.load_error() is not None:
         raise RuntimeError(native.load_error())
-    lts = [None if lay is None or lay.num_rows == 0 else native.native_layout(lay) for lay in layouts]
+    lts = [kernel_layout(lay, native.native_layout) for lay in layouts]
     out = []
     for raw in torch.ops.csgd_ext.cuda_plan_stats(list(params), lts, int(sm_count), int(blocks_per_sm)):
         d: Dict[str, object] = {}

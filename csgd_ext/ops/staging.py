@@ -27,6 +27,11 @@ class KernelLists(NamedTuple):
     layouts: list  # per param: the kernel's layout form, or None (plain SGD)
 
 
+def kernel_layout(lay: Optional[ClusterLayout], layout_form: Callable[[ClusterLayout], object]):
+    """``layout_form(lay)``, or None for a parameter the kernels step as plain SGD (no layout, or no rows)."""
+    return None if lay is None or lay.num_rows == 0 else layout_form(lay)
+
+
 def conform(t: torch.Tensor, like: torch.Tensor, ok: bool, staged: Optional[list] = None) -> torch.Tensor:
     """``t`` itself when ``ok``, else a copy of it in ``like``'s memory order and dtype; with ``staged`` the pair
     ``(t, copy)`` is recorded there so that :func:`copy_back` writes the kernel's result back into ``t``."""
@@ -41,8 +46,8 @@ def conform(t: torch.Tensor, like: torch.Tensor, ok: bool, staged: Optional[list
 def first_step_buffer(momentum_buffers: list, i: int, like: torch.Tensor) -> torch.Tensor:
     """A new momentum buffer for parameter ``i`` (``empty_like``: a first step writes all of it), stored into
     ``momentum_buffers``."""
-    b = momentum_buffers[i] = torch.empty_like(like)
-    return b
+    momentum_buffers[i] = torch.empty_like(like)
+    return momentum_buffers[i]
 
 
 def copy_back(staged: list) -> None:
@@ -54,8 +59,8 @@ def copy_back(staged: list) -> None:
 def stage(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
           layouts: Sequence[Optional[ClusterLayout]], use_momentum: bool,
           layout_form: Callable[[ClusterLayout], object]) -> Tuple[Dict[tuple, KernelLists], list]:
-    """``(calls, copy_back)``: ``calls[(dtype, is_first_step)]`` are the lists of one kernel call;
-    ``copy_back`` the ``(destination, temporary)`` pairs to copy after the calls.
+    """``(calls, staged)``: ``calls[(dtype, is_first_step)]`` are the lists of one kernel call; ``staged`` the
+    ``(destination, temporary)`` pairs that :func:`copy_back` copies after the calls.
 
     A missing momentum buffer (first step) is allocated here (``empty_like``: the kernel's first step writes
     all of it) and stored into ``momentum_buffers``.
@@ -90,7 +95,7 @@ def stage(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentu
         lists.grads.append(g)
         if use_momentum:
             lists.bufs.append(b)
-        lists.layouts.append(None if lay is None or lay.num_rows == 0 else layout_form(lay))
+        lists.layouts.append(kernel_layout(lay, layout_form))
     return calls, staged
 
 
@@ -106,7 +111,7 @@ def layout_forms(layouts: Sequence[Optional[ClusterLayout]], layout_form: Callab
     if hit is not None and hit[0] == ids and hit[3] is layout_form:
         return hit[2]
     items = tuple(layouts)
-    forms = [None if lay is None or lay.num_rows == 0 else layout_form(lay) for lay in items]
+    forms = [kernel_layout(lay, layout_form) for lay in items]
     _FORMS[id(layouts)] = (ids, items, forms, layout_form)
     if len(_FORMS) > 32:
         _FORMS.popitem(last=False)

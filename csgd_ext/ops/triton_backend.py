@@ -48,7 +48,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..layout import ClusterLayout, is_dense, rows_dense, same_order
-from .staging import conform, copy_back, first_step_buffer
+from .staging import conform, copy_back, first_step_buffer, kernel_layout
 from .triton_plan import ALIGN_BYTES, LayoutLike, align_elems, build_plan
 
 NAME = "triton"
@@ -196,12 +196,12 @@ def _compiled_step(params, grads, momentum_buffers, layouts, hp):
         for i, p in enumerate(params):
             buf = momentum_buffers[i]
             if buf is None:
-                buf = momentum_buffers[i] = torch.empty_like(p)
+                buf = first_step_buffer(momentum_buffers, i, p)
                 first.append(True)
             else:
                 first.append(False)
             bufs.append(buf)
-    lays = [None if lay is None or lay.num_rows == 0 else lay for lay in layouts]
+    lays = [kernel_layout(lay, lambda lay: lay) for lay in layouts]
     torch.ops.csgd_ext.triton_step(
         list(params), list(grads), bufs, first, [None if lay is None else lay.perm for lay in lays],
         [None if lay is None else lay.offsets for lay in lays], [0 if lay is None else lay.max_size for lay in lays],
