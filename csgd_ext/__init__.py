@@ -20,7 +20,8 @@ from .planner import plan_clusters
 from .merge import collapse, deviation, merge, merge_report
 from .checkpoint import load_checkpoint, load_merged, save_checkpoint
 from .reorder import contiguous_clusters
-from . import flops, latency, models  # model zoo, MACs/params counter, CPU latency
+from .norms import WeightedLayerNorm, WeightedRMSNorm
+from . import flops, latency, models, norms  # model zoo, MACs/params counter, CPU latency
 from .train import DeviationLogger, evaluate, fit
 
 __all__ = ["CSGD", "fit", "evaluate", "DeviationLogger", "plan_clusters", "ClusterPlan", "contiguous_clusters",

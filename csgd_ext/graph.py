@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .layers import CONSUMER_KINDS, ROOT_TYPES, TRACED_TYPES, module_kind
+from .layers import CONSUMER_KINDS, ROOT_TYPES, TRACED_TYPES, BareParam, conv_group_of, module_kind, targets
 
 __all__ = ["Member", "CoupledGroup", "analyze", "resolve_modules"]
 
@@ -50,6 +50,9 @@ _CHANNELWISE_OPS = {
     "ReflectionPad1D", "ReflectionPad2D", "ReplicationPad1D", "ReplicationPad2D", "NativeDropout",
     "ToCopy", "Alias", "Squeeze", "Unsqueeze", "Expand", "MaxPool2D",
 }
+# batch-norm ops of a norm module whose output is its activation's (timm's BatchNormAct2d): per channel
+_BATCHNORM_OPS = {"NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "NativeBatchNormLegit",
+                  "NativeBatchNormLegitFunctional", "NativeBatchNormLegitNoTraining"}
 _REDUCTIONS = {"Mean", "Sum", "Amax", "Amin", "Max", "Min", "Std", "Var", "Logsumexp"}
 # the matrix products inside an nn.Linear called on an N-D (e.g. channels-last) input
 _LINEAR_INTERNALS = {"Addmm", "Mm", "Bmm", "UnsafeView"}
@@ -72,6 +75,11 @@ class CoupledGroup:
     width: int
     producers: List[Member] = field(default_factory=list)
     consumers: List[Member] = field(default_factory=list)
+    #: ``blocks[r]``: the convolution group of root channel ``r`` in the group's grouped convs (clusters stay
+    #: inside one block; every block has the same size); None without grouped convs
+    blocks: Optional[List[int]] = None
+    #: ops on the group's path whose exactness depends on how they move the channel dim (numeric check)
+    unverified: List[str] = field(default_factory=list)
 
     @property
     def modules(self) -> List[str]:
@@ -115,12 +123,13 @@ def _saved_ndim(grad_fn):
 
 
 def _reduces_channels(grad_fn) -> bool:
+    """True for a reduction over every dim (a scalar): it always mixes the channels."""
     dims = getattr(grad_fn, "_saved_dim", None)
     nd = _saved_ndim(grad_fn)
     if dims is None or nd is None:
         return True  # a full reduction
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    return nd < 2 or 1 in {d % nd for d in dims} or len(dims) == 0
+    return nd < 2 or len(dims) == 0 or len({d % nd for d in dims}) == nd
 
 
 def _reaches_linear(node, tp_ops, depth: int = 0) -> bool:
@@ -153,45 +162,44 @@ def _into_linear(node, tp_ops) -> bool:
     return True
 
 
-def _virtual_op_problem(node, tp_ops):
-    """None if the traced (non-module) op keeps a merge exact, else the reason."""
+def _virtual_op_problem(node, tp_ops) -> Tuple[Optional[str], Optional[str]]:
+    """``(reason, None)`` if the traced (non-module) op cannot merge exactly, ``(None, op name)`` if whether it
+    does depends on where it moves or reads the channel dim (a permute, a reshape, a slice of tokens, a
+    reduction: the numeric check of :mod:`csgd_ext.verify` decides), ``(None, None)`` if it keeps a merge
+    exact."""
     m = node.module
     name = _op_name(node.grad_fn)
     if isinstance(m, tp_ops._OutputOp):
-        return "its channels reach the model output (an output layer's channels are never pruned)"
+        return "its channels reach the model output (an output layer's channels are never pruned)", None
     if isinstance(m, tp_ops._ConcatOp):
         nd = _saved_ndim(node.grad_fn)
         dim = getattr(node.grad_fn, "_saved_dim", 1)
         if nd is not None and dim % max(nd, 1) != 1 and dim != 1:
-            return f"concatenation along dim {dim} (not the channel dim)"
-        return None
+            return None, f"Cat(dim={dim})"  # e.g. a class token joining the tokens of a channels-last stream
+        return None, None
     if isinstance(m, tp_ops._ExpandOp):
-        return None
+        return None, None
     if isinstance(m, tp_ops._ReshapeOp):
         sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
         if sizes is not None and (len(sizes) <= 2 or all(int(s) == 1 for s in sizes[2:])):
-            return None  # (N, C) <-> (N, C, 1, 1): channels do not move
-        if _reaches_linear(node, tp_ops):
-            return None  # flatten head
-        if _into_linear(node, tp_ops):
-            return None  # an nn.Linear flattening its channels-last input: channels stay on the last dim
-        return f"{name} reshapes a feature map (e.g. a channel shuffle): no exact merge"
-    if isinstance(m, (tp_ops._SplitOp, tp_ops._SliceOp, tp_ops._UnbindOp)):
-        return f"{name} (split/slice of channels: cluster members may land in different branches)"
+            return None, None  # (N, C) <-> (N, C, 1, 1): channels do not move
+        if _reaches_linear(node, tp_ops) or _into_linear(node, tp_ops):
+            return None, None  # a flatten head, or an nn.Linear flattening its channels-last input
+        return None, name  # a patch-embedding flatten keeps the channels; a channel shuffle does not
+    if isinstance(m, (tp_ops._SplitOp, tp_ops._UnbindOp)):
+        return f"{name} (split of channels: cluster members may land in different branches)", None
+    if isinstance(m, tp_ops._SliceOp):
+        return None, name  # a slice of tokens keeps every channel; a slice of channels splits clusters
     if isinstance(m, tp_ops._ElementWiseOp):
-        if name in _CHANNELWISE_OPS:
-            return None
+        if name in _CHANNELWISE_OPS or name in _BATCHNORM_OPS:
+            return None, None
         if name in _LINEAR_INTERNALS and node.outputs and all(isinstance(o.module, nn.Linear)
                                                                for o in node.outputs):
-            return None  # the matmul inside an nn.Linear call on an N-D input
-        if name in _REDUCTIONS:
-            if _reduces_channels(node.grad_fn):
-                return f"{name} reduces over the channel dim: no exact merge"
-            return None
-        if name in ("Permute", "Transpose", "T"):
-            return f"{name} moves the channel dim: no exact merge"
-        return f"unknown op {name!r}: no exact merge rule"
-    return f"{type(m).__name__} (no exact merge rule)"
+            return None, None  # the matmul inside an nn.Linear call on an N-D input
+        if name in _REDUCTIONS and _reduces_channels(node.grad_fn):
+            return f"{name} reduces over every dim including the channels: no exact merge", None
+        return None, name  # permutes, reductions over some dims, layer norms, selects, unknown ops
+    return f"{type(m).__name__} (no exact merge rule)", None
 
 
 def _trace(model, example_inputs):
@@ -232,6 +240,30 @@ def _trace(model, example_inputs):
     return DG, names, reused
 
 
+def _blocks(grp: CoupledGroup, tmods: Dict[str, object]) -> Tuple[Optional[List[int]], Optional[str]]:
+    """The convolution-group partition of ``grp``'s root channels (see :attr:`CoupledGroup.blocks`)."""
+    keys: List[tuple] = [() for _ in range(grp.width)]
+    for mem, output in [(p, True) for p in grp.producers] + [(c, False) for c in grp.consumers]:
+        if mem.kind != "grouped":
+            continue
+        m = tmods[mem.name]
+        for r in range(grp.width):
+            idx = [mem.index[r]] if output else mem.index[r]
+            gs = {conv_group_of(m, i, output) for i in idx}
+            if len(gs) != 1:
+                return None, f"{mem.name!r} reads one channel in several convolution groups"
+            keys[r] = keys[r] + (gs.pop(),)
+    if not any(keys):
+        return None, None
+    ids: Dict[tuple, int] = {}
+    blocks = [ids.setdefault(k, len(ids)) for k in keys]
+    sizes = {blocks.count(b) for b in range(len(ids))}
+    if len(sizes) != 1:
+        return None, (f"its grouped convs split its {grp.width} channels into convolution groups of unequal "
+                      f"sizes {sorted(sizes)}")
+    return blocks, None
+
+
 def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> Tuple[List[CoupledGroup], list]:
     """Trace ``model`` and return ``(groups, skipped)``; ``skipped`` holds ``(module names, reason)`` pairs.
 
@@ -243,6 +275,8 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     ignored = {id(m) for m in resolve_modules(model, ignored_layers)}
     DG, names, reused = _trace(model, example_inputs)
+    tmods = targets(model)
+    pnames = {id(p): n for n, p in model.named_parameters()}
     groups: List[CoupledGroup] = []
     skipped: list = []
     for g in DG.get_all_groups(root_module_types=ROOT_TYPES):
@@ -250,6 +284,7 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
         n = len(g[0].idxs)
         root = names.get(root_mod, repr(root_mod))
         reasons: List[str] = []
+        unverified: List[str] = []
         prod: Dict[str, Dict[int, set]] = {}
         cons: Dict[str, Dict[int, list]] = {}
         kinds: Dict[str, str] = {}
@@ -257,17 +292,33 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
         for item in g:
             dep = item.dep
             m = dep.target.module
+            if isinstance(m, nn.Parameter):
+                pname = pnames.get(id(m), f"a parameter of shape {tuple(m.shape)}")
+                tgt = tmods.get(pname)
+                involved.append(pname if isinstance(tgt, BareParam) else pname.rpartition(".")[0])
+                dim = getattr(dep.target, "pruning_dim", 0)
+                if not isinstance(tgt, BareParam):
+                    reasons.append(f"parameter {pname!r} is used outside its layer's forward")
+                elif dim != 0:
+                    reasons.append(f"parameter {pname!r} (shape {tuple(m.shape)}) carries the channels on dim "
+                                   f"{dim} (CSGD clusters the rows of dim 0 only: position embeddings and "
+                                   "class tokens are not supported yet)")
+                else:
+                    kinds[pname] = "scale"
+                    slot = prod.setdefault(pname, {})
+                    for i, r in zip(item.idxs, item.root_idxs):
+                        slot.setdefault(r, set()).add(int(i))
+                continue
             if not isinstance(m, nn.Module) or m not in names:
                 if not dep.target.inputs and not isinstance(m, tp.ops._OutputOp):
                     continue  # an op on parameters only (e.g. a linear layer's weight.t()): not on the channels
-                if isinstance(m, nn.Parameter):
-                    reasons.append("a bare nn.Parameter (outside a standard layer) acts on the channels")
-                    continue
-                prob = _virtual_op_problem(dep.target, tp.ops)
+                prob, check = _virtual_op_problem(dep.target, tp.ops)
                 if prob is None and not dep.target.outputs:
                     prob = "its channels reach the model output (an output layer's channels are never pruned)"
                 if prob:
                     reasons.append(prob)
+                elif check and check not in unverified:
+                    unverified.append(check)
                 continue
             name = names[m]
             if name not in involved:
@@ -301,14 +352,22 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
                             reasons.append(f"{name!r} carries a channel more than once (no 1:1 channel map)")
                             break
                         seen[i] = r
+        grp = CoupledGroup(root=root, width=n, unverified=unverified)
+        if not reasons:
+            for name, slot in prod.items():
+                grp.producers.append(Member(name, kinds[name], [next(iter(slot[r])) if r in slot else -1
+                                                                 for r in range(n)]))
+            for name, slot in cons.items():
+                grp.consumers.append(Member(name, kinds[name], [sorted(set(slot.get(r, []))) for r in range(n)]))
+            if any(-1 in p.index for p in grp.producers if p.kind == "grouped") or \
+                    any(not x for c in grp.consumers if c.kind == "grouped" for x in c.index):
+                reasons.append("a grouped conv carries only part of the group's channels")
+            else:
+                grp.blocks, why = _blocks(grp, tmods)
+                if why:
+                    reasons.append(why)
         if reasons:
             skipped.append((tuple(involved), "; ".join(dict.fromkeys(reasons))))
             continue
-        grp = CoupledGroup(root=root, width=n)
-        for name, slot in prod.items():
-            grp.producers.append(Member(name, kinds[name], [next(iter(slot[r])) if r in slot else -1
-                                                             for r in range(n)]))
-        for name, slot in cons.items():
-            grp.consumers.append(Member(name, kinds[name], [sorted(set(slot.get(r, []))) for r in range(n)]))
         groups.append(grp)
     return groups, skipped

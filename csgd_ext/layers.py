@@ -4,22 +4,42 @@ Graph analysis (:mod:`csgd_ext.graph`), plan validation (:mod:`csgd_ext.planfile
 (:mod:`csgd_ext.planner`), merge (:mod:`csgd_ext.merge`) and reorder (:mod:`csgd_ext.reorder`) all ask this
 module, as torch-pruning's per-layer pruning functions are asked, instead of testing module types themselves.
 
-=========  ======================================  =========================================  ==============
-kind       modules                                 tensors carrying the output channels       in width
-=========  ======================================  =========================================  ==============
-conv       ``Conv1d/2d/3d`` with ``groups == 1``   ``weight`` (axis 0), ``bias``               ``in_channels``
-linear     ``Linear``                              ``weight`` (axis 0), ``bias``               ``in_features``
-depthwise  conv with ``groups == in == out``       ``weight``, ``bias`` (channel-wise)         = out width
-norm       ``BatchNorm*``, ``InstanceNorm*``       ``weight``, ``bias``, ``running_mean/var``  = out width
-prelu      ``PReLU``                               ``weight``, one slope per channel           = out width
-=========  ======================================  =========================================  ==============
+==========  =======================================  =====================================  ==============
+kind        modules                                  tensors carrying the output channels   in width
+==========  =======================================  =====================================  ==============
+conv        ``Conv1d/2d/3d`` with ``groups == 1``    ``weight`` (axis 0), ``bias``           ``in_channels``
+grouped     conv with ``1 < groups``, not depthwise  ``weight`` (axis 0), ``bias``           ``in_channels``
+linear      ``Linear``                               ``weight`` (axis 0), ``bias``           ``in_features``
+depthwise   conv with ``groups == in == out``        ``weight``, ``bias`` (channel-wise)     = out width
+norm        ``BatchNorm*``, ``InstanceNorm*`` and    ``weight``, ``bias``, running stats     = out width
+            their subclasses (timm's norm-act)
+layernorm   ``LayerNorm``/``RMSNorm`` over the       ``weight``, ``bias`` (channel-wise)     = out width
+            channel dim (and channels-first
+            subclasses such as ``LayerNorm2d``)
+prelu       ``PReLU``                                ``weight``, one slope per channel       = out width
+scale       a bare ``nn.Parameter`` whose dim 0      the parameter (ConvNeXt's layer scale)  = out width
+            carries the channel (not in a layer)
+==========  =======================================  =====================================  ==============
 
 * A **producer** of a coupled group is a layer of any kind whose output channels are the group's channels; a
-  **consumer** is a conv or linear layer reading them (its ``weight``'s axis 1 holds the input features).
-* The **channel-wise** kinds (depthwise, norm, prelu) carry the channel on axis 0 of every tensor, and their
-  input width is their output width: they shrink as a whole.
+  **consumer** is a conv, grouped conv or linear layer reading them (its ``weight``'s axis 1 holds the input
+  features; a grouped conv's plan indices are its global input channels).
+* The **channel-wise** kinds (depthwise, norm, layernorm, prelu, scale) carry the channel on axis 0 of every
+  tensor, and their input width is their output width: they shrink as a whole.
+* **Norm subclasses are their kind**: a subclass of a batch/instance norm with its own forward (timm's
+  ``BatchNormAct2d``: ``F.batch_norm`` then an activation and a drop path) holds the same tensors, and its extra
+  work is elementwise, so it shrinks like the norm.
+* **Grouped convs** keep ``groups``: a cluster never crosses a convolution group, and every group keeps the same
+  number of channels (:func:`conv_group_of`).
+* **LayerNorm over channels** normalizes across the channels, so identical channels count with their
+  multiplicity: a merge replaces it by :class:`csgd_ext.norms.WeightedLayerNorm` (``WeightedRMSNorm``), whose
+  ``counts`` are the cluster sizes (:func:`weighted_norm`). A ``LayerNorm`` subclass is this kind only when its
+  forward is a LayerNorm over the last dim or over dim 1 (checked by running it once); anything else (an
+  activation inside, several normalized dims) gets a reason.
 * **The PReLU single-slope rule**: a ``PReLU`` with one shared slope carries no channel (the slope applies to
   any number of channels), so it is never clustered, shrunk or bounds-checked.
+* **Bare parameters** are named by their qualified parameter name (``"stages.0.gamma"``) and looked up with
+  :func:`targets`, which also holds every module by name.
 
 Example::
 
@@ -34,32 +54,106 @@ Example::
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KINDS", "PRODUCER_KINDS", "CONSUMER_KINDS", "CHANNELWISE_KINDS", "KERNEL_KINDS", "TRACED_TYPES",
-           "ROOT_TYPES", "module_kind", "widths", "index_bounds", "channel_tensors", "cluster_ids", "shrink"]
+from .norms import WeightedLayerNorm, WeightedRMSNorm
 
-KINDS = ("conv", "linear", "depthwise", "norm", "prelu")
+__all__ = ["KINDS", "PRODUCER_KINDS", "CONSUMER_KINDS", "CHANNELWISE_KINDS", "KERNEL_KINDS", "TRACED_TYPES",
+           "ROOT_TYPES", "BareParam", "targets", "module_kind", "widths", "index_bounds", "channel_tensors",
+           "cluster_ids", "conv_group_of", "shrink", "sum_grouped_inputs", "weighted_norm", "layernorm_channel_dim"]
+
+KINDS = ("conv", "grouped", "linear", "depthwise", "norm", "layernorm", "prelu", "scale")
 #: kinds whose output channels a group may carry (and cluster)
 PRODUCER_KINDS = KINDS
 #: kinds that read a group's channels through their weight's axis 1
-CONSUMER_KINDS = ("conv", "linear")
+CONSUMER_KINDS = ("conv", "grouped", "linear")
 #: kinds whose every channel tensor has the channel on axis 0, for input and output alike
-CHANNELWISE_KINDS = ("depthwise", "norm", "prelu")
+CHANNELWISE_KINDS = ("depthwise", "norm", "layernorm", "prelu", "scale")
 #: kinds whose flattened weight rows are the clustering features of a group
-KERNEL_KINDS = ("conv", "linear", "depthwise")
+KERNEL_KINDS = ("conv", "grouped", "linear", "depthwise")
 #: module types whose calls graph analysis watches (the known kinds and the norms without an exact merge)
 TRACED_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.PReLU, nn.GroupNorm,
-                nn.LayerNorm)
+                nn.LayerNorm, nn.RMSNorm, WeightedLayerNorm, WeightedRMSNorm)
 #: module types that root a coupled group
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+_LAYERNORMS = (nn.LayerNorm, nn.RMSNorm, WeightedLayerNorm, WeightedRMSNorm)
 
 
-def module_kind(m: nn.Module) -> Tuple[Optional[str], Optional[str]]:
-    """``(kind, None)`` for a layer a merge knows, else ``(None, reason)``."""
+class BareParam:
+    """A parameter that is not part of a known layer (ConvNeXt's ``gamma``), as a plan member: ``owner`` holds
+    it as ``attr``; its dim 0 is the channel."""
+
+    def __init__(self, owner: nn.Module, attr: str):
+        self.owner, self.attr = owner, attr
+
+    @property
+    def param(self) -> torch.Tensor:
+        return getattr(self.owner, self.attr)
+
+    def __repr__(self) -> str:
+        return f"BareParam({type(self.owner).__name__}.{self.attr}, shape={tuple(self.param.shape)})"
+
+
+def targets(model: nn.Module) -> Dict[str, object]:
+    """``{name: module}`` for every module and ``{qualified name: BareParam}`` for every parameter held by a
+    module that is not a layer of a known kind: everything a plan may name.
+
+    Example::
+
+        targets(model)["stages.0.blocks.0.gamma"].param.shape   # torch.Size([96])
+    """
+    out: Dict[str, object] = {}
+    for name, m in model.named_modules():
+        out[name] = m
+        if isinstance(m, TRACED_TYPES) or _layer_kind(m)[0] is not None:
+            continue
+        for attr, _ in m.named_parameters(recurse=False):
+            out[f"{name}.{attr}" if name else attr] = BareParam(m, attr)
+    return out
+
+
+def layernorm_channel_dim(m: nn.Module) -> Optional[int]:
+    """-1 or 1: the dim a LayerNorm/RMSNorm module ``m`` normalizes (1 for a channels-first subclass such as
+    ConvNeXt's ``LayerNorm2d``); None when its forward is not one LayerNorm over one of those dims."""
+    if isinstance(m, (WeightedLayerNorm, WeightedRMSNorm)):
+        return m.channel_dim
+    shape = tuple(getattr(m, "normalized_shape", ()) or ())
+    if len(shape) != 1:
+        return None
+    if type(m) in (nn.LayerNorm, nn.RMSNorm):
+        return -1
+    c = shape[0]
+    w = next(iter(m.parameters(recurse=False)), None)
+    dev, dt = (w.device, w.dtype) if w is not None else (torch.device("cpu"), torch.float32)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    was = m.training
+    m.eval()
+    try:
+        with torch.no_grad():
+            for dim, x in ((1, torch.randn(2, c, 3, 5, generator=g)), (-1, torch.randn(2, 3, c, generator=g))):
+                x = x.to(dev, dt)
+                try:
+                    y = m(x)
+                except Exception:  # noqa: BLE001 - the module does not take this layout
+                    continue
+                ref = F.layer_norm if isinstance(m, nn.LayerNorm) else F.rms_norm
+                xm = x.movedim(dim, -1)
+                want = ref(xm, shape, m.weight, *((m.bias,) if isinstance(m, nn.LayerNorm) else ()),
+                           eps=m.eps if m.eps is not None else torch.finfo(dt).eps).movedim(-1, dim)
+                if isinstance(y, torch.Tensor) and y.shape == want.shape and torch.allclose(y, want, atol=1e-5):
+                    return dim
+    finally:
+        m.train(was)
+    return None
+
+
+def _layer_kind(m) -> Tuple[Optional[str], Optional[str]]:
+    if isinstance(m, BareParam):
+        return "scale", None
     if isinstance(m, nn.modules.conv._ConvTransposeNd):
         return None, f"{type(m).__name__} (transposed convolutions are not supported)"
     if isinstance(m, nn.modules.conv._ConvNd):
@@ -67,21 +161,35 @@ def module_kind(m: nn.Module) -> Tuple[Optional[str], Optional[str]]:
             return "conv", None
         if m.groups == m.in_channels == m.out_channels:
             return "depthwise", None
-        return None, f"grouped {type(m).__name__} (groups={m.groups})"
+        return "grouped", None
     if isinstance(m, nn.Linear):
         return "linear", None
     if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         return "norm", None
     if isinstance(m, nn.PReLU):
         return "prelu", None
-    if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-        return None, f"{type(m).__name__} (normalizes across channels: a merge would change its statistics)"
+    if isinstance(m, _LAYERNORMS):
+        return "layernorm", None
+    if isinstance(m, nn.GroupNorm):
+        return None, f"{type(m).__name__} (normalizes across channel groups: a merge would change its statistics)"
     return None, f"{type(m).__name__} (no exact merge rule for this layer)"
 
 
-def widths(m: nn.Module, kind: str) -> Tuple[int, int]:
+def module_kind(m) -> Tuple[Optional[str], Optional[str]]:
+    """``(kind, None)`` for a layer (or :class:`BareParam`) a merge knows, else ``(None, reason)``."""
+    kind, why = _layer_kind(m)
+    if kind == "layernorm" and layernorm_channel_dim(m) is None:
+        return None, (f"{type(m).__name__} (a LayerNorm whose forward is not one LayerNorm over the channel dim, "
+                      f"e.g. with an activation inside or normalized_shape={tuple(m.normalized_shape)}: no "
+                      "weighted replacement)")
+    if kind == "scale" and m.param.dim() == 0:
+        return None, "a scalar parameter (carries no channel)"
+    return kind, why
+
+
+def widths(m, kind: str) -> Tuple[int, int]:
     """``(output channels, input features)`` of ``m``; a channel-wise kind's input width is its output width."""
-    if kind in ("conv", "depthwise"):
+    if kind in ("conv", "grouped", "depthwise"):
         return m.out_channels, m.in_channels
     if kind == "linear":
         return m.out_features, m.in_features
@@ -89,10 +197,15 @@ def widths(m: nn.Module, kind: str) -> Tuple[int, int]:
         return m.num_features, m.num_features
     if kind == "prelu":
         return m.num_parameters, m.num_parameters
+    if kind == "layernorm":
+        n = m.counts.shape[0] if isinstance(m, (WeightedLayerNorm, WeightedRMSNorm)) else m.normalized_shape[0]
+        return n, n
+    if kind == "scale":
+        return m.param.shape[0], m.param.shape[0]
     raise ValueError(f"unknown layer kind {kind!r}; the kinds are {KINDS}")
 
 
-def index_bounds(m: nn.Module, kind: str) -> Tuple[Optional[int], Optional[int]]:
+def index_bounds(m, kind: str) -> Tuple[Optional[int], Optional[int]]:
     """``(output channels, input features)`` a plan may index in ``m``; None where the module sets no bound
     (a channel-wise kind is never read as a consumer; a single-slope PReLU carries no channel)."""
     if kind == "prelu" and m.num_parameters == 1:
@@ -101,14 +214,25 @@ def index_bounds(m: nn.Module, kind: str) -> Tuple[Optional[int], Optional[int]]
     return n_out, (None if kind in CHANNELWISE_KINDS else n_in)
 
 
-def channel_tensors(m: nn.Module, with_buffers: bool = False) -> List[Tuple[str, torch.Tensor]]:
+def conv_group_of(m: nn.Module, index: int, output: bool) -> int:
+    """The convolution group of a grouped conv's output channel (``output``) or input channel ``index``."""
+    per = (m.out_channels if output else m.in_channels) // m.groups
+    return int(index) // per
+
+
+def channel_tensors(m, with_buffers: bool = False, with_counts: bool = False) -> List[Tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of ``m``'s own tensors whose axis 0 is the output channel: every parameter with a
-    dimension (but a single PReLU slope) and, ``with_buffers``, the norm running statistics."""
+    dimension (but a single PReLU slope), ``with_buffers`` the norm running statistics, and ``with_counts`` a
+    weighted norm's ``counts`` (which move with their channels but are never averaged)."""
+    if isinstance(m, BareParam):
+        return [(m.attr, m.param)]
     out = [(k, p) for k, p in m.named_parameters(recurse=False)
            if p.dim() >= 1 and not (isinstance(m, nn.PReLU) and p.numel() == 1)]
     if with_buffers:
         out += [(k, b) for k, b in m.named_buffers(recurse=False)
                 if b is not None and b.dim() >= 1 and k in ("running_mean", "running_var")]
+    if with_counts and isinstance(m, (WeightedLayerNorm, WeightedRMSNorm)):
+        out.append(("counts", m.counts))
     return out
 
 
@@ -129,9 +253,27 @@ def _set_tensor(m: nn.Module, key: str, value: torch.Tensor) -> None:
         m._buffers[key] = value.contiguous()
 
 
-def shrink(m: nn.Module, kind: str, keep_out: torch.Tensor, keep_in: Optional[torch.Tensor]) -> None:
+def _per_group(keep: torch.Tensor, n: int, groups: int, what: str, name: str) -> List[torch.Tensor]:
+    """``keep`` (sorted global channels of ``n``) split by convolution group; ValueError when unbalanced."""
+    per = n // groups
+    parts = [keep[(keep >= g * per) & (keep < (g + 1) * per)] - g * per for g in range(groups)]
+    if len({len(p) for p in parts}) != 1:
+        raise ValueError(f"{name}: a grouped conv ({groups} groups) must keep the same number of {what} in every "
+                         f"group, the plan keeps {[len(p) for p in parts]}")
+    return parts
+
+
+def shrink(m, kind: str, keep_out: torch.Tensor, keep_in: Optional[torch.Tensor], name: str = "") -> None:
     """Keep output channels ``keep_out`` (and, for a conv/linear, input features ``keep_in``) of ``m``, in place:
-    its tensors are replaced by the kept slices and its width attributes updated."""
+    its tensors are replaced by the kept slices and its width attributes updated. A grouped conv keeps
+    ``groups`` and must keep the same number of channels per group. (A ``layernorm`` module is replaced, not
+    shrunk: see :func:`weighted_norm`.)"""
+    if isinstance(m, BareParam):
+        p = m.param
+        _set_tensor(m.owner, m.attr, p.index_select(0, keep_out.to(p.device)))
+        return
+    if kind == "layernorm":
+        raise ValueError(f"{name}: a layernorm is replaced by weighted_norm(), not shrunk")
     if kind in CHANNELWISE_KINDS:
         for key, t in channel_tensors(m, with_buffers=True):
             _set_tensor(m, key, t.index_select(0, keep_out.to(t.device)))
@@ -144,10 +286,60 @@ def shrink(m: nn.Module, kind: str, keep_out: torch.Tensor, keep_in: Optional[to
             m.num_parameters = n
         return
     w = m.weight
-    _set_tensor(m, "weight", w.index_select(0, keep_out.to(w.device)).index_select(1, keep_in.to(w.device)))
+    keep_out, keep_in = keep_out.to(w.device), keep_in.to(w.device)
+    if kind == "grouped":
+        outs = _per_group(keep_out, m.out_channels, m.groups, "output channels", name)
+        ins = _per_group(keep_in, m.in_channels, m.groups, "input channels", name)
+        opg = m.out_channels // m.groups
+        w = torch.cat([w[o + g * opg].index_select(1, i) for g, (o, i) in enumerate(zip(outs, ins))])
+        _set_tensor(m, "weight", w)
+    else:
+        _set_tensor(m, "weight", w.index_select(0, keep_out).index_select(1, keep_in))
     if m.bias is not None:
         _set_tensor(m, "bias", m.bias.index_select(0, keep_out.to(m.bias.device)))
-    if kind == "conv":
+    if kind in ("conv", "grouped"):
         m.out_channels, m.in_channels = len(keep_out), len(keep_in)
     else:
         m.out_features, m.in_features = len(keep_out), len(keep_in)
+
+
+def sum_grouped_inputs(m: nn.Module, clusters: List[List[List[int]]], name: str) -> None:
+    """Merge values of a grouped conv consumer ``m``, in place: add each cluster member's input slice into the
+    kept member's (``clusters``: the input channels of each member, kept member first), inside its conv group."""
+    w = m.weight
+    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    acc = w.detach().to(dt).clone()
+    ipg, opg = m.in_channels // m.groups, m.out_channels // m.groups
+    for cl in clusters:
+        kept = cl[0]
+        for member in cl[1:]:
+            for f0, f in zip(kept, member):
+                g = conv_group_of(m, f0, output=False)
+                if conv_group_of(m, f, output=False) != g:
+                    raise ValueError(f"{name}: a cluster spans convolution groups (input channels {f0} and {f})")
+                rows = slice(g * opg, (g + 1) * opg)
+                acc[rows, f0 % ipg] += w.detach().to(dt)[rows, f % ipg]
+    w.copy_(acc.to(w.dtype))
+
+
+def weighted_norm(m: nn.Module, keep: torch.Tensor, counts: torch.Tensor) -> nn.Module:
+    """The merged replacement of a ``layernorm``-kind module ``m``: a :class:`~csgd_ext.norms.WeightedLayerNorm`
+    (or ``WeightedRMSNorm``) on the kept channels ``keep``, each counting ``counts`` times (its cluster's size;
+    when ``m`` is already weighted, the sum of its members' counts)."""
+    if isinstance(m, (WeightedLayerNorm, WeightedRMSNorm)):
+        keep = keep.to(m.counts.device)
+        kw = dict(eps=m.eps, elementwise_affine=m.elementwise_affine, channel_dim=m.channel_dim,
+                  device=m.counts.device, dtype=m.weight.dtype if m.weight is not None else None)
+        if isinstance(m, WeightedLayerNorm):
+            kw["bias"] = m.bias is not None
+        new = type(m)(counts, **kw)
+        with torch.no_grad():
+            for key in ("weight", "bias"):
+                old = getattr(m, key, None)
+                if old is not None:
+                    getattr(new, key).copy_(old.index_select(0, keep.to(old.device)))
+    else:
+        cls = WeightedRMSNorm if isinstance(m, nn.RMSNorm) else WeightedLayerNorm
+        new = cls.from_norm(m, counts, keep, channel_dim=layernorm_channel_dim(m))
+    new.train(m.training)
+    return new

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from .flops import count_flops_params
-from .layers import CHANNELWISE_KINDS, channel_tensors, cluster_ids, shrink, widths
+from .layers import CHANNELWISE_KINDS, channel_tensors, cluster_ids, shrink, sum_grouped_inputs, targets, \
+    weighted_norm, widths
 from .layout import build_layout
 from .ops.reference import cluster_mean
 from .plan import ClusterPlan
@@ -74,7 +75,7 @@ def snap_to_means(model: nn.Module, plan: ClusterPlan) -> None:
 
         snap_to_means(model, plan)     # csgd_ext.deviation(model, plan) is now ~0
     """
-    mods = dict(model.named_modules())
+    mods = targets(model)
     for name, clusters in plan.producer_clusters().items():
         for _, t in channel_tensors(mods[name], with_buffers=True):
             t.copy_(_means(t, clusters).to(t.dtype))
@@ -84,7 +85,7 @@ def snap_to_means(model: nn.Module, plan: ClusterPlan) -> None:
 def deviation(model: nn.Module, plan) -> float:
     """Largest intra-cluster deviation ``max |w_i - mean_{C(i)} w|`` over the plan's clustered parameters."""
     check_plan(model, plan)
-    mods = dict(model.named_modules())
+    mods = targets(model)
     worst = 0.0
     for name, clusters in plan.producer_clusters().items():
         for _, t in channel_tensors(mods[name]):
@@ -120,7 +121,7 @@ def _removed(plan) -> Tuple[Dict[str, Set[int]], Dict[str, Set[int]]]:
 def merged_shapes(model: nn.Module, plan) -> Dict[str, tuple]:
     """``{module name: (out channels, in channels)}`` that :func:`merge` will give each touched module."""
     check_plan(model, plan)
-    mods = dict(model.named_modules())
+    mods = targets(model)
     out_rm, in_rm = _removed(plan)
     res = {}
     for name in sorted(set(out_rm) | set(in_rm)):
@@ -152,10 +153,13 @@ def merge(model: nn.Module, plan) -> nn.Module:
     """
     check_plan(model, plan)
     small = copy.deepcopy(model)
-    mods = dict(small.named_modules())
+    mods = targets(small)
     # 1. values: producers -> cluster means, consumers -> summed slices (all at the original shapes)
     snap_to_means(small, plan)
     for name, clusters in plan.consumer_clusters().items():
+        if _kind_of(plan, name) == "grouped":
+            sum_grouped_inputs(mods[name], clusters, name)
+            continue
         w = mods[name].weight
         target = torch.arange(w.shape[1], dtype=torch.long)
         for cl in clusters:
@@ -165,16 +169,45 @@ def merge(model: nn.Module, plan) -> nn.Module:
         wt = w.detach().transpose(0, 1).to(dt).reshape(w.shape[1], -1)  # (in, out * k...) 2-D for index_add_
         acc = torch.zeros_like(wt).index_add_(0, target.to(w.device), wt)
         w.copy_(acc.reshape(w.shape[1], w.shape[0], *w.shape[2:]).transpose(0, 1).to(w.dtype))
-    # 2. shapes: drop the removed members
+    # 2. shapes: drop the removed members; a LayerNorm over the channels becomes a weighted one
     out_rm, in_rm = _removed(plan)
+    sizes = _cluster_sizes(plan, mods)
     for name in sorted(set(out_rm) | set(in_rm)):
         m = mods[name]
         kind = _kind_of(plan, name)
         o, i = widths(m, kind)
-        dev = next(iter(m.parameters(recurse=False)), torch.empty(0)).device
+        ts = channel_tensors(m, with_buffers=True)
+        dev = ts[0][1].device if ts else torch.device("cpu")
+        keep_out = _kept(o, out_rm.get(name, set()), dev)
+        if kind == "layernorm":  # counts: the kept channels' cluster sizes (summed counts when already weighted)
+            counts = sizes[name].index_select(0, keep_out.cpu())
+            _replace(small, name, weighted_norm(m, keep_out, counts))
+            continue
         keep_in = None if kind in CHANNELWISE_KINDS else _kept(i, in_rm.get(name, set()), dev)
-        shrink(m, kind, _kept(o, out_rm.get(name, set()), dev), keep_in)
+        shrink(m, kind, keep_out, keep_in, name)
     return small
+
+
+def _cluster_sizes(plan, mods) -> Dict[str, torch.Tensor]:
+    """``{producer: float64 size of each of its channels' cluster}`` (1 outside multi-member clusters)."""
+    out: Dict[str, torch.Tensor] = {}
+    for g in plan.groups:
+        for cl in g.cluster_members:
+            for name, index in g.producers.items():
+                m = mods[name]
+                if name not in out:
+                    n = widths(m, g.kinds[name])[0]
+                    base = getattr(m, "counts", None)  # an already weighted norm: its channels' own counts
+                    out[name] = base.double().cpu().clone() if isinstance(base, torch.Tensor) else \
+                        torch.ones(n, dtype=torch.float64)
+                t = out[name]
+                t[index[cl[0]]] = sum(float(t[index[r]]) for r in cl)
+    return out
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def merge_report(model: nn.Module, plan, example_inputs) -> dict:

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .layers import channel_tensors, cluster_ids
+from .layers import channel_tensors, cluster_ids, targets
 from .planfile import FORMAT, check_against_model, fingerprint_mismatch, model_fingerprint, parse_group, parse_plan, \
     read_plan_file
 
@@ -42,7 +42,9 @@ class GroupPlan:
     """One coupled group: ``labels[r]`` is the cluster of root channel ``r``.
 
     ``producers``/``consumers`` map module names to channel maps (see :mod:`csgd_ext.graph`);
-    ``kinds`` gives each module's kind (``conv``, ``linear``, ``depthwise``, ``norm``, ``prelu``).
+    ``kinds`` gives each module's kind (see :mod:`csgd_ext.layers`; a bare parameter is named by its qualified
+    parameter name). ``conv_groups`` > 1 when the group passes through grouped convs: each convolution group
+    holds ``width_before / conv_groups`` channels and keeps ``width_after / conv_groups`` clusters.
     """
 
     root: str
@@ -52,6 +54,7 @@ class GroupPlan:
     producers: Dict[str, List[int]] = field(default_factory=dict)
     consumers: Dict[str, List[List[int]]] = field(default_factory=dict)
     kinds: Dict[str, str] = field(default_factory=dict)
+    conv_groups: int = 1
 
     @property
     def modules(self) -> List[str]:
@@ -69,7 +72,8 @@ class GroupPlan:
         return {"root": self.root, "width_before": self.width_before, "width_after": self.width_after,
                 "labels": list(map(int, self.labels)), "kinds": dict(self.kinds),
                 "producers": {k: list(map(int, v)) for k, v in self.producers.items()},
-                "consumers": {k: [list(map(int, x)) for x in v] for k, v in self.consumers.items()}}
+                "consumers": {k: [list(map(int, x)) for x in v] for k, v in self.consumers.items()},
+                "conv_groups": int(self.conv_groups)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "GroupPlan":
@@ -142,7 +146,7 @@ class ClusterPlan:
     def clustered_parameters(self, model: Optional[nn.Module] = None) -> Dict[str, Tuple[nn.Parameter, torch.Tensor]]:
         """``{parameter name: (parameter, int64 ids)}`` for every clustered producer parameter."""
         model = self.model if model is None else model
-        mods = dict(model.named_modules())
+        mods = targets(model)
         out = {}
         for name, clusters in self.producer_clusters().items():
             for pname, p in channel_tensors(mods[name]):
@@ -241,7 +245,9 @@ class ClusterPlan:
         lines = [f"ClusterPlan: {len(self.groups)} clustered groups, {len(self.skipped)} skipped "
                  f"(method={self.meta.get('method')}, seed={self.meta.get('seed')})"]
         for i, g in enumerate(self.groups):
-            lines.append(f"  [{i}] {g.root}: {g.width_before} -> {g.width_after}  producers="
+            per = (f" ({g.conv_groups} conv groups x {g.width_before // g.conv_groups} -> "
+                   f"{g.width_after // g.conv_groups})") if g.conv_groups > 1 else ""
+            lines.append(f"  [{i}] {g.root}: {g.width_before} -> {g.width_after}{per}  producers="
                          f"{list(g.producers)} consumers={list(g.consumers)}")
         for mods, why in self.skipped:
             lines.append(f"  skipped {list(mods)}: {why}")

@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 from torch import nn
 
-from .layers import CONSUMER_KINDS, PRODUCER_KINDS, index_bounds, module_kind
+from .layers import CONSUMER_KINDS, PRODUCER_KINDS, conv_group_of, index_bounds, module_kind, targets
 
 __all__ = ["FORMAT", "model_fingerprint", "fingerprint_mismatch", "parse_group", "parse_plan",
            "check_against_model", "read_plan_file"]
@@ -189,8 +189,12 @@ def _group_fields(d) -> dict:
                           + (f"no kind for {missing}" if missing else f"{extra} are neither"))
     if root not in members:
         raise _FieldError("root", f"{root!r} is not one of the group's producers or consumers")
+    ng = d.get("conv_groups", 1)
+    if not _is_int(ng) or ng < 1 or wb % ng or wa % ng:
+        raise _FieldError("conv_groups", f"must be an int >= 1 dividing width_before ({wb}) and width_after "
+                          f"({wa}), got {ng!r}")
     return dict(root=root, width_before=wb, width_after=wa, labels=labels, producers=producers,
-                consumers=consumers, kinds=kinds)
+                consumers=consumers, kinds=kinds, conv_groups=int(ng))
 
 
 def _check_fingerprint(fp: Mapping) -> Mapping:
@@ -235,11 +239,33 @@ def _check_group_against_model(g, mods: Mapping[str, nn.Module]) -> None:
         if n_in is not None and top >= n_in:
             raise _FieldError(f"consumers[{name!r}]", f"input feature {top} is out of range: {name!r} has "
                               f"{n_in} input features")
+    _check_conv_groups(g, mods)
+
+
+def _check_conv_groups(g, mods) -> None:
+    """Clusters stay inside one convolution group of every grouped conv, each group keeping as many."""
+    for field, maps in (("producers", g.producers), ("consumers", g.consumers)):
+        for name, index in maps.items():
+            if g.kinds[name] != "grouped":
+                continue
+            m = mods[name]
+            kept: Dict[int, int] = {}
+            for cl in g.cluster_members:
+                idx = [index[r] for r in cl] if field == "producers" else [i for r in cl for i in index[r]]
+                gs = {conv_group_of(m, i, field == "producers") for i in idx}
+                if len(gs) != 1:
+                    raise _FieldError(f"{field}[{name!r}]", f"a cluster (root channels {cl[:6]}) spans "
+                                      f"convolution groups {sorted(gs)} of grouped conv {name!r}")
+                cg = gs.pop()
+                kept[cg] = kept.get(cg, 0) + 1
+            if len(set(kept.values())) > 1:
+                raise _FieldError(f"{field}[{name!r}]", f"keeps {sorted(set(kept.values()))} channels in different "
+                                  f"convolution groups of {name!r}: every group must keep the same number")
 
 
 def _check_plan_against_model(plan, model: nn.Module, parameters) -> None:
     """Group fields against ``model``, channels claimed by two groups, ``skipped`` names, ``parameters``."""
-    mods = dict(model.named_modules())
+    mods = targets(model)
     owner: Dict[Tuple[str, str, int], int] = {}
     for i, g in enumerate(plan.groups):
         where = f"group {i} (root {g.root!r})"

@@ -14,17 +14,18 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from .cluster import METHODS, cluster_channels
+from .cluster import METHODS, canonical_labels, cluster_channels
 from .graph import analyze
-from .layers import KERNEL_KINDS
+from .layers import KERNEL_KINDS, BareParam, targets
 from .plan import ClusterPlan, GroupPlan
 from .progress import progress
+from .verify import inexact_groups
 
 __all__ = ["plan_clusters", "check_keep", "target_width"]
 
@@ -66,6 +67,15 @@ def target_width(keep: float, n: int) -> int:
     return max(1, min(n, int(round(keep * n))))
 
 
+def _group_plan(g, labels: List[int]) -> GroupPlan:
+    """The :class:`GroupPlan` of coupled group ``g`` with cluster ``labels``."""
+    return GroupPlan(root=g.root, width_before=g.width, width_after=int(max(labels)) + 1, labels=list(labels),
+                     producers={p.name: list(p.index) for p in g.producers},
+                     consumers={c.name: [list(x) for x in c.index] for c in g.consumers},
+                     kinds={m.name: m.kind for m in g.producers + g.consumers},
+                     conv_groups=len(set(g.blocks)) if g.blocks is not None else 1)
+
+
 def _group_features(model_mods: Dict[str, nn.Module], g) -> torch.Tensor:
     feats = []
     n = g.width
@@ -78,14 +88,46 @@ def _group_features(model_mods: Dict[str, nn.Module], g) -> torch.Tensor:
         feats.append(w[idx])
     if not feats:
         for mem in g.producers:
-            w = getattr(model_mods[mem.name], "weight", None)
+            t = model_mods[mem.name]
+            w = t.param if isinstance(t, BareParam) else getattr(t, "weight", None)
             if w is not None and w.dim() >= 1:
                 feats.append(w.detach().float().reshape(w.shape[0], -1).cpu()[torch.tensor(mem.index)])
     return torch.cat(feats, 1) if feats else torch.zeros(n, 1)
 
 
+def _cluster_blocks(feats_fn, n: int, blocks: Optional[List[int]], width: int, method: str, seed: int) -> List[int]:
+    """Labels for ``n`` channels in ``width`` clusters, clustering inside each block (convolution group) with
+    ``width / blocks`` clusters each; ``feats_fn()`` gives the ``(n, d)`` features (only called for kmeans)."""
+    if width == n:
+        return list(range(n))
+    if blocks is None:
+        if method == "even":
+            return [int(x) for x in cluster_channels(torch.zeros(n, 1), width, "even")]
+        return [int(x) for x in cluster_channels(feats_fn(), width, "kmeans", seed=seed)]
+    nb = len(set(blocks))
+    per = width // nb
+    feats = feats_fn() if method == "kmeans" else None
+    labels = [0] * n
+    for b in range(nb):
+        members = [r for r in range(n) if blocks[r] == b]
+        f = torch.zeros(len(members), 1) if feats is None else feats[members]
+        sub = cluster_channels(f, per, method, seed=seed)
+        for r, lab in zip(members, sub):
+            labels[r] = b * per + int(lab)
+    return [int(x) for x in canonical_labels(labels)]
+
+
+def _block_width(keep, n: int, blocks: Optional[List[int]]) -> int:
+    """The kept width of a group of ``n`` channels: ``keep`` rounds per convolution group when there are any."""
+    if blocks is None:
+        return target_width(keep, n)
+    nb = len(set(blocks))
+    return nb * target_width(keep, n // nb)
+
+
 def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[str, int]] = 0.625,
-                  method: str = "kmeans", seed: int = 0, ignored_layers: Sequence = ()) -> ClusterPlan:
+                  method: str = "kmeans", seed: int = 0, ignored_layers: Sequence = (),
+                  verify: bool = True) -> ClusterPlan:
     """Find the coupled channel groups of ``model`` and cluster each one down to its target width.
 
     Args:
@@ -96,9 +138,13 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[s
         method: ``"kmeans"`` (seeded scikit-learn KMeans on the producers' flattened kernels) or ``"even"``.
         seed: KMeans seed (``n_init`` is fixed at 10: same inputs, same plan).
         ignored_layers: module names or modules whose channels are not touched (with their submodules).
+        verify: run the numeric check of :mod:`csgd_ext.verify` (merge random clusters of a float64 copy and
+            compare outputs; one merge and two forward passes when every group is exact). Groups it finds
+            inexact are skipped with the reason.
 
     Groups that reach the model output (the classifier) or contain an op without an exact merge
-    (GroupNorm, LayerNorm, channel shuffle, ...) are not clustered and listed in ``plan.skipped``.
+    (GroupNorm, a split of channels, a channel shuffle, ...) are not clustered and listed in ``plan.skipped``.
+    A group through a grouped conv is clustered inside each convolution group, ``keep`` rounding per group.
 
     Example::
 
@@ -128,6 +174,13 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[s
             skipped.append((tuple(g.modules), f"consumers {bad_cons} do not read every channel of the group"))
         else:
             ok.append(g)
+    if verify and ok:
+        bad = inexact_groups(model, [_group_plan(g, list(range(g.width))) for g in ok], example_inputs,
+                             blocks=[g.blocks for g in ok])
+        for i, why in sorted(bad.items()):
+            ops = f"; ops on its path: {', '.join(ok[i].unverified)}" if ok[i].unverified else ""
+            skipped.append((tuple(ok[i].modules), f"numeric check: {why}{ops}"))
+        ok = [g for i, g in enumerate(ok) if i not in bad]
 
     widths: Dict[int, int] = {}
     if isinstance(keep, Mapping):
@@ -149,6 +202,10 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[s
             if not 1 <= v <= n:
                 raise ValueError(f"keep[{name!r}] = {v} is out of range: the group of {name!r} has {n} "
                                  f"channels (width must be in [1, {n}])")
+            nb = len(set(ok[gi].blocks)) if ok[gi].blocks is not None else 1
+            if v % nb:
+                raise ValueError(f"keep[{name!r}] = {v} does not split evenly over the {nb} convolution groups "
+                                 f"of its grouped convs (give a multiple of {nb})")
             if gi in widths and widths[gi][1] != v:
                 other = widths[gi][0]
                 raise ValueError(f"keep gives coupled layers {other!r} and {name!r} different widths "
@@ -156,22 +213,13 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[s
             widths[gi] = (name, v)
         widths = {gi: v for gi, (_, v) in widths.items()}
     else:
-        widths = {gi: target_width(keep, g.width) for gi, g in enumerate(ok)}
+        widths = {gi: _block_width(keep, g.width, g.blocks) for gi, g in enumerate(ok)}
 
-    mods = dict(model.named_modules())
+    mods = targets(model)
     plans: List[GroupPlan] = []
     for gi, g in enumerate(progress(ok, desc="csgd_ext: clustering groups", enabled=len(ok) >= 16)):
         width = widths.get(gi, g.width)
-        if width == g.width:
-            labels = np.arange(g.width)
-        elif method == "even":
-            labels = cluster_channels(torch.zeros(g.width, 1), width, "even")
-        else:
-            labels = cluster_channels(_group_features(mods, g), width, "kmeans", seed=seed)
-        plans.append(GroupPlan(root=g.root, width_before=g.width, width_after=int(width),
-                               labels=[int(x) for x in labels],
-                               producers={p.name: list(p.index) for p in g.producers},
-                               consumers={c.name: [list(x) for x in c.index] for c in g.consumers},
-                               kinds={m.name: m.kind for m in g.producers + g.consumers}))
+        labels = _cluster_blocks(lambda: _group_features(mods, g), g.width, g.blocks, width, method, seed)
+        plans.append(_group_plan(g, labels))
     meta = {"method": method, "seed": seed, "keep": dict(keep) if isinstance(keep, Mapping) else keep}
     return ClusterPlan(model, plans, skipped, meta=meta)

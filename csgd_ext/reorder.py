@@ -28,7 +28,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .layers import CHANNELWISE_KINDS, channel_tensors, widths
+from .layers import CHANNELWISE_KINDS, channel_tensors, targets, widths
 from .merge import check_plan
 from .plan import ClusterPlan, GroupPlan
 
@@ -52,14 +52,14 @@ def contiguous_clusters(model: nn.Module, plan: ClusterPlan) -> ClusterPlan:
     objects (their values are permuted in place).
     """
     check_plan(model, plan)
-    mods = dict(model.named_modules())
+    mods = targets(model)
     out_perm: Dict[str, torch.Tensor] = {}  # module -> new index -> old index, along output channels
     in_perm: Dict[str, torch.Tensor] = {}   # module -> new index -> old index, along input features
     groups = []
     for g in plan.groups:
         order = _root_order(g)
-        if order == list(range(len(order))):
-            groups.append(g)
+        if order == list(range(len(order))) or "grouped" in g.kinds.values():
+            groups.append(g)  # already contiguous, or through a grouped conv (a move could cross its groups)
             continue
         for name, index in g.producers.items():
             perm = out_perm.setdefault(name, torch.arange(widths(mods[name], g.kinds[name])[0]))
@@ -76,7 +76,7 @@ def contiguous_clusters(model: nn.Module, plan: ClusterPlan) -> ClusterPlan:
                 perm[feats[k]] = torch.as_tensor(feats[r], dtype=torch.long)
         groups.append(dataclasses.replace(g, labels=[g.labels[r] for r in order]))
     for name, perm in out_perm.items():
-        for _, t in channel_tensors(mods[name], with_buffers=True):
+        for _, t in channel_tensors(mods[name], with_buffers=True, with_counts=True):
             t.copy_(t.index_select(0, perm.to(t.device)))
     for name, perm in in_perm.items():
         w = mods[name].weight

@@ -118,12 +118,24 @@ class ShuffleNet(nn.Module):
         return self.fc(self.ln(x.mean((2, 3))))
 
 
-def test_channel_shuffle_and_layernorm_are_skipped_with_reasons():
-    plan = csgd_ext.plan_clusters(ShuffleNet(), X, keep=0.5)
+def test_channel_shuffle_is_skipped_by_the_numeric_check_and_layernorm_becomes_weighted():
+    net = ShuffleNet().eval()
+    plan = csgd_ext.plan_clusters(net, X, keep=0.5)
     reasons = {m: why for mods, why in plan.skipped for m in mods}
-    assert "c1" in reasons and ("shuffle" in reasons["c1"] or "Transpose" in reasons["c1"])
-    assert "LayerNorm" in reasons["c3"]
-    assert [g.root for g in plan.groups] == ["c2"]
+    assert "c1" in reasons and "numeric check" in reasons["c1"] and "Transpose" in reasons["c1"]
+    assert sorted(g.root for g in plan.groups) == ["c2", "c3"]
+    csgd_ext.collapse(net, plan)
+    small = csgd_ext.merge(net, plan)
+    assert isinstance(small.ln, csgd_ext.norms.WeightedLayerNorm) and small.ln.counts.sum().item() == 6
+    x = torch.randn(3, *X.shape[1:])
+    with torch.no_grad():
+        assert (small(x) - net(x)).abs().max().item() <= 1e-5
+
+
+def test_without_the_numeric_check_the_shuffle_would_be_planned():
+    """The check is what keeps the shuffle out (the negative control of the test above)."""
+    plan = csgd_ext.plan_clusters(ShuffleNet(), X, keep=0.5, verify=False)
+    assert "c1" in [g.root for g in plan.groups]
 
 
 # -- CSGD wiring --------------------------------------------------------------------------------------

@@ -1,0 +1,154 @@
+"""The numeric check of a plan: does merging its groups leave the model's function unchanged?
+
+Graph analysis (:mod:`csgd_ext.graph`) proves most groups exact from the ops on their path. Some ops make it
+depend on which dim carries the channels: a permute to channels-last, a patch-embedding flatten, a slice or a
+concatenation of tokens, a reduction over some dims, a LayerNorm called functionally. For those (and, as a
+safety net, for every group) :func:`inexact_groups` runs the merge itself: on a float64 copy of the model in
+eval mode it collapses random clusters (about half the width, inside each convolution group) of the groups,
+merges, and compares the outputs on the example inputs. A group whose merge changes the output by more than
+``rtol`` (relative to the largest output) is reported, found by bisection: a model whose groups all pass
+costs one merge and two forward passes.
+
+Example::
+
+    from csgd_ext import verify
+    bad = verify.inexact_groups(model, candidate_plans, torch.randn(1, 3, 32, 32))
+    # {index of a group plan: "merging it changes the output by 3.1e-01 (relative) ..."}
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .merge import merge, snap_to_means
+from .plan import ClusterPlan, GroupPlan
+
+__all__ = ["inexact_groups", "probe_labels"]
+
+#: relative output change above which a merge counts as inexact (float64; an exact merge gives ~1e-15)
+RTOL_FP64 = 1e-9
+#: the same when the model cannot run in float64
+RTOL_FP32 = 1e-4
+
+
+def probe_labels(width: int, blocks: Optional[Sequence[int]], rng: np.random.Generator) -> List[int]:
+    """Random cluster labels for ``width`` channels: about half as many clusters as channels, none crossing a
+    block (convolution group), the same number in every block."""
+    blocks = list(blocks) if blocks is not None else [0] * width
+    labels = np.empty(width, dtype=np.int64)
+    nxt = 0
+    for b in sorted(set(blocks)):
+        members = np.flatnonzero(np.asarray(blocks) == b)
+        k = max(1, len(members) // 2)
+        lab = np.concatenate([np.arange(k), rng.integers(0, k, len(members) - k)])
+        labels[rng.permutation(members)] = lab + nxt
+        nxt += k
+    return labels.tolist()
+
+
+def _tensors(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _cast(x, dtype):
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast(v, dtype) for v in x)
+    return x
+
+
+def _call(model: nn.Module, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    return model(*inputs)
+
+
+class _Probe:
+    """A float64 (else float32) eval-mode copy of the model and the example inputs."""
+
+    def __init__(self, model: nn.Module, example_inputs):
+        self.rtol = RTOL_FP64
+        for dtype, rtol in ((torch.float64, RTOL_FP64), (None, RTOL_FP32)):
+            m = copy.deepcopy(model).eval()
+            x = example_inputs
+            if dtype is not None:
+                m, x = m.to(dtype), _cast(x, dtype)
+            try:
+                with torch.no_grad():
+                    _call(m, x)
+            except Exception:  # noqa: BLE001 - e.g. an op without float64 support: use the model's dtype
+                continue
+            self.model, self.inputs, self.rtol = m, x, rtol
+            return
+        raise ValueError(f"cannot run {type(model).__name__} on the example inputs in eval mode")
+
+    @torch.no_grad()
+    def check(self, groups: List[GroupPlan]) -> Optional[str]:
+        """None if merging ``groups`` together is exact, else the reason."""
+        m = copy.deepcopy(self.model)
+        plan = ClusterPlan(m, groups, [])
+        try:
+            snap_to_means(m, plan)
+            ref = _tensors(_call(m, self.inputs))
+            out = _tensors(_call(merge(m, plan), self.inputs))
+        except Exception as e:  # noqa: BLE001 - a merge that cannot be built or run is not exact
+            return f"the merged model fails: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
+            return "the merged model's outputs have other shapes"
+        scale = max([a.abs().max().item() for a in ref if a.numel()] + [1e-30])
+        diff = max([(a - b).abs().max().item() for a, b in zip(ref, out) if a.numel()] + [0.0])
+        if not diff <= self.rtol * scale:  # also catches NaN
+            return f"merging it changes the output by {diff / scale:.1e} (relative)"
+        return None
+
+
+def inexact_groups(model: nn.Module, groups: Sequence[GroupPlan], example_inputs, seed: int = 0,
+                   blocks: Optional[Sequence[Optional[Sequence[int]]]] = None) -> Dict[int, str]:
+    """``{index: reason}`` for the groups of ``groups`` whose merge is not exact (see the module docstring).
+
+    ``groups`` are :class:`GroupPlan` s of ``model`` (their labels are replaced by random probe clusters);
+    ``blocks[i]`` is group ``i``'s convolution-group partition (:attr:`csgd_ext.graph.CoupledGroup.blocks`).
+    """
+    if not groups:
+        return {}
+    rng = np.random.default_rng(seed)
+    probes = []
+    for i, g in enumerate(groups):
+        labels = probe_labels(g.width_before, blocks[i] if blocks is not None else None, rng)
+        probes.append(GroupPlan(root=g.root, width_before=g.width_before, width_after=max(labels) + 1,
+                                labels=labels, producers=g.producers, consumers=g.consumers, kinds=g.kinds))
+    probe = _Probe(model, example_inputs)
+    bad: Dict[int, str] = {}
+
+    def bisect(idx: List[int]) -> None:
+        why = probe.check([probes[i] for i in idx])
+        if why is None:
+            return
+        if len(idx) == 1:
+            bad[idx[0]] = why
+            return
+        found = len(bad)
+        half = len(idx) // 2
+        bisect(idx[:half])
+        bisect(idx[half:])
+        if len(bad) == found:  # each half merges exactly, together they do not: keep none of them
+            bad.update({i: f"{why} (merged together with {len(idx) - 1} other groups)" for i in idx})
+
+    bisect(list(range(len(probes))))
+    return bad
