@@ -136,9 +136,14 @@ def n_params(m):
 
 def check_shapes(small, expected):
     mods = dict(small.named_modules())
+    params = dict(small.named_parameters())
     for name, (o, i) in expected.items():
-        m = mods[name]
-        if isinstance(m, nn.modules.conv._ConvNd):
+        m = mods.get(name, params.get(name))
+        if isinstance(m, nn.Parameter):  # a bare parameter (layer scale): channels on dim 0
+            assert m.shape[0] == o == i, name
+        elif isinstance(m, csgd_ext.norms.WeightedLayerNorm):
+            assert m.weight.shape[0] == o == m.counts.shape[0] == i, name
+        elif isinstance(m, nn.modules.conv._ConvNd):
             assert (m.out_channels, m.in_channels) == (o, i), name
             assert m.weight.shape[0] == o and m.weight.shape[1] * m.groups == i, name
         elif isinstance(m, nn.Linear):
