@@ -4,17 +4,22 @@
 group into a :class:`CoupledGroup`:
 
 * **producers** - layers whose output channels are the group's channels and are clustered: conv/linear
-  output rows, depthwise convs, batch/instance norms (affine params and running stats), per-channel PReLU.
+  output rows, depthwise and grouped convs, batch/instance norms and their subclasses (affine params and
+  running stats), LayerNorms over the channels, per-channel PReLU, per-channel scale parameters.
   ``index[r]`` is the producer's channel for root channel ``r`` (``-1`` where the producer does not carry it,
   e.g. one input of a concatenation that feeds a residual add).
 * **consumers** - conv/linear layers that read the channels; ``index[r]`` lists the consumer's input features
   for root channel ``r`` (one per channel, ``H*W`` for a flatten-to-linear head, shifted by the offset of a
-  concatenation).
+  concatenation; a grouped conv's global input channel).
+* **blocks** - with grouped convs, the convolution group of each root channel (clusters stay inside one).
 
 Groups whose channels pass through an op for which "identical channels -> keep one, sum the consumers" is not
-exact (GroupNorm, LayerNorm, a split/slice, a permute or a channel shuffle, a reduction over channels, an op
-torch-pruning does not know, a grouped conv) or that reach the model's output are returned in ``skipped`` with
-the reason, never silently clustered.
+exact (GroupNorm, a split of channels, a reduction over every dim, a layer without a merge rule, a bare
+parameter that carries the channels on another dim) or that reach the model's output are returned in
+``skipped`` with the reason, never silently clustered. Ops whose exactness depends on where they move the
+channel dim (permutes, reshapes other than a flatten head, slices and concatenations of tokens, partial
+reductions, unknown elementwise ops) are listed in ``CoupledGroup.unverified``: the planner keeps such a group
+only when the numeric check of :mod:`csgd_ext.verify` passes.
 
 Example::
 
@@ -299,10 +304,9 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
                 dim = getattr(dep.target, "pruning_dim", 0)
                 if not isinstance(tgt, BareParam):
                     reasons.append(f"parameter {pname!r} is used outside its layer's forward")
-                elif dim != 0:
+                elif dim != tgt.dim:
                     reasons.append(f"parameter {pname!r} (shape {tuple(m.shape)}) carries the channels on dim "
-                                   f"{dim} (CSGD clusters the rows of dim 0 only: position embeddings and "
-                                   "class tokens are not supported yet)")
+                                   f"{dim}, not on its last non-singleton dim {tgt.dim}")
                 else:
                     kinds[pname] = "scale"
                     slot = prod.setdefault(pname, {})

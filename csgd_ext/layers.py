@@ -17,15 +17,17 @@ layernorm   ``LayerNorm``/``RMSNorm`` over the       ``weight``, ``bias`` (chann
             channel dim (and channels-first
             subclasses such as ``LayerNorm2d``)
 prelu       ``PReLU``                                ``weight``, one slope per channel       = out width
-scale       a bare ``nn.Parameter`` whose dim 0      the parameter (ConvNeXt's layer scale)  = out width
-            carries the channel (not in a layer)
+scale       a bare ``nn.Parameter`` (not in a layer:  the parameter, channels on its last   = out width
+            layer scale, position embedding,        non-singleton dim
+            class token)
 ==========  =======================================  =====================================  ==============
 
 * A **producer** of a coupled group is a layer of any kind whose output channels are the group's channels; a
   **consumer** is a conv, grouped conv or linear layer reading them (its ``weight``'s axis 1 holds the input
   features; a grouped conv's plan indices are its global input channels).
 * The **channel-wise** kinds (depthwise, norm, layernorm, prelu, scale) carry the channel on axis 0 of every
-  tensor, and their input width is their output width: they shrink as a whole.
+  tensor (a bare parameter's :func:`channel_tensors` is a view with its channel dim first), and their input
+  width is their output width: they shrink as a whole.
 * **Norm subclasses are their kind**: a subclass of a batch/instance norm with its own forward (timm's
   ``BatchNormAct2d``: ``F.batch_norm`` then an activation and a drop path) holds the same tensors, and its extra
   work is elementwise, so it shrinks like the norm.
@@ -84,8 +86,9 @@ _LAYERNORMS = (nn.LayerNorm, nn.RMSNorm, WeightedLayerNorm, WeightedRMSNorm)
 
 
 class BareParam:
-    """A parameter that is not part of a known layer (ConvNeXt's ``gamma``), as a plan member: ``owner`` holds
-    it as ``attr``; its dim 0 is the channel."""
+    """A parameter that is not part of a known layer (ConvNeXt's ``gamma``, a ViT's ``pos_embed``), as a plan
+    member: ``owner`` holds it as ``attr``; its channel dim :attr:`dim` is its last non-singleton dim
+    (torch-pruning's rule: ``(C,)``, ``(C, 1, 1)`` -> 0; ``(1, tokens, C)``, ``(1, 1, C)`` -> 2)."""
 
     def __init__(self, owner: nn.Module, attr: str):
         self.owner, self.attr = owner, attr
@@ -93,6 +96,11 @@ class BareParam:
     @property
     def param(self) -> torch.Tensor:
         return getattr(self.owner, self.attr)
+
+    @property
+    def dim(self) -> int:
+        big = [i for i, n in enumerate(self.param.shape) if n > 1]
+        return big[-1] if big else 0
 
     def __repr__(self) -> str:
         return f"BareParam({type(self.owner).__name__}.{self.attr}, shape={tuple(self.param.shape)})"
@@ -201,7 +209,7 @@ def widths(m, kind: str) -> Tuple[int, int]:
         n = m.counts.shape[0] if isinstance(m, (WeightedLayerNorm, WeightedRMSNorm)) else m.normalized_shape[0]
         return n, n
     if kind == "scale":
-        return m.param.shape[0], m.param.shape[0]
+        return m.param.shape[m.dim], m.param.shape[m.dim]
     raise ValueError(f"unknown layer kind {kind!r}; the kinds are {KINDS}")
 
 
@@ -224,8 +232,8 @@ def channel_tensors(m, with_buffers: bool = False, with_counts: bool = False) ->
     """``(name, tensor)`` of ``m``'s own tensors whose axis 0 is the output channel: every parameter with a
     dimension (but a single PReLU slope), ``with_buffers`` the norm running statistics, and ``with_counts`` a
     weighted norm's ``counts`` (which move with their channels but are never averaged)."""
-    if isinstance(m, BareParam):
-        return [(m.attr, m.param)]
+    if isinstance(m, BareParam):  # a view with the channels first (the parameter itself for dim 0)
+        return [(m.attr, m.param if m.dim == 0 else m.param.movedim(m.dim, 0))]
     out = [(k, p) for k, p in m.named_parameters(recurse=False)
            if p.dim() >= 1 and not (isinstance(m, nn.PReLU) and p.numel() == 1)]
     if with_buffers:
@@ -240,8 +248,9 @@ def cluster_ids(clusters: Sequence[Sequence[int]], n: int, device=None) -> torch
     """Dense int64 cluster ids of ``n`` channels (``0 .. k-1`` in channel order) given the multi-member
     ``clusters``; a channel outside every cluster is its own cluster. These are :class:`csgd_ext.CSGD` ids."""
     ids = torch.arange(n, dtype=torch.int64)
-    for cl in clusters:
-        ids[list(cl)] = int(cl[0])
+    if clusters:
+        ids[torch.tensor([i for cl in clusters for i in cl], dtype=torch.int64)] = \
+            torch.tensor([cl[0] for cl in clusters for _ in cl], dtype=torch.int64)
     return torch.unique(ids, return_inverse=True)[1].to(device)
 
 
@@ -270,7 +279,7 @@ def shrink(m, kind: str, keep_out: torch.Tensor, keep_in: Optional[torch.Tensor]
     shrunk: see :func:`weighted_norm`.)"""
     if isinstance(m, BareParam):
         p = m.param
-        _set_tensor(m.owner, m.attr, p.index_select(0, keep_out.to(p.device)))
+        _set_tensor(m.owner, m.attr, p.index_select(m.dim, keep_out.to(p.device)))
         return
     if kind == "layernorm":
         raise ValueError(f"{name}: a layernorm is replaced by weighted_norm(), not shrunk")

@@ -189,12 +189,14 @@ def merge(model: nn.Module, plan) -> nn.Module:
 
 
 def _cluster_sizes(plan, mods) -> Dict[str, torch.Tensor]:
-    """``{producer: float64 size of each of its channels' cluster}`` (1 outside multi-member clusters)."""
+    """``{layernorm producer: float64 size of each of its channels' cluster}`` (1 outside multi-member
+    clusters; for an already weighted norm, the sum of the members' counts)."""
     out: Dict[str, torch.Tensor] = {}
     for g in plan.groups:
-        for cl in g.cluster_members:
-            for name, index in g.producers.items():
-                m = mods[name]
+        names = [n for n in g.producers if g.kinds[n] == "layernorm"]
+        for cl in g.cluster_members if names else ():
+            for name in names:
+                index, m = g.producers[name], mods[name]
                 if name not in out:
                     n = widths(m, g.kinds[name])[0]
                     base = getattr(m, "counts", None)  # an already weighted norm: its channels' own counts

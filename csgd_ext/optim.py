@@ -61,6 +61,24 @@ _SHAPE = operator.attrgetter("shape")
 
 _HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "centripetal")
 _IDS_KEY = "cluster_ids"
+_DIM_KEY = "cluster_dim"  # present (and non-zero) when a parameter's channels are not its dim 0
+
+
+def _split_value(value, name: str):
+    """``(ids, dim)`` of a ``clusters`` value: ``ids`` (dim 0) or ``(ids, dim)``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise TypeError(f"clusters value for {name} must be ids or an (ids, dim) pair, got {len(value)} items")
+        ids, dim = value
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"clusters dim for {name} must be an int, got {type(dim).__name__}")
+        return ids, dim
+    return value, 0
+
+
+def _moved(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` with its channel dim first (a view; ``t`` itself for dim 0)."""
+    return t if dim == 0 else t.movedim(dim, 0)
 
 
 def _check_number(group: Dict[str, Any], key: str, where: str) -> None:
@@ -95,7 +113,9 @@ class CSGD(Optimizer):
         lr, momentum, dampening, weight_decay, nesterov, maximize: exactly as ``torch.optim.SGD``.
         centripetal: strength of the pull of each clustered row towards its cluster mean.
         clusters: ``{parameter (or its name): 1-D integer tensor of length p.shape[0]}``; rows with equal
-            ids form one cluster. Parameters not listed are plain SGD. See :meth:`set_clusters`.
+            ids form one cluster. ``(ids, dim)`` clusters the slices along ``dim`` instead (a position
+            embedding of shape (1, tokens, channels) clusters dim 2). Parameters not listed are plain SGD.
+            See :meth:`set_clusters`.
         backend: ``"auto"`` (fastest available for the tensors' device), ``"reference"``, ``"native"``
             ``"triton"``, or ``"cuda_emulated"`` (testing: the CUDA kernel run on CPU tensors); see
             :func:`csgd_ext.available_backends`.
@@ -175,8 +195,13 @@ class CSGD(Optimizer):
         """Replace the cluster assignment of every parameter.
 
         ``clusters`` maps parameters (or, with named parameters, their names) to 1-D integer id tensors
-        of length ``p.shape[0]`` on the parameter's device; an iterable of ``(param, ids)`` pairs works
-        too. Parameters not listed become plain SGD. Momentum buffers are kept.
+        of length ``p.shape[0]`` on the parameter's device, or to ``(ids, dim)`` pairs whose ids cluster the
+        slices along ``dim`` (length ``p.shape[dim]``); an iterable of ``(param, value)`` pairs works too.
+        Parameters not listed become plain SGD. Momentum buffers are kept.
+
+        Example::
+
+            opt.set_clusters({conv.weight: torch.tensor([0, 0, 1, 1]), pos_embed: (torch.tensor([0, 1, 1]), 2)})
         """
         pairs = clusters.items() if isinstance(clusters, Mapping) else clusters
         if not isinstance(pairs, Iterable) or isinstance(pairs, (str, bytes, torch.Tensor)):
@@ -209,14 +234,21 @@ class CSGD(Optimizer):
             if id(p) in resolved:
                 raise ValueError(f"{name} is clustered twice in clusters")
             check_clusterable(p, name)  # DTensor / FSDP shards: a clear error, not wrong cluster means
-            resolved[id(p)] = (p, validate_cluster_ids(ids, p, name))
+            ids, dim = _split_value(ids, name)
+            if p.dim() and not -p.dim() <= dim < p.dim():
+                raise ValueError(f"clusters dim {dim} for {name} is out of range for {p.dim()} dims")
+            dim = dim % p.dim() if p.dim() else 0
+            resolved[id(p)] = (p, validate_cluster_ids(ids, _moved(p, dim), name), dim)
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
                 if st is not None:
                     st.pop(_IDS_KEY, None)
-        for p, ids in resolved.values():
+                    st.pop(_DIM_KEY, None)
+        for p, ids, dim in resolved.values():
             self.state[p][_IDS_KEY] = ids.detach().clone()
+            if dim:
+                self.state[p][_DIM_KEY] = dim
         self._layouts = {}
         self._invalidate()
 
@@ -233,13 +265,13 @@ class CSGD(Optimizer):
 
     def _layout_of(self, p: torch.Tensor, st: Dict[str, Any], ids: torch.Tensor) -> ClusterLayout:
         """:meth:`layout` for a parameter whose state ``st`` holds cluster ``ids`` (what :meth:`step` calls)."""
-        rows = p.shape[0] if p.dim() else -1
+        rows = p.shape[st.get(_DIM_KEY, 0)] if p.dim() else -1
         lay = self._layouts.get(p)
         if lay is not None and lay.device == p.device and lay.num_rows == rows:
             return lay  # the per-step path
         if lay is None or lay.device != p.device:
-            if p.dim() == 0 or ids.numel() != p.shape[0]:
-                raise ValueError(f"{self.param_name(p)} has {p.shape[0] if p.dim() else 0} rows but its "
+            if p.dim() == 0 or ids.numel() != rows:
+                raise ValueError(f"{self.param_name(p)} has {max(rows, 0)} rows but its "
                                  f"cluster ids have {ids.numel()}: the parameter changed shape after the "
                                  "clusters were set (use a new optimizer for a merged model)")
             if ids.device != p.device:
@@ -278,7 +310,10 @@ class CSGD(Optimizer):
             for k, ids in saved_ids.items():
                 p = index[k]
                 check_clusterable(p, self.param_name(p))
-                checked_ids[k] = validate_cluster_ids(ids.to(p.device), p, self.param_name(p)).clone()
+                dim = state[k].get(_DIM_KEY, 0)
+                if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < max(p.dim(), 1):
+                    raise ValueError(f"loaded cluster_dim {dim!r} does not fit {self.param_name(p)}")
+                checked_ids[k] = validate_cluster_ids(ids.to(p.device), _moved(p, dim), self.param_name(p)).clone()
         super().load_state_dict({**state_dict, "state": state})
         # saved groups number their params 0..N-1 in order, as torch's state_dict does
         for k, ids in checked_ids.items():
@@ -316,6 +351,9 @@ class CSGD(Optimizer):
                 ids = st.get(_IDS_KEY)
                 if ids is not None:
                     lay = self._layout_of(p, st, ids)
+            dim = st.get(_DIM_KEY, 0) if st else 0
+            if dim:  # the channels of dim `dim` become rows: views, stepped in place
+                p, g, buf = p.movedim(dim, 0), g.movedim(dim, 0), None if buf is None else buf.movedim(dim, 0)
             b.params.append(p)
             b.grads.append(g)
             b.bufs.append(buf)
@@ -344,6 +382,8 @@ class CSGD(Optimizer):
         """Keep ``batch`` for the next steps when it holds every parameter of the group and every buffer."""
         if len(batch.params) != len(group["params"]) or (use_momentum and any(b is None for b in batch.bufs)):
             return
+        if any(st and _DIM_KEY in st for st in batch.states):
+            return  # its params are views: the per-step gradient pass needs the parameters themselves
         clustered = [p for p, lay in zip(batch.params, batch.layouts) if lay is not None]
         self._step_cache[id(group)] = _StepCache(self._epoch, group, use_momentum, clustered,
                                                  list(map(_SHAPE, clustered)), batch._replace(grads=[], states=[]))
@@ -378,6 +418,9 @@ class CSGD(Optimizer):
                     for p, b, st in zip(batch.params, batch.bufs, batch.states):
                         if not st:
                             state[p]["momentum_buffer"] = b
+                        elif _DIM_KEY in st:  # b is the moved view of a buffer shaped like the parameter
+                            if st.get("momentum_buffer") is None:
+                                st["momentum_buffer"] = b.movedim(0, st[_DIM_KEY])
                         elif st.get("momentum_buffer") is not b:
                             st["momentum_buffer"] = b
                 self._cache_batch(group, device, batch, use_momentum)

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .layers import channel_tensors, cluster_ids, targets
+from .layers import BareParam, channel_tensors, cluster_ids, targets
 from .planfile import FORMAT, check_against_model, fingerprint_mismatch, model_fingerprint, parse_group, parse_plan, \
     read_plan_file
 
@@ -144,26 +144,37 @@ class ClusterPlan:
         return self._member_lists("consumers")
 
     def clustered_parameters(self, model: Optional[nn.Module] = None) -> Dict[str, Tuple[nn.Parameter, torch.Tensor]]:
-        """``{parameter name: (parameter, int64 ids)}`` for every clustered producer parameter."""
+        """``{parameter name: (parameter, int64 ids)}`` for every clustered producer parameter (the ids of a bare
+        parameter index its channel dim, :attr:`csgd_ext.layers.BareParam.dim`)."""
+        return {n: (p, ids) for n, (p, ids, _) in self._clustered(model).items()}
+
+    def _clustered(self, model: Optional[nn.Module] = None) -> Dict[str, tuple]:
         model = self.model if model is None else model
         mods = targets(model)
         out = {}
         for name, clusters in self.producer_clusters().items():
-            for pname, p in channel_tensors(mods[name]):
-                out[f"{name}.{pname}" if name else pname] = (p, cluster_ids(clusters, p.shape[0], p.device))
+            m = mods[name]
+            if isinstance(m, BareParam):
+                p = m.param
+                out[name] = (p, cluster_ids(clusters, p.shape[m.dim], p.device), m.dim)
+                continue
+            for pname, p in channel_tensors(m):
+                out[f"{name}.{pname}" if name else pname] = (p, cluster_ids(clusters, p.shape[0], p.device), 0)
         return out
 
     @property
-    def clusters(self) -> Dict[nn.Parameter, torch.Tensor]:
-        """``{nn.Parameter: ids}`` for :class:`csgd_ext.CSGD` (every producer param of a clustered group)."""
-        return {p: ids for p, ids in self.clustered_parameters().values()}
+    def clusters(self) -> Dict[nn.Parameter, object]:
+        """``{nn.Parameter: ids}`` for :class:`csgd_ext.CSGD` (every producer param of a clustered group);
+        ``(ids, dim)`` for a parameter whose channels are not its dim 0 (a position embedding)."""
+        return {p: (ids if dim == 0 else (ids, dim)) for p, ids, dim in self._clustered().values()}
 
     def param_groups(self, lr: float, weight_decay: float, centripetal: float,
                      vector_centripetal_scale: float = 0.1, bias_weight_decay: float = 0.0) -> List[dict]:
         """Param groups for :class:`csgd_ext.CSGD` with the official C-SGD recipe.
 
         Clustered kernels (conv/linear weights): ``weight_decay``, ``centripetal``. Clustered vectors (norm
-        affine params, biases): ``centripetal * vector_centripetal_scale``, ``bias_weight_decay``. Everything
+        affine params, biases, layer scales, position embeddings and class tokens):
+        ``centripetal * vector_centripetal_scale``, ``bias_weight_decay``. Everything
         else: ``weight_decay``, centripetal 0. Parameters are given as ``(name, param)`` pairs; empty groups
         are left out; frozen parameters (``requires_grad=False``) too.
 
@@ -172,13 +183,14 @@ class ClusterPlan:
             opt = csgd_ext.CSGD(plan.param_groups(0.1, 1e-4, 3e-3), lr=0.1, momentum=0.9, nesterov=True,
                                 clusters=plan.clusters)
         """
-        clustered = {id(p) for p, _ in self.clustered_parameters().values()}
+        clustered = {id(p): dim for p, _, dim in self._clustered().values()}
         kern, vec, rest = [], [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            if id(p) in clustered:
-                (kern if p.dim() >= 2 else vec).append((name, p))
+            if id(p) in clustered:  # a kernel has several values per channel along dims 1...
+                is_kernel = clustered[id(p)] == 0 and p.dim() >= 2 and p[0].numel() > 1
+                (kern if is_kernel else vec).append((name, p))
             else:
                 rest.append((name, p))
         groups = [

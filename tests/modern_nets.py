@@ -163,11 +163,11 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        a = torch.softmax(q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5, -1)
-        return self.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+    def forward(self, x):  # head width from qkv, not from x: the residual stream may be narrower after a merge
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, -1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, -1))
 
 
 class ViTBlock(nn.Module):

@@ -139,8 +139,9 @@ def check_shapes(small, expected):
     params = dict(small.named_parameters())
     for name, (o, i) in expected.items():
         m = mods.get(name, params.get(name))
-        if isinstance(m, nn.Parameter):  # a bare parameter (layer scale): channels on dim 0
-            assert m.shape[0] == o == i, name
+        if isinstance(m, nn.Parameter):  # a bare parameter: channels on its last non-singleton dim
+            dim = max([d for d, n in enumerate(m.shape) if n > 1] or [0])
+            assert m.shape[dim] == o == i, name
         elif isinstance(m, csgd_ext.norms.WeightedLayerNorm):
             assert m.weight.shape[0] == o == m.counts.shape[0] == i, name
         elif isinstance(m, nn.modules.conv._ConvNd):

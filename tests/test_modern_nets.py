@@ -40,16 +40,15 @@ def test_plan_collapse_merge_is_exact_with_the_planned_widths(name, method):
     x = _input(name)
     plan = csgd_ext.plan_clusters(net, x[:1], keep=0.5, method=method, seed=0)
     assert plan.groups, plan.summary()
-    for mods, why in plan.skipped:  # only the classifier, ViT's attention heads and its token stream
-        assert ("model output" in why or "Unbind" in why or "pos_embed" in why), (mods, why)
+    for mods, why in plan.skipped:  # only the classifier and ViT's attention heads (qkv is split)
+        assert ("model output" in why or "Unbind" in why), (mods, why)
     shapes = merged_shapes(net, plan)
     csgd_ext.collapse(net, plan)
     small = csgd_ext.merge(net, plan)
     with torch.no_grad():
         assert (small(x) - net(x)).abs().max().item() <= 1e-4
     check_shapes(small, shapes)
-    # ViT: only its MLP hidden widths (the token stream and the heads are skipped, see above)
-    assert _params(small) < (0.85 if name == "vit" else 0.6) * _params(net)
+    assert _params(small) < 0.6 * _params(net)
     for g in plan.groups:
         assert g.width_after == g.width_before // 2  # keep 0.5 on even widths (per conv group: 4 -> 2, 8 -> 4)
 
@@ -122,6 +121,21 @@ def test_convnext_stream_uses_weighted_layernorm_and_clusters_layer_scales():
     plain = torch.nn.functional.layer_norm(outs["full"][:, kept].permute(0, 2, 3, 1), (len(kept),)).permute(0, 3, 1, 2)
     assert (plain * small.stem_norm.weight[:, None, None] + small.stem_norm.bias[:, None, None]
             - outs["merged"]).abs().max().item() > 1e-3
+
+
+def test_vit_token_stream_clusters_position_embedding_and_class_token_on_their_channel_dim():
+    net = _net("vit")
+    x = _input("vit")
+    plan = csgd_ext.plan_clusters(net, x[:1], keep=0.5, method="kmeans", seed=0)
+    stream = next(g for g in plan.groups if "patch" in g.producers)
+    assert stream.kinds["pos_embed"] == "scale" and stream.kinds["cls_token"] == "scale"
+    assert {"norm", "blocks.0.norm1", "blocks.1.norm2"} <= set(stream.producers)
+    assert {"head", "blocks.0.attn.qkv", "blocks.1.fc1"} <= set(stream.consumers)
+    ids, dim = plan.clusters[net.pos_embed]
+    assert dim == 2 and len(ids) == 32
+    small = csgd_ext.merge(net, plan)
+    assert small.pos_embed.shape == (1, 17, 16) and small.cls_token.shape == (1, 1, 16)
+    assert isinstance(small.norm, WeightedLayerNorm) and small.norm.counts.sum().item() == 32
 
 
 def test_merged_convnext_reloads_from_its_state_dict(tmp_path):
