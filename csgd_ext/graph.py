@@ -80,9 +80,11 @@ class CoupledGroup:
     width: int
     producers: List[Member] = field(default_factory=list)
     consumers: List[Member] = field(default_factory=list)
-    #: ``blocks[r]``: the convolution group of root channel ``r`` in the group's grouped convs (clusters stay
-    #: inside one block; every block has the same size); None without grouped convs
+    #: ``blocks[r]``: the block of root channel ``r``: its convolution group in the group's grouped convs and
+    #: its chunk of the splits on the path (clusters stay inside one block); None when there are neither
     blocks: Optional[List[int]] = None
+    #: the number of convolution groups (of equal size, each keeping as many channels); 1 without grouped convs
+    conv_groups: int = 1
     #: ops on the group's path whose exactness depends on how they move the channel dim (numeric check)
     unverified: List[str] = field(default_factory=list)
 
@@ -191,8 +193,13 @@ def _virtual_op_problem(node, tp_ops) -> Tuple[Optional[str], Optional[str]]:
         if _reaches_linear(node, tp_ops) or _into_linear(node, tp_ops):
             return None, None  # a flatten head, or an nn.Linear flattening its channels-last input
         return None, name  # a patch-embedding flatten keeps the channels; a channel shuffle does not
-    if isinstance(m, (tp_ops._SplitOp, tp_ops._UnbindOp)):
-        return f"{name} (split of channels: cluster members may land in different branches)", None
+    if isinstance(m, tp_ops._UnbindOp):
+        return f"{name} (unbind of channels, e.g. an attention's q, k, v: heads are not merged yet)", None
+    if isinstance(m, tp_ops._SplitOp):
+        if not getattr(m, "offsets", None):
+            return f"{name} (a split whose chunk sizes are unknown: cluster members may land in different " \
+                   "branches)", None
+        return None, (None if getattr(node.grad_fn, "_saved_dim", 1) == 1 else name)  # clusters stay in chunks
     if isinstance(m, tp_ops._SliceOp):
         return None, name  # a slice of tokens keeps every channel; a slice of channels splits clusters
     if isinstance(m, tp_ops._ElementWiseOp):
@@ -205,6 +212,28 @@ def _virtual_op_problem(node, tp_ops) -> Tuple[Optional[str], Optional[str]]:
             return f"{name} reduces over every dim including the channels: no exact merge", None
         return None, name  # permutes, reductions over some dims, layer norms, selects, unknown ops
     return f"{type(m).__name__} (no exact merge rule)", None
+
+
+def _order_split_outputs(DG, tp) -> None:
+    """Put each split node's outputs in chunk order and redo its index mapping.
+
+    torch-pruning maps the ``i``-th entry of ``node.outputs`` to the ``i``-th chunk, but lists the outputs in the
+    order its graph walk met them, which can be another order: the consumers of two chunks would swap. The
+    chunk an output reads is the ``output_nr`` of its edge to the split in the autograd graph."""
+    for node in list(DG.module2node.values()):
+        if not isinstance(node.module, tp.ops._SplitOp) or len(node.outputs) < 2:
+            continue
+        chunk = {}
+        for out in node.outputs:
+            nrs = [nr for f, nr in getattr(out.grad_fn, "next_functions", ()) if f is node.grad_fn]
+            if len(set(nrs)) != 1:
+                break  # an output reading several chunks: leave torch-pruning's mapping
+            chunk[out] = nrs[0]
+        else:
+            order = sorted(node.outputs, key=chunk.__getitem__)
+            if order != node.outputs:
+                node.outputs[:] = order
+                tp.dependency.index_mapping.update_split_index_mapping(DG, node)
 
 
 def _trace(model, example_inputs):
@@ -232,6 +261,7 @@ def _trace(model, example_inputs):
             h.remove()
         for m, t in was_training.items():
             m.training = t
+    _order_split_outputs(DG, tp)
     names = {m: n for n, m in model.named_modules()}
     for m in watched:
         if calls.get(m) and m not in DG.module2node and any(p.requires_grad for p in m.parameters()):
@@ -245,9 +275,12 @@ def _trace(model, example_inputs):
     return DG, names, reused
 
 
-def _blocks(grp: CoupledGroup, tmods: Dict[str, object]) -> Tuple[Optional[List[int]], Optional[str]]:
-    """The convolution-group partition of ``grp``'s root channels (see :attr:`CoupledGroup.blocks`)."""
-    keys: List[tuple] = [() for _ in range(grp.width)]
+def _blocks(grp: CoupledGroup, tmods: Dict[str, object], split_keys: Dict[int, tuple]) \
+        -> Tuple[Optional[List[int]], int, Optional[str]]:
+    """``(blocks, conv groups, reason)``: the partition of ``grp``'s root channels that clusters may not cross
+    (see :attr:`CoupledGroup.blocks`): the convolution groups of its grouped convs (which must be equal in size)
+    and the chunks of the splits on its path."""
+    conv_keys: List[tuple] = [() for _ in range(grp.width)]
     for mem, output in [(p, True) for p in grp.producers] + [(c, False) for c in grp.consumers]:
         if mem.kind != "grouped":
             continue
@@ -256,17 +289,29 @@ def _blocks(grp: CoupledGroup, tmods: Dict[str, object]) -> Tuple[Optional[List[
             idx = [mem.index[r]] if output else mem.index[r]
             gs = {conv_group_of(m, i, output) for i in idx}
             if len(gs) != 1:
-                return None, f"{mem.name!r} reads one channel in several convolution groups"
-            keys[r] = keys[r] + (gs.pop(),)
-    if not any(keys):
-        return None, None
+                return None, 1, f"{mem.name!r} reads one channel in several convolution groups"
+            conv_keys[r] = conv_keys[r] + (gs.pop(),)
+    conv_groups = len(set(conv_keys))
+    keys = [conv_keys[r] + split_keys.get(r, ()) for r in range(grp.width)]
+    if len(set(keys)) == 1:
+        return None, 1, None
     ids: Dict[tuple, int] = {}
     blocks = [ids.setdefault(k, len(ids)) for k in keys]
     sizes = {blocks.count(b) for b in range(len(ids))}
-    if len(sizes) != 1:
-        return None, (f"its grouped convs split its {grp.width} channels into convolution groups of unequal "
-                      f"sizes {sorted(sizes)}")
-    return blocks, None
+    if conv_groups > 1 and len(sizes) != 1:
+        return None, 1, (f"its grouped convs (and splits) divide its {grp.width} channels into blocks of unequal "
+                         f"sizes {sorted(sizes)}")
+    return blocks, conv_groups, None
+
+
+def _split_chunks(node, idxs, root_idxs, split_keys: Dict[int, tuple]) -> None:
+    """Record the chunk of a split (its ``offsets``) that each root channel goes to."""
+    offsets = getattr(node.module, "offsets", None)
+    if not offsets:
+        return
+    for i, r in zip(idxs, root_idxs):
+        chunk = max(k for k, o in enumerate(offsets[:-1]) if o <= int(i))
+        split_keys[r] = split_keys.get(r, ()) + ((node.module.id, chunk),)
 
 
 def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> Tuple[List[CoupledGroup], list]:
@@ -294,9 +339,12 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
         cons: Dict[str, Dict[int, list]] = {}
         kinds: Dict[str, str] = {}
         involved: List[str] = []
+        split_keys: Dict[int, tuple] = {}
         for item in g:
             dep = item.dep
             m = dep.target.module
+            if isinstance(m, tp.ops._SplitOp):
+                _split_chunks(dep.target, item.idxs, item.root_idxs, split_keys)
             if isinstance(m, nn.Parameter):
                 pname = pnames.get(id(m), f"a parameter of shape {tuple(m.shape)}")
                 tgt = tmods.get(pname)
@@ -367,7 +415,7 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
                     any(not x for c in grp.consumers if c.kind == "grouped" for x in c.index):
                 reasons.append("a grouped conv carries only part of the group's channels")
             else:
-                grp.blocks, why = _blocks(grp, tmods)
+                grp.blocks, grp.conv_groups, why = _blocks(grp, tmods, split_keys)
                 if why:
                     reasons.append(why)
         if reasons:

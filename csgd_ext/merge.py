@@ -164,7 +164,8 @@ def merge(model: nn.Module, plan) -> nn.Module:
         target = torch.arange(w.shape[1], dtype=torch.long)
         for cl in clusters:
             for member in cl[1:]:
-                target[member] = torch.tensor(cl[0])  # j-th feature of a member -> j-th of the kept one
+                if member:  # (a branch after a split reads only its chunk's channels)
+                    target[member] = torch.tensor(cl[0], dtype=torch.long)  # j-th feature of a member -> kept j-th
         dt = torch.float64 if w.dtype == torch.float64 else torch.float32
         wt = w.detach().transpose(0, 1).to(dt).reshape(w.shape[1], -1)  # (in, out * k...) 2-D for index_add_
         acc = torch.zeros_like(wt).index_add_(0, target.to(w.device), wt)

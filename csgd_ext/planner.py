@@ -72,8 +72,7 @@ def _group_plan(g, labels: List[int]) -> GroupPlan:
     return GroupPlan(root=g.root, width_before=g.width, width_after=int(max(labels)) + 1, labels=list(labels),
                      producers={p.name: list(p.index) for p in g.producers},
                      consumers={c.name: [list(x) for x in c.index] for c in g.consumers},
-                     kinds={m.name: m.kind for m in g.producers + g.consumers},
-                     conv_groups=len(set(g.blocks)) if g.blocks is not None else 1)
+                     kinds={m.name: m.kind for m in g.producers + g.consumers}, conv_groups=g.conv_groups)
 
 
 def _group_features(model_mods: Dict[str, nn.Module], g) -> torch.Tensor:
@@ -95,34 +94,54 @@ def _group_features(model_mods: Dict[str, nn.Module], g) -> torch.Tensor:
     return torch.cat(feats, 1) if feats else torch.zeros(n, 1)
 
 
-def _cluster_blocks(feats_fn, n: int, blocks: Optional[List[int]], width: int, method: str, seed: int) -> List[int]:
-    """Labels for ``n`` channels in ``width`` clusters, clustering inside each block (convolution group) with
-    ``width / blocks`` clusters each; ``feats_fn()`` gives the ``(n, d)`` features (only called for kmeans)."""
-    if width == n:
+def _reads_whole_blocks(index: List[List[int]], blocks: Optional[List[int]]) -> bool:
+    """A consumer reads the same number of features for every root channel of a block it reads, and reads
+    every channel of those blocks (with a split, a branch reads only its chunk)."""
+    blocks = [0] * len(index) if blocks is None else blocks
+    per_block: Dict[int, set] = {}
+    for r, feats in enumerate(index):
+        per_block.setdefault(blocks[r], set()).add(len(feats))
+    return all(len(ns) == 1 for ns in per_block.values()) and any(n for ns in per_block.values() for n in ns)
+
+
+def _block_sizes(n: int, blocks: Optional[List[int]]) -> List[int]:
+    return [n] if blocks is None else [blocks.count(b) for b in range(max(blocks) + 1)]
+
+
+def _block_widths(keep, n: int, blocks: Optional[List[int]]) -> List[int]:
+    """Kept width per block (convolution group or split chunk): ``keep`` rounds per block."""
+    return [target_width(keep, size) for size in _block_sizes(n, blocks)]
+
+
+def _split_width(name: str, v: int, n: int, blocks: Optional[List[int]]) -> List[int]:
+    """An explicit width ``v`` of a group divided over its blocks in proportion to their sizes."""
+    sizes = _block_sizes(n, blocks)
+    per = [max(1, min(size, round(v * size / n))) for size in sizes]
+    if sum(per) != v:
+        raise ValueError(f"keep[{name!r}] = {v} does not divide over the {len(sizes)} blocks of sizes {sizes} "
+                         f"(convolution groups or split chunks) of its group: give a width that does, e.g. "
+                         f"{sum(max(1, round(v * size / n)) for size in sizes)}")
+    return per
+
+
+def _cluster_blocks(feats_fn, n: int, blocks: Optional[List[int]], widths: List[int], method: str,
+                    seed: int) -> List[int]:
+    """Labels for ``n`` channels, ``widths[b]`` clusters inside each block ``b`` (one block when ``blocks`` is
+    None); ``feats_fn()`` gives the ``(n, d)`` features (only called for kmeans)."""
+    if sum(widths) == n:
         return list(range(n))
-    if blocks is None:
-        if method == "even":
-            return [int(x) for x in cluster_channels(torch.zeros(n, 1), width, "even")]
-        return [int(x) for x in cluster_channels(feats_fn(), width, "kmeans", seed=seed)]
-    nb = len(set(blocks))
-    per = width // nb
+    blocks = [0] * n if blocks is None else blocks
     feats = feats_fn() if method == "kmeans" else None
     labels = [0] * n
-    for b in range(nb):
+    base = 0
+    for b, width in enumerate(widths):
         members = [r for r in range(n) if blocks[r] == b]
         f = torch.zeros(len(members), 1) if feats is None else feats[members]
-        sub = cluster_channels(f, per, method, seed=seed)
+        sub = cluster_channels(f, width, method, seed=seed)
         for r, lab in zip(members, sub):
-            labels[r] = b * per + int(lab)
+            labels[r] = base + int(lab)
+        base += width
     return [int(x) for x in canonical_labels(labels)]
-
-
-def _block_width(keep, n: int, blocks: Optional[List[int]]) -> int:
-    """The kept width of a group of ``n`` channels: ``keep`` rounds per convolution group when there are any."""
-    if blocks is None:
-        return target_width(keep, n)
-    nb = len(set(blocks))
-    return nb * target_width(keep, n // nb)
 
 
 def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[str, int]] = 0.625,
@@ -144,7 +163,8 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[s
 
     Groups that reach the model output (the classifier) or contain an op without an exact merge
     (GroupNorm, a split of channels, a channel shuffle, ...) are not clustered and listed in ``plan.skipped``.
-    A group through a grouped conv is clustered inside each convolution group, ``keep`` rounding per group.
+    A group through grouped convs or splits is clustered inside each convolution group and split chunk (its
+    blocks), ``keep`` rounding per block.
 
     Example::
 
@@ -166,7 +186,7 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[s
     ok = []
     for g in groups:
         partial = [p.name for p in g.producers if -1 in p.index]
-        bad_cons = [c.name for c in g.consumers if len({len(x) for x in c.index}) != 1 or not c.index[0]]
+        bad_cons = [c.name for c in g.consumers if not _reads_whole_blocks(c.index, g.blocks)]
         if partial:
             skipped.append((tuple(g.modules), f"channels come from different layers ({partial}, e.g. a "
                             "concatenation feeding an add or a depthwise conv): clusters would span layers"))
@@ -202,24 +222,21 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[s
             if not 1 <= v <= n:
                 raise ValueError(f"keep[{name!r}] = {v} is out of range: the group of {name!r} has {n} "
                                  f"channels (width must be in [1, {n}])")
-            nb = len(set(ok[gi].blocks)) if ok[gi].blocks is not None else 1
-            if v % nb:
-                raise ValueError(f"keep[{name!r}] = {v} does not split evenly over the {nb} convolution groups "
-                                 f"of its grouped convs (give a multiple of {nb})")
+            _split_width(name, v, n, ok[gi].blocks)
             if gi in widths and widths[gi][1] != v:
                 other = widths[gi][0]
                 raise ValueError(f"keep gives coupled layers {other!r} and {name!r} different widths "
                                  f"({widths[gi][1]} and {v}); they share channels, give one width")
             widths[gi] = (name, v)
-        widths = {gi: v for gi, (_, v) in widths.items()}
+        widths = {gi: _split_width(name, v, ok[gi].width, ok[gi].blocks) for gi, (name, v) in widths.items()}
     else:
-        widths = {gi: _block_width(keep, g.width, g.blocks) for gi, g in enumerate(ok)}
+        widths = {gi: _block_widths(keep, g.width, g.blocks) for gi, g in enumerate(ok)}
 
     mods = targets(model)
     plans: List[GroupPlan] = []
     for gi, g in enumerate(progress(ok, desc="csgd_ext: clustering groups", enabled=len(ok) >= 16)):
-        width = widths.get(gi, g.width)
-        labels = _cluster_blocks(lambda: _group_features(mods, g), g.width, g.blocks, width, method, seed)
+        per_block = widths.get(gi, _block_sizes(g.width, g.blocks))
+        labels = _cluster_blocks(lambda: _group_features(mods, g), g.width, g.blocks, per_block, method, seed)
         plans.append(_group_plan(g, labels))
     meta = {"method": method, "seed": seed, "keep": dict(keep) if isinstance(keep, Mapping) else keep}
     return ClusterPlan(model, plans, skipped, meta=meta)

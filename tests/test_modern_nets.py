@@ -209,3 +209,42 @@ def test_csgd_training_on_digits_drives_the_net_to_an_exact_merge(name):
     with torch.no_grad():
         assert (small(xb) - net(xb)).abs().max().item() < 1e-3
     assert _params(small) < _params(net)
+
+
+class _CSP(nn.Module):
+    """CSPNet-style: the stem's channels are split in two branches and concatenated again."""
+
+    def __init__(self, literal_sizes=False):
+        super().__init__()
+        self.literal_sizes = literal_sizes
+        self.c0, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.out, self.fc = nn.Conv2d(8, 6, 1), nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c0(x)))
+        p, q = x.split([4, 4], 1) if self.literal_sizes else x.chunk(2, 1)
+        return self.fc(self.out(torch.cat([self.a(p), self.b(q)], 1)).mean((2, 3)))
+
+
+def test_split_branches_cluster_inside_their_chunk():
+    torch.manual_seed(0)
+    net = _CSP().eval()
+    x = torch.randn(3, 3, 8, 8)
+    plan = csgd_ext.plan_clusters(net, x[:1], keep=0.5, method="kmeans", seed=0)
+    g = next(g for g in plan.groups if g.root == "c0")
+    assert set(g.consumers) == {"a", "b"}
+    for cl in g.cluster_members:  # channels 0-3 go to branch a, 4-7 to branch b
+        assert len({c // 4 for c in cl}) == 1
+    csgd_ext.collapse(net, plan)
+    small = csgd_ext.merge(net, plan)
+    assert small.a.in_channels == small.b.in_channels == 2
+    with torch.no_grad():
+        assert (small(x) - net(x)).abs().max().item() <= 1e-5
+
+
+def test_split_with_literal_sizes_is_refused_by_the_numeric_check():
+    net = _CSP(literal_sizes=True).eval()
+    plan = csgd_ext.plan_clusters(net, torch.randn(1, 3, 8, 8), keep=0.5)
+    reasons = {m: why for mods, why in plan.skipped for m in mods}
+    assert "numeric check" in reasons["c0"] and "split_with_sizes" in reasons["c0"]
