@@ -11,10 +11,11 @@ group into a :class:`CoupledGroup`:
 * **consumers** - conv/linear layers that read the channels; ``index[r]`` lists the consumer's input features
   for root channel ``r`` (one per channel, ``H*W`` for a flatten-to-linear head, shifted by the offset of a
   concatenation; a grouped conv's global input channel).
-* **blocks** - with grouped convs, the convolution group of each root channel (clusters stay inside one).
+* **blocks** - with grouped convs or splits, the convolution group and split chunk of each root channel
+  (clusters stay inside one; a consumer after a split reads only its chunk's channels).
 
 Groups whose channels pass through an op for which "identical channels -> keep one, sum the consumers" is not
-exact (GroupNorm, a split of channels, a reduction over every dim, a layer without a merge rule, a bare
+exact (GroupNorm, an unbind of channels, a reduction over every dim, a layer without a merge rule, a bare
 parameter that carries the channels on another dim) or that reach the model's output are returned in
 ``skipped`` with the reason, never silently clustered. Ops whose exactness depends on where they move the
 channel dim (permutes, reshapes other than a flatten head, slices and concatenations of tokens, partial
