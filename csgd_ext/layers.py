@@ -304,8 +304,9 @@ def shrink(m, kind: str, keep_out: torch.Tensor, keep_in: Optional[torch.Tensor]
         _set_tensor(m, "weight", w)
     else:
         _set_tensor(m, "weight", w.index_select(0, keep_out).index_select(1, keep_in))
-    if m.bias is not None:
-        _set_tensor(m, "bias", m.bias.index_select(0, keep_out.to(m.bias.device)))
+    for key, t in channel_tensors(m):  # the bias, and per-output-channel extras (timm ScaledStdConv2d's gain)
+        if key != "weight":
+            _set_tensor(m, key, t.index_select(0, keep_out.to(t.device)))
     if kind in ("conv", "grouped"):
         m.out_channels, m.in_channels = len(keep_out), len(keep_in)
     else:
