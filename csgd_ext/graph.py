@@ -283,7 +283,7 @@ def _blocks(grp: CoupledGroup, tmods: Dict[str, object], split_keys: Dict[int, t
     and the chunks of the splits on its path."""
     conv_keys: List[tuple] = [() for _ in range(grp.width)]
     for mem, output in [(p, True) for p in grp.producers] + [(c, False) for c in grp.consumers]:
-        if mem.kind != "grouped":
+        if mem.kind not in ("grouped", "groupnorm"):
             continue
         m = tmods[mem.name]
         for r in range(grp.width):
@@ -412,7 +412,7 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
                                                                  for r in range(n)]))
             for name, slot in cons.items():
                 grp.consumers.append(Member(name, kinds[name], [sorted(set(slot.get(r, []))) for r in range(n)]))
-            if any(-1 in p.index for p in grp.producers if p.kind == "grouped") or \
+            if any(-1 in p.index for p in grp.producers if p.kind in ("grouped", "groupnorm")) or \
                     any(not x for c in grp.consumers if c.kind == "grouped" for x in c.index):
                 reasons.append("a grouped conv carries only part of the group's channels")
             else:

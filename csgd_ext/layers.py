@@ -16,6 +16,8 @@ norm        ``BatchNorm*``, ``InstanceNorm*`` and    ``weight``, ``bias``, runni
 layernorm   ``LayerNorm``/``RMSNorm`` over the       ``weight``, ``bias`` (channel-wise)     = out width
             channel dim (and channels-first
             subclasses such as ``LayerNorm2d``)
+groupnorm   ``GroupNorm`` (and subclasses whose      ``weight``, ``bias`` (channel-wise)     = out width
+            forward is one GroupNorm)
 prelu       ``PReLU``                                ``weight``, one slope per channel       = out width
 scale       a bare ``nn.Parameter`` (not in a layer:  the parameter, channels on its last   = out width
             layer scale, position embedding,        non-singleton dim
@@ -38,6 +40,8 @@ scale       a bare ``nn.Parameter`` (not in a layer:  the parameter, channels on
   ``counts`` are the cluster sizes (:func:`weighted_norm`). A ``LayerNorm`` subclass is this kind only when its
   forward is a LayerNorm over the last dim or over dim 1 (checked by running it once); anything else (an
   activation inside, several normalized dims) gets a reason.
+* **GroupNorm** is the same idea per group: clusters stay inside one normalization group, every group keeps
+  the same number of channels, and the merge uses :class:`csgd_ext.norms.WeightedGroupNorm`.
 * **The PReLU single-slope rule**: a ``PReLU`` with one shared slope carries no channel (the slope applies to
   any number of channels), so it is never clustered, shrunk or bounds-checked.
 * **Bare parameters** are named by their qualified parameter name (``"stages.0.gamma"``) and looked up with
@@ -62,24 +66,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norms import WeightedLayerNorm, WeightedRMSNorm
+from .norms import WeightedGroupNorm, WeightedLayerNorm, WeightedRMSNorm
 
 __all__ = ["KINDS", "PRODUCER_KINDS", "CONSUMER_KINDS", "CHANNELWISE_KINDS", "KERNEL_KINDS", "TRACED_TYPES",
            "ROOT_TYPES", "BareParam", "targets", "module_kind", "widths", "index_bounds", "channel_tensors",
            "cluster_ids", "conv_group_of", "shrink", "sum_grouped_inputs", "weighted_norm", "layernorm_channel_dim"]
 
-KINDS = ("conv", "grouped", "linear", "depthwise", "norm", "layernorm", "prelu", "scale")
+KINDS = ("conv", "grouped", "linear", "depthwise", "norm", "layernorm", "groupnorm", "prelu", "scale")
 #: kinds whose output channels a group may carry (and cluster)
 PRODUCER_KINDS = KINDS
 #: kinds that read a group's channels through their weight's axis 1
 CONSUMER_KINDS = ("conv", "grouped", "linear")
 #: kinds whose every channel tensor has the channel on axis 0, for input and output alike
-CHANNELWISE_KINDS = ("depthwise", "norm", "layernorm", "prelu", "scale")
+CHANNELWISE_KINDS = ("depthwise", "norm", "layernorm", "groupnorm", "prelu", "scale")
 #: kinds whose flattened weight rows are the clustering features of a group
 KERNEL_KINDS = ("conv", "grouped", "linear", "depthwise")
 #: module types whose calls graph analysis watches (the known kinds and the norms without an exact merge)
 TRACED_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.PReLU, nn.GroupNorm,
-                nn.LayerNorm, nn.RMSNorm, WeightedLayerNorm, WeightedRMSNorm)
+                nn.LayerNorm, nn.RMSNorm, WeightedLayerNorm, WeightedRMSNorm, WeightedGroupNorm)
 #: module types that root a coupled group
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 _LAYERNORMS = (nn.LayerNorm, nn.RMSNorm, WeightedLayerNorm, WeightedRMSNorm)
@@ -178,9 +182,29 @@ def _layer_kind(m) -> Tuple[Optional[str], Optional[str]]:
         return "prelu", None
     if isinstance(m, _LAYERNORMS):
         return "layernorm", None
-    if isinstance(m, nn.GroupNorm):
-        return None, f"{type(m).__name__} (normalizes across channel groups: a merge would change its statistics)"
+    if isinstance(m, (nn.GroupNorm, WeightedGroupNorm)):
+        return "groupnorm", None
     return None, f"{type(m).__name__} (no exact merge rule for this layer)"
+
+
+def _groupnorm_is_plain(m: nn.Module) -> bool:
+    """True when a GroupNorm (subclass) computes ``F.group_norm`` with its own tensors (checked by running it)."""
+    if isinstance(m, WeightedGroupNorm) or type(m) is nn.GroupNorm:
+        return True
+    w = next(iter(m.parameters(recurse=False)), None)
+    dev, dt = (w.device, w.dtype) if w is not None else (torch.device("cpu"), torch.float32)
+    x = torch.randn(2, m.num_channels, 3, 5, generator=torch.Generator().manual_seed(0)).to(dev, dt)
+    was = m.training
+    m.eval()
+    try:
+        with torch.no_grad():
+            y = m(x)
+    except Exception:  # noqa: BLE001 - a forward that does not take (N, C, H, W)
+        return False
+    finally:
+        m.train(was)
+    want = F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
+    return isinstance(y, torch.Tensor) and y.shape == want.shape and torch.allclose(y, want, atol=1e-5)
 
 
 def module_kind(m) -> Tuple[Optional[str], Optional[str]]:
@@ -190,6 +214,9 @@ def module_kind(m) -> Tuple[Optional[str], Optional[str]]:
         return None, (f"{type(m).__name__} (a LayerNorm whose forward is not one LayerNorm over the channel dim, "
                       f"e.g. with an activation inside or normalized_shape={tuple(m.normalized_shape)}: no "
                       "weighted replacement)")
+    if kind == "groupnorm" and not _groupnorm_is_plain(m):
+        return None, (f"{type(m).__name__} (a GroupNorm whose forward is not one GroupNorm, e.g. with an activation "
+                      "inside: no weighted replacement)")
     if kind == "scale" and m.param.dim() == 0:
         return None, "a scalar parameter (carries no channel)"
     return kind, why
@@ -208,6 +235,9 @@ def widths(m, kind: str) -> Tuple[int, int]:
     if kind == "layernorm":
         n = m.counts.shape[0] if isinstance(m, (WeightedLayerNorm, WeightedRMSNorm)) else m.normalized_shape[0]
         return n, n
+    if kind == "groupnorm":
+        n = m.width if isinstance(m, WeightedGroupNorm) else m.num_channels
+        return n, n
     if kind == "scale":
         return m.param.shape[m.dim], m.param.shape[m.dim]
     raise ValueError(f"unknown layer kind {kind!r}; the kinds are {KINDS}")
@@ -223,7 +253,11 @@ def index_bounds(m, kind: str) -> Tuple[Optional[int], Optional[int]]:
 
 
 def conv_group_of(m: nn.Module, index: int, output: bool) -> int:
-    """The convolution group of a grouped conv's output channel (``output``) or input channel ``index``."""
+    """The convolution group of a grouped conv's output channel (``output``) or input channel ``index``; for a
+    GroupNorm, the normalization group of channel ``index``."""
+    if isinstance(m, (nn.GroupNorm, WeightedGroupNorm)):
+        n = m.width if isinstance(m, WeightedGroupNorm) else m.num_channels
+        return int(index) // (n // m.num_groups)
     per = (m.out_channels if output else m.in_channels) // m.groups
     return int(index) // per
 
@@ -239,7 +273,7 @@ def channel_tensors(m, with_buffers: bool = False, with_counts: bool = False) ->
     if with_buffers:
         out += [(k, b) for k, b in m.named_buffers(recurse=False)
                 if b is not None and b.dim() >= 1 and k in ("running_mean", "running_var")]
-    if with_counts and isinstance(m, (WeightedLayerNorm, WeightedRMSNorm)):
+    if with_counts and isinstance(m, (WeightedLayerNorm, WeightedRMSNorm, WeightedGroupNorm)):
         out.append(("counts", m.counts))
     return out
 
@@ -281,8 +315,8 @@ def shrink(m, kind: str, keep_out: torch.Tensor, keep_in: Optional[torch.Tensor]
         p = m.param
         _set_tensor(m.owner, m.attr, p.index_select(m.dim, keep_out.to(p.device)))
         return
-    if kind == "layernorm":
-        raise ValueError(f"{name}: a layernorm is replaced by weighted_norm(), not shrunk")
+    if kind in ("layernorm", "groupnorm"):
+        raise ValueError(f"{name}: a {kind} is replaced by weighted_norm(), not shrunk")
     if kind in CHANNELWISE_KINDS:
         for key, t in channel_tensors(m, with_buffers=True):
             _set_tensor(m, key, t.index_select(0, keep_out.to(t.device)))
@@ -336,6 +370,18 @@ def weighted_norm(m: nn.Module, keep: torch.Tensor, counts: torch.Tensor) -> nn.
     """The merged replacement of a ``layernorm``-kind module ``m``: a :class:`~csgd_ext.norms.WeightedLayerNorm`
     (or ``WeightedRMSNorm``) on the kept channels ``keep``, each counting ``counts`` times (its cluster's size;
     when ``m`` is already weighted, the sum of its members' counts)."""
+    if isinstance(m, (nn.GroupNorm, WeightedGroupNorm)):
+        if isinstance(m, WeightedGroupNorm):  # re-merge: a plain GroupNorm view of it, counts carried over
+            new = WeightedGroupNorm(counts, m.num_groups, eps=m.eps, affine=m.affine, device=m.counts.device,
+                                    dtype=m.weight.dtype if m.weight is not None else None)
+            with torch.no_grad():
+                if m.weight is not None:
+                    new.weight.copy_(m.weight.index_select(0, keep.to(m.weight.device)))
+                    new.bias.copy_(m.bias.index_select(0, keep.to(m.bias.device)))
+        else:
+            new = WeightedGroupNorm.from_norm(m, counts, keep)
+        new.train(m.training)
+        return new
     if isinstance(m, (WeightedLayerNorm, WeightedRMSNorm)):
         keep = keep.to(m.counts.device)
         kw = dict(eps=m.eps, elementwise_affine=m.elementwise_affine, channel_dim=m.channel_dim,

@@ -180,7 +180,7 @@ def merge(model: nn.Module, plan) -> nn.Module:
         ts = channel_tensors(m, with_buffers=True)
         dev = ts[0][1].device if ts else torch.device("cpu")
         keep_out = _kept(o, out_rm.get(name, set()), dev)
-        if kind == "layernorm":  # counts: the kept channels' cluster sizes (summed counts when already weighted)
+        if kind in ("layernorm", "groupnorm"):  # counts: the kept channels' cluster sizes (summed when weighted)
             counts = sizes[name].index_select(0, keep_out.cpu())
             _replace(small, name, weighted_norm(m, keep_out, counts))
             continue
@@ -194,7 +194,7 @@ def _cluster_sizes(plan, mods) -> Dict[str, torch.Tensor]:
     clusters; for an already weighted norm, the sum of the members' counts)."""
     out: Dict[str, torch.Tensor] = {}
     for g in plan.groups:
-        names = [n for n in g.producers if g.kinds[n] == "layernorm"]
+        names = [n for n in g.producers if g.kinds[n] in ("layernorm", "groupnorm")]
         for cl in g.cluster_members if names else ():
             for name in names:
                 index, m = g.producers[name], mods[name]

@@ -44,7 +44,7 @@ import numbers
 import torch
 from torch import nn
 
-__all__ = ["check_counts", "WeightedLayerNorm", "WeightedRMSNorm"]
+__all__ = ["check_counts", "WeightedLayerNorm", "WeightedRMSNorm", "WeightedGroupNorm"]
 
 _MAX_EXACT = 2 ** 24  # float32 represents every integer up to here, so counts and their sum stay exact
 
@@ -270,3 +270,74 @@ class WeightedRMSNorm(_WeightedNormBase):
         if self.weight is not None:
             y = y * self.weight
         return self._from_last(y.type_as(x))
+
+
+class WeightedGroupNorm(nn.Module):
+    """GroupNorm over ``num_groups`` channel groups in which kept channel ``k`` counts ``counts[k]`` times.
+
+    The merged form of an ``nn.GroupNorm`` whose channels were clustered inside its groups, each group keeping
+    the same number of channels: the statistics of group ``g`` are those of the full group,
+    ``mean_g = sum_{k in g} n_k sum_s x_ks / (S sum_{k in g} n_k)`` (and the variance likewise), ``S`` the
+    spatial size. Input ``(N, C, *)``::
+
+        wgn = WeightedGroupNorm([2, 1, 1, 2], num_groups=2)          # 4 kept channels standing for 6
+        wgn = WeightedGroupNorm.from_norm(nn.GroupNorm(2, 6), [2, 1, 1, 2], torch.tensor([0, 2, 3, 5]))
+    """
+
+    def __init__(self, counts, num_groups: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None):
+        super().__init__()
+        n = check_counts(counts)
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 \
+                or n.numel() % num_groups:
+            raise ValueError(f"num_groups must be a positive int dividing the width {n.numel()}, got {num_groups!r}")
+        self.width, self.num_groups = int(n.numel()), num_groups
+        self.eps = _check_eps(eps, allow_none=False)
+        self.affine = bool(affine)
+        self.register_buffer("counts", n.to(device=device if device is not None else n.device), persistent=True)
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(self.width, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(self.width, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_norm(cls, norm_module: nn.GroupNorm, counts, keep_index) -> "WeightedGroupNorm":
+        """Build from an ``nn.GroupNorm`` whose channels were merged inside its groups: ``keep_index[k]`` is the
+        kept channel of cluster ``k`` and ``counts[k]`` its size; every group keeps as many channels::
+
+            wgn = WeightedGroupNorm.from_norm(block.norm, counts=[2, 1, 1, 2], keep_index=torch.tensor([0, 2, 3, 5]))
+        """
+        if not isinstance(norm_module, nn.GroupNorm):
+            raise TypeError(f"from_norm expects an nn.GroupNorm (or a subclass), got {type(norm_module).__name__}")
+        n = check_counts(counts)
+        keep = _check_keep(keep_index, n, norm_module.num_channels)
+        per = norm_module.num_channels // norm_module.num_groups
+        kept_per_group = torch.bincount(keep // per, minlength=norm_module.num_groups)
+        if len(set(kept_per_group.tolist())) != 1:
+            raise ValueError(f"every group must keep the same number of channels, got {kept_per_group.tolist()}")
+        w = norm_module.weight
+        out = cls(n, norm_module.num_groups, eps=norm_module.eps, affine=norm_module.affine,
+                  device=w.device if w is not None else None, dtype=w.dtype if w is not None else None)
+        if out.weight is not None:
+            with torch.no_grad():
+                out.weight.copy_(_rows(w, keep))
+                out.bias.copy_(_rows(norm_module.bias, keep))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xg = x.reshape(shape[0], self.num_groups, self.width // self.num_groups, -1)
+        n = self.counts.float().reshape(self.num_groups, -1, 1)
+        total = n.sum(1, keepdim=True) * xg.shape[-1]
+        mean = (xg * n).sum((2, 3), keepdim=True) / total
+        d = xg - mean
+        var = (d * d * n).sum((2, 3), keepdim=True) / total
+        y = (d * torch.rsqrt(var + self.eps)).reshape(shape)
+        if self.weight is not None:
+            view = (1, -1) + (1,) * (len(shape) - 2)
+            y = y * self.weight.reshape(view) + self.bias.reshape(view)
+        return y.type_as(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.width}, eps={self.eps}"

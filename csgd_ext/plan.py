@@ -257,7 +257,7 @@ class ClusterPlan:
         lines = [f"ClusterPlan: {len(self.groups)} clustered groups, {len(self.skipped)} skipped "
                  f"(method={self.meta.get('method')}, seed={self.meta.get('seed')})"]
         for i, g in enumerate(self.groups):
-            per = (f" ({g.conv_groups} conv groups x {g.width_before // g.conv_groups} -> "
+            per = (f" ({g.conv_groups} groups x {g.width_before // g.conv_groups} -> "
                    f"{g.width_after // g.conv_groups})") if g.conv_groups > 1 else ""
             lines.append(f"  [{i}] {g.root}: {g.width_before} -> {g.width_after}{per}  producers="
                          f"{list(g.producers)} consumers={list(g.consumers)}")

@@ -246,7 +246,7 @@ def _check_conv_groups(g, mods) -> None:
     """Clusters stay inside one convolution group of every grouped conv, each group keeping as many."""
     for field, maps in (("producers", g.producers), ("consumers", g.consumers)):
         for name, index in maps.items():
-            if g.kinds[name] != "grouped":
+            if g.kinds[name] not in ("grouped", "groupnorm"):
                 continue
             m = mods[name]
             kept: Dict[int, int] = {}

@@ -83,7 +83,7 @@ class MobileTiny(nn.Module):
 
 
 class GroupNormNet(nn.Module):
-    """One GroupNorm group (must be reported and left alone) next to a BN group."""
+    """A GroupNorm group (merged with a weighted GroupNorm, clusters inside its 2 groups) next to a BN group."""
 
     def __init__(self):
         super().__init__()
@@ -142,7 +142,7 @@ def check_shapes(small, expected):
         if isinstance(m, nn.Parameter):  # a bare parameter: channels on its last non-singleton dim
             dim = max([d for d, n in enumerate(m.shape) if n > 1] or [0])
             assert m.shape[dim] == o == i, name
-        elif isinstance(m, csgd_ext.norms.WeightedLayerNorm):
+        elif isinstance(m, (csgd_ext.norms.WeightedLayerNorm, csgd_ext.norms.WeightedGroupNorm)):
             assert m.weight.shape[0] == o == m.counts.shape[0] == i, name
         elif isinstance(m, nn.modules.conv._ConvNd):
             assert (m.out_channels, m.in_channels) == (o, i), name
@@ -199,19 +199,33 @@ def test_merge_without_collapse_equals_merge_of_collapsed_copy():
         assert (direct(x) - net(x)).abs().max() > 1e-3
 
 
-def test_groupnorm_group_reported_and_untouched():
+def test_groupnorm_group_clusters_inside_its_groups_and_merges_with_a_weighted_groupnorm():
     net = prepared(GroupNormNet)
     x = torch.randn(4, 3, 8, 8)
     plan = csgd_ext.plan_clusters(net, x[:1], keep=0.5)
-    reasons = {m: r for mods, r in plan.skipped for m in mods}
-    assert "GroupNorm" in reasons["gn"] and "c1" in reasons
-    assert [g.root for g in plan.groups] == ["c2"]
-    assert plan.groups[0].width_after == 6
+    g = next(g for g in plan.groups if g.root == "c1")
+    assert g.kinds["gn"] == "groupnorm" and g.conv_groups == 2 and g.width_after == 4
+    for cl in g.cluster_members:  # channels 0-3 and 4-7 are the two normalization groups
+        assert len({g.producers["gn"][r] // 4 for r in cl}) == 1
     csgd_ext.collapse(net, plan)
     small = csgd_ext.merge(net, plan)
-    assert small.c1.out_channels == 8 and small.gn.num_channels == 8 and small.c2.out_channels == 6
+    assert isinstance(small.gn, csgd_ext.norms.WeightedGroupNorm) and small.gn.counts.sum().item() == 8
+    assert small.c1.out_channels == 4 and small.c2.out_channels == 6
     with torch.no_grad():
         assert (small(x) - net(x)).abs().max().item() <= 1e-4
+
+
+def test_groupnorm_with_an_activation_inside_is_reported():
+    class GroupNormAct(nn.GroupNorm):
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    net = prepared(GroupNormNet)
+    net.gn = GroupNormAct(2, 8)
+    plan = csgd_ext.plan_clusters(net, torch.randn(1, 3, 8, 8), keep=0.5)
+    reasons = {m: r for mods, r in plan.skipped for m in mods}
+    assert "GroupNormAct" in reasons["gn"] and "c1" in reasons
+    assert [g.root for g in plan.groups] == ["c2"]
 
 
 def test_reload_merged_weights_without_pickling(tmp_path):

@@ -71,7 +71,7 @@ def test_grouped_conv_keeps_its_groups_and_balances_the_clusters(name, conv, gro
     plan = csgd_ext.plan_clusters(net, _input(name)[:1], keep=0.5, method="kmeans", seed=0)
     through = [g for g in plan.groups if conv in g.kinds]
     assert len(through) == 2 and all(g.conv_groups == groups for g in through)  # its input and its output
-    assert f"{groups} conv groups x" in plan.summary()
+    assert f"{groups} groups x" in plan.summary()
     mod = dict(net.named_modules())[conv]
     for g in through:
         role = "producers" if conv in g.producers else "consumers"
