@@ -326,18 +326,17 @@ class WeightedGroupNorm(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        xg = x.reshape(shape[0], self.num_groups, self.width // self.num_groups, -1)
-        n = self.counts.float().reshape(self.num_groups, -1, 1)
+        g = self.num_groups
+        xg = x.reshape(x.shape[0], g, self.width // g, -1)  # (N, groups, channels per group, spatial)
+        n = self.counts.float().reshape(g, -1, 1)
         total = n.sum(1, keepdim=True) * xg.shape[-1]
         mean = (xg * n).sum((2, 3), keepdim=True) / total
         d = xg - mean
         var = (d * d * n).sum((2, 3), keepdim=True) / total
-        y = (d * torch.rsqrt(var + self.eps)).reshape(shape)
+        y = d * torch.rsqrt(var + self.eps)
         if self.weight is not None:
-            view = (1, -1) + (1,) * (len(shape) - 2)
-            y = y * self.weight.reshape(view) + self.bias.reshape(view)
-        return y.type_as(x)
+            y = y * self.weight.reshape(g, -1, 1) + self.bias.reshape(g, -1, 1)
+        return y.reshape_as(x).type_as(x)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.width}, eps={self.eps}"

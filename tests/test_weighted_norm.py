@@ -352,3 +352,55 @@ def test_bad_from_norm_inputs():
         WeightedLayerNorm([1, 2], eps=-1.0)
     with pytest.raises(ValueError, match="eps must be a non-negative"):
         WeightedRMSNorm([1, 2], eps=float("nan"))
+
+
+# -- WeightedGroupNorm ------------------------------------------------------------------------------------
+from csgd_ext.norms import WeightedGroupNorm  # noqa: E402
+
+
+def _collapsed_groupnorm(dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    gn = nn.GroupNorm(3, 12).to(dtype)
+    # every group keeps 3 channels: {0,1},{2},{3} | {4,5},{6},{7} | {8,11},{9},{10}
+    clusters = [[0, 1], [2], [3], [4, 5], [6], [7], [8, 11], [9], [10]]
+    with torch.no_grad():
+        gn.weight.copy_(torch.randn(12, generator=g, dtype=dtype))
+        gn.bias.copy_(torch.randn(12, generator=g, dtype=dtype))
+        for c in clusters:
+            gn.weight[c] = gn.weight[c[0]].clone()
+            gn.bias[c] = gn.bias[c[0]].clone()
+    x = torch.randn(2, 12, 4, 5, generator=g, dtype=dtype)
+    for c in clusters:
+        x[:, c] = x[:, c[0]:c[0] + 1].clone()
+    keep = torch.tensor([c[0] for c in clusters])
+    return gn, x, keep, [len(c) for c in clusters]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_weighted_groupnorm_equals_groupnorm_on_collapsed_inputs(dtype, tol):
+    gn, x, keep, counts = _collapsed_groupnorm(dtype)
+    wgn = WeightedGroupNorm.from_norm(gn, counts, keep)
+    with torch.no_grad():
+        assert (wgn(x[:, keep]) - gn(x)[:, keep]).abs().max().item() <= tol
+        plain = F.group_norm(x[:, keep], 3, gn.weight[keep], gn.bias[keep], gn.eps)  # negative control
+        assert (plain - gn(x)[:, keep]).abs().max().item() > 1e-2
+
+
+def test_weighted_groupnorm_with_unit_counts_is_groupnorm_and_traces():
+    gn = nn.GroupNorm(2, 6)
+    wgn = WeightedGroupNorm.from_norm(gn, [1] * 6, torch.arange(6))
+    x = torch.randn(3, 6, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(wgn(x), gn(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.fx.symbolic_trace(wgn)(x), wgn(x))
+        torch.testing.assert_close(torch.export.export(wgn, (x,)).module()(x), wgn(x))
+
+
+def test_weighted_groupnorm_rejects_bad_inputs():
+    gn = nn.GroupNorm(2, 6)
+    with pytest.raises(ValueError, match="same number of channels"):
+        WeightedGroupNorm.from_norm(gn, [2, 1, 1, 2], torch.tensor([0, 1, 2, 3]))  # group 0 keeps 3, group 1 keeps 1
+    with pytest.raises(ValueError, match="num_groups"):
+        WeightedGroupNorm([1, 1, 1], num_groups=2)
+    with pytest.raises(TypeError, match="GroupNorm"):
+        WeightedGroupNorm.from_norm(nn.LayerNorm(6), [1] * 6, torch.arange(6))
