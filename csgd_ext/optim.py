@@ -66,9 +66,7 @@ _DIM_KEY = "cluster_dim"  # present (and non-zero) when a parameter's channels a
 
 def _split_value(value, name: str):
     """``(ids, dim)`` of a ``clusters`` value: ``ids`` (dim 0) or ``(ids, dim)``."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise TypeError(f"clusters value for {name} must be ids or an (ids, dim) pair, got {len(value)} items")
+    if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], torch.Tensor):
         ids, dim = value
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"clusters dim for {name} must be an int, got {type(dim).__name__}")
