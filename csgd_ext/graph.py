@@ -5,7 +5,8 @@ group into a :class:`CoupledGroup`:
 
 * **producers** - layers whose output channels are the group's channels and are clustered: conv/linear
   output rows, depthwise and grouped convs, batch/instance norms and their subclasses (affine params and
-  running stats), LayerNorms over the channels, per-channel PReLU, per-channel scale parameters.
+  running stats), Layer/RMS/GroupNorms over the channels, per-channel PReLU, bare per-channel parameters
+  (layer scales, position embeddings, class tokens).
   ``index[r]`` is the producer's channel for root channel ``r`` (``-1`` where the producer does not carry it,
   e.g. one input of a concatenation that feeds a residual add).
 * **consumers** - conv/linear layers that read the channels; ``index[r]`` lists the consumer's input features
@@ -15,8 +16,8 @@ group into a :class:`CoupledGroup`:
   (clusters stay inside one; a consumer after a split reads only its chunk's channels).
 
 Groups whose channels pass through an op for which "identical channels -> keep one, sum the consumers" is not
-exact (GroupNorm, an unbind of channels, a reduction over every dim, a layer without a merge rule, a bare
-parameter that carries the channels on another dim) or that reach the model's output are returned in
+exact (an unbind of channels, a reduction over every dim, a layer without a merge rule such as a norm subclass
+with extra work, a bare parameter whose channel dim torch-pruning puts elsewhere) or that reach the model's output are returned in
 ``skipped`` with the reason, never silently clustered. Ops whose exactness depends on where they move the
 channel dim (permutes, reshapes other than a flatten head, slices and concatenations of tokens, partial
 reductions, unknown elementwise ops) are listed in ``CoupledGroup.unverified``: the planner keeps such a group
