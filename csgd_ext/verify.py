@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .layers import channel_tensors, targets
 from .merge import merge, snap_to_means
 from .plan import ClusterPlan, GroupPlan
 
@@ -100,15 +101,22 @@ class _Probe:
 
     @torch.no_grad()
     def check(self, groups: List[GroupPlan]) -> Optional[str]:
-        """None if merging ``groups`` together is exact, else the reason."""
-        m = copy.deepcopy(self.model)
+        """None if merging ``groups`` together is exact, else the reason. The probe model is collapsed in place
+        and restored afterwards (only the clustered tensors are saved: no second copy of the model)."""
+        m = self.model
         plan = ClusterPlan(m, groups, [])
+        mods = targets(m)
+        saved = [(t, t.detach().clone()) for name in plan.producer_clusters()
+                 for _, t in channel_tensors(mods[name], with_buffers=True)]
         try:
             snap_to_means(m, plan)
             ref = _tensors(_call(m, self.inputs))
             out = _tensors(_call(merge(m, plan), self.inputs))
         except Exception as e:  # noqa: BLE001 - a merge that cannot be built or run is not exact
             return f"the merged model fails: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        finally:
+            for t, v in saved:
+                t.copy_(v)
         if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
             return "the merged model's outputs have other shapes"
         scale = max([a.abs().max().item() for a in ref if a.numel()] + [1e-30])
