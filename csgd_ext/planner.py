@@ -196,7 +196,7 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[s
             ok.append(g)
     if verify and ok:
         bad = inexact_groups(model, [_group_plan(g, list(range(g.width))) for g in ok], example_inputs,
-                             blocks=[g.blocks for g in ok])
+                             blocks=[g.blocks for g in ok], required=[i for i, g in enumerate(ok) if g.unverified])
         for i, why in sorted(bad.items()):
             ops = f"; ops on its path: {', '.join(ok[i].unverified)}" if ok[i].unverified else ""
             skipped.append((tuple(ok[i].modules), f"numeric check: {why}{ops}"))

@@ -127,11 +127,14 @@ class _Probe:
 
 
 def inexact_groups(model: nn.Module, groups: Sequence[GroupPlan], example_inputs, seed: int = 0,
-                   blocks: Optional[Sequence[Optional[Sequence[int]]]] = None) -> Dict[int, str]:
+                   blocks: Optional[Sequence[Optional[Sequence[int]]]] = None,
+                   required: Optional[Sequence[int]] = None) -> Dict[int, str]:
     """``{index: reason}`` for the groups of ``groups`` whose merge is not exact (see the module docstring).
 
     ``groups`` are :class:`GroupPlan` s of ``model`` (their labels are replaced by random probe clusters);
-    ``blocks[i]`` is group ``i``'s convolution-group partition (:attr:`csgd_ext.graph.CoupledGroup.blocks`).
+    ``blocks[i]`` is group ``i``'s block partition (:attr:`csgd_ext.graph.CoupledGroup.blocks`). When the model
+    cannot be copied or run in eval mode, the groups in ``required`` (default: all) are reported: those whose
+    exactness only the check can establish.
     """
     if not groups:
         return {}
@@ -141,7 +144,11 @@ def inexact_groups(model: nn.Module, groups: Sequence[GroupPlan], example_inputs
         labels = probe_labels(g.width_before, blocks[i] if blocks is not None else None, rng)
         probes.append(GroupPlan(root=g.root, width_before=g.width_before, width_after=max(labels) + 1,
                                 labels=labels, producers=g.producers, consumers=g.consumers, kinds=g.kinds))
-    probe = _Probe(model, example_inputs)
+    try:
+        probe = _Probe(model, example_inputs)
+    except Exception as e:  # noqa: BLE001 - e.g. a model holding non-leaf tensors cannot be deep-copied
+        why = f"the numeric check cannot copy or run the model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return {i: why for i in (range(len(groups)) if required is None else required)}
     bad: Dict[int, str] = {}
 
     def bisect(idx: List[int]) -> None:

@@ -248,3 +248,22 @@ def test_split_with_literal_sizes_is_refused_by_the_numeric_check():
     plan = csgd_ext.plan_clusters(net, torch.randn(1, 3, 8, 8), keep=0.5)
     reasons = {m: why for mods, why in plan.skipped for m in mods}
     assert "numeric check" in reasons["c0"] and "split_with_sizes" in reasons["c0"]
+
+
+def test_a_model_the_check_cannot_copy_keeps_its_structurally_exact_groups_only():
+    class Cached(nn.Module):
+        """Holds a non-leaf tensor (like timm LeViT's attention-bias cache): deepcopy refuses it."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc1, self.fc2 = nn.Conv2d(3, 8, 1), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.cache = nn.Parameter(torch.ones(1)) * 2  # a non-leaf tensor attribute
+
+        def forward(self, x):
+            y = self.conv(x).permute(0, 2, 3, 1)  # the conv's group needs the numeric check
+            return self.fc2(torch.relu(self.fc1(y))).mean((1, 2))
+
+    plan = csgd_ext.plan_clusters(Cached(), torch.randn(1, 3, 4, 4), keep=0.5)
+    reasons = {m: why for mods, why in plan.skipped for m in mods}
+    assert "cannot copy or run the model" in reasons["conv"]
+    assert [g.root for g in plan.groups] == ["fc1"]  # Linear -> ReLU -> Linear needs no check
