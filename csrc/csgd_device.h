@@ -23,15 +23,18 @@
 //           across the block's threads; partial sums go through shared memory and are reduced in a fixed
 //           order after a barrier (phase 0 | barrier | phase 1), so there is no serial walk over a big cluster.
 //
-// Arithmetic is IEEE and deterministic: no atomics, fixed summation orders, and the same operations in the
-// same order as the CPU kernel (csgd_step_cpu.cpp): means by multiplying with the reciprocal of the size,
-// weight decay before the centripetal term. Both are built without floating-point contraction
-// (-ffp-contract=off, nvcc --fmad=false), so the two agree bitwise wherever the summation order is the same
-// (every cluster of up to kMaxSmall rows). fp16/bf16 are computed in fp32 and rounded once; fp64 in fp64.
+// Arithmetic is IEEE and deterministic: no atomics, fixed summation orders, means by multiplying with the
+// reciprocal of the size, and the update of one element is csgd_math.h's, shared with the CPU kernel
+// (csgd_cpu_kernel.h): explicit fused multiply-adds exactly where torch's SGD fuses, no reliance on
+// contraction flags. So the two agree bitwise wherever the summation order is the same (every cluster of up
+// to kMaxSmall rows), and unclustered tensors get torch SGD's bits. fp16/bf16 are computed in fp32 and
+// rounded once; fp64 in fp64.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include "csgd_math.h"
 
 #include <cstdint>
 #include <type_traits>
@@ -108,11 +111,12 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <typename T>
 constexpr int kVec = kVecBytes / static_cast<int>(sizeof(T));  // 4 fp32, 8 fp16/bf16, 2 fp64
 
-// Hyperparameters in the compute type, and the flags that select the momentum rule.
+// Hyperparameters in the compute type, and the flags of the rule (csgd_math.h).
 template <typename A>
 struct Coef {
-  A lr, wd, mom, damp1, cp, sign;  // damp1 = 1 - dampening; sign = -1 when maximizing
-  bool use_wd, use_cp, use_mom, first, nesterov;
+  math::Coefs<A> k;
+  math::Flags f;
+  A sign;  // -1 when maximizing (negation is exact)
 };
 
 template <typename T>
@@ -181,17 +185,11 @@ CSGD_HD void store(T* p, const Pack<T, W>& x) {
 // ---------------------------------------------------------------------------------------------------------
 // The update rule (csgd_ext/ops/reference.py is the spec), on one element in the compute type.
 
-// d (mean gradient, sign applied) -> new w, new b. `mw` is the cluster mean of w (clusters only).
+// d (mean gradient, sign applied) -> new w, new b. `sw` is the cluster's sum of w and `ninv` = -1/size
+// (clusters only).
 template <typename A, bool CLUSTER>
-CSGD_HD void update(A wj, A d, A mw, A bold, A* wnew, A* bnew, const Coef<A>& c) {
-  if (c.use_wd) d = d + c.wd * wj;
-  if (CLUSTER && c.use_cp) d = d + c.cp * (wj - mw);
-  if (c.use_mom) {
-    const A bj = c.first ? d : c.mom * bold + c.damp1 * d;
-    *bnew = bj;
-    d = c.nesterov ? d + c.mom * bj : bj;
-  }
-  *wnew = wj - c.lr * d;
+CSGD_HD void update(A wj, A d, A sw, A ninv, A bold, A* wnew, A* bnew, const Coef<A>& c) {
+  *wnew = math::update<CLUSTER, A>(wj, d, sw, ninv, bold, bnew, c.f, c.k);
 }
 
 // W elements at offset o of an unclustered row (or singleton cluster): d = sign * g.
@@ -200,18 +198,18 @@ CSGD_HD void elem_pack(T* w, const T* g, T* b, int64_t o, const Coef<acc_t<T>>& 
   using A = acc_t<T>;
   const Pack<T, W> wv = load<T, W>(w + o), gv = load<T, W>(g + o);
   Pack<T, W> bv{};
-  if (c.use_mom && !c.first) bv = load<T, W>(b + o);
+  if (c.f.mom && !c.f.first) bv = load<T, W>(b + o);
   Pack<T, W> wn, bn;
   CSGD_UNROLL
   for (int k = 0; k < W; ++k) {
     A wk, bk = A(0);
-    update<A, false>(static_cast<A>(wv.v[k]), c.sign * static_cast<A>(gv.v[k]), A(0), static_cast<A>(bv.v[k]),
+    update<A, false>(static_cast<A>(wv.v[k]), c.sign * static_cast<A>(gv.v[k]), A(0), A(0), static_cast<A>(bv.v[k]),
                      &wk, &bk, c);
     wn.v[k] = static_cast<T>(wk);
     bn.v[k] = static_cast<T>(bk);
   }
   store<T, W>(w + o, wn);
-  if (c.use_mom) store<T, W>(b + o, bn);
+  if (c.f.mom) store<T, W>(b + o, bn);
 }
 
 // kIlp<T> vector packs per thread in flight: load all, then compute and store (the elementwise body).
@@ -226,7 +224,7 @@ CSGD_HD void elem_vectors(T* w, const T* g, T* b, int64_t base, int64_t nvec, in
       if (i < nvec) {
         wv[u] = load<T, V>(w + base + i * V);
         gv[u] = load<T, V>(g + base + i * V);
-        if (c.use_mom && !c.first) bv[u] = load<T, V>(b + base + i * V);
+        if (c.f.mom && !c.f.first) bv[u] = load<T, V>(b + base + i * V);
       }
     }
     CSGD_UNROLL
@@ -238,13 +236,14 @@ CSGD_HD void elem_vectors(T* w, const T* g, T* b, int64_t base, int64_t nvec, in
         for (int k = 0; k < V; ++k) {
           using A = acc_t<T>;
           A wk, bk = A(0);
-          const A bold = (c.use_mom && !c.first) ? static_cast<A>(bv[u].v[k]) : A(0);
-          update<A, false>(static_cast<A>(wv[u].v[k]), c.sign * static_cast<A>(gv[u].v[k]), A(0), bold, &wk, &bk, c);
+          const A bold = (c.f.mom && !c.f.first) ? static_cast<A>(bv[u].v[k]) : A(0);
+          update<A, false>(static_cast<A>(wv[u].v[k]), c.sign * static_cast<A>(gv[u].v[k]), A(0), A(0), bold, &wk, &bk,
+                           c);
           wn.v[k] = static_cast<T>(wk);
           bn.v[k] = static_cast<T>(bk);
         }
         store<T, V>(w + base + i * V, wn);
-        if (c.use_mom) store<T, V>(b + base + i * V, bn);
+        if (c.f.mom) store<T, V>(b + base + i * V, bn);
       }
     }
   }
@@ -264,7 +263,7 @@ CSGD_HD void elem_item(const Slot& s, int64_t e0, int64_t e1, int tid, const Coe
   T* b = static_cast<T*>(s.b);
   constexpr int V = kVec<T>;
   const int mw = misalign<T>(w + e0);
-  const bool vec = mw == misalign<T>(g + e0) && (!c.use_mom || mw == misalign<T>(b + e0));
+  const bool vec = mw == misalign<T>(g + e0) && (!c.f.mom || mw == misalign<T>(b + e0));
   int64_t head = vec ? (V - mw) % V : e1 - e0;
   if (head > e1 - e0) head = e1 - e0;
   for (int64_t e = e0 + tid; e < e0 + head; e += kThreads) elem_pack<T, 1>(w, g, b, e, c);
@@ -290,23 +289,23 @@ CSGD_HD void add_members(const T* g, const T* w, const int32_t* mem, int q0, int
   }
 }
 
-// A cluster member's update at offset o, from its w (already loaded) and the cluster means mg (sign applied)
-// and mw.
+// A cluster member's update at offset o, from its w (already loaded), the cluster's mean gradient mg (sign
+// applied), its sum of weights sw and ninv = -1/size.
 template <typename T, int W>
-CSGD_HD void member_update(T* w, T* b, int64_t o, const Pack<T, W>& wq, const acc_t<T>* mg, const acc_t<T>* mw,
-                           const Coef<acc_t<T>>& c) {
+CSGD_HD void member_update(T* w, T* b, int64_t o, const Pack<T, W>& wq, const acc_t<T>* mg, const acc_t<T>* sw,
+                           acc_t<T> ninv, const Coef<acc_t<T>>& c) {
   using A = acc_t<T>;
   Pack<T, W> bv{}, wn, bn;
-  if (c.use_mom && !c.first) bv = load<T, W>(b + o);
+  if (c.f.mom && !c.f.first) bv = load<T, W>(b + o);
   CSGD_UNROLL
   for (int k = 0; k < W; ++k) {
     A wk, bk = A(0);
-    update<A, true>(static_cast<A>(wq.v[k]), mg[k], mw[k], static_cast<A>(bv.v[k]), &wk, &bk, c);
+    update<A, true>(static_cast<A>(wq.v[k]), mg[k], sw[k], ninv, static_cast<A>(bv.v[k]), &wk, &bk, c);
     wn.v[k] = static_cast<T>(wk);
     bn.v[k] = static_cast<T>(bk);
   }
   store<T, W>(w + o, wn);
-  if (c.use_mom) store<T, W>(b + o, bn);
+  if (c.f.mom) store<T, W>(b + o, bn);
 }
 
 // One cluster of `size` <= kMaxSmall members (rows mem[0..size)) on W columns starting at `col`: every
@@ -344,18 +343,15 @@ CSGD_HD void small_cluster(const Slot& s, const int32_t* mem, int size, int64_t 
   add_members<T, W>(g, w, mem, kKeep, size, 1, s.cols, col, sg, sw);
   const A inv = A(1) / static_cast<A>(size), sinv = c.sign * inv;
   CSGD_UNROLL
-  for (int k = 0; k < W; ++k) {
-    sg[k] = sg[k] * sinv;
-    sw[k] = sw[k] * inv;
-  }
+  for (int k = 0; k < W; ++k) sg[k] = sg[k] * sinv;
   // pass 2: every member's update (members past kKeep read their w again, from cache)
   CSGD_UNROLL
   for (int q = 0; q < kKeep; ++q) {
-    if (q < size) member_update<T, W>(w, b, static_cast<int64_t>(mem[q]) * s.cols + col, wv[q], sg, sw, c);
+    if (q < size) member_update<T, W>(w, b, static_cast<int64_t>(mem[q]) * s.cols + col, wv[q], sg, sw, -inv, c);
   }
   for (int q = kKeep; q < size; ++q) {
     const int64_t o = static_cast<int64_t>(mem[q]) * s.cols + col;
-    member_update<T, W>(w, b, o, load<T, W>(w + o), sg, sw, c);
+    member_update<T, W>(w, b, o, load<T, W>(w + o), sg, sw, -inv, c);
   }
 }
 
@@ -383,7 +379,7 @@ CSGD_HD void small_item(const Launch<T>& L, const Item& it, int tid) {
   const int cpp = kThreads / nvv;
   const int lc = tid / nvv;
   if (lc >= cpp) return;
-  const bool vec = rows_vectorizable<T>(s, L.c.use_mom);
+  const bool vec = rows_vectorizable<T>(s, L.c.f.mom);
   for (int64_t cl = it.a0 + lc; cl < it.a1; cl += cpp) {
     const Cluster cd = L.clusters[cl];
     const int32_t* mem = L.members + cd.m0;
@@ -422,27 +418,24 @@ CSGD_HD void large_cols(const Slot& s, const int32_t* mem, int size, int64_t col
     }
     return;
   }
-  A mg[W], mw[W];
+  A mg[W], sw[W];
   CSGD_UNROLL
-  for (int k = 0; k < W; ++k) mg[k] = mw[k] = A(0);
+  for (int k = 0; k < W; ++k) mg[k] = sw[k] = A(0);
   for (int rr = 0; rr < R; ++rr) {
     const A* qg = sm->g + static_cast<int64_t>(rr * span + t) * kVec<T>;
     const A* qw = sm->w + static_cast<int64_t>(rr * span + t) * kVec<T>;
     CSGD_UNROLL
     for (int k = 0; k < W; ++k) {
       mg[k] = mg[k] + qg[k];
-      mw[k] = mw[k] + qw[k];
+      sw[k] = sw[k] + qw[k];
     }
   }
   const A inv = A(1) / static_cast<A>(size), sinv = c.sign * inv;
   CSGD_UNROLL
-  for (int k = 0; k < W; ++k) {
-    mg[k] = mg[k] * sinv;
-    mw[k] = mw[k] * inv;
-  }
+  for (int k = 0; k < W; ++k) mg[k] = mg[k] * sinv;
   for (int q = r; q < size; q += R) {
     const int64_t o = static_cast<int64_t>(mem[q]) * s.cols + col;
-    member_update<T, W>(w, b, o, load<T, W>(w + o), mg, mw, c);
+    member_update<T, W>(w, b, o, load<T, W>(w + o), mg, sw, -inv, c);
   }
 }
 
@@ -456,7 +449,7 @@ CSGD_HD void large_item(const Launch<T>& L, const Item& it, int phase, int tid, 
   const Cluster cd = L.clusters[it.a0];
   const int32_t* mem = L.members + cd.m0;
   const int64_t v = it.v0 + t;
-  if (rows_vectorizable<T>(s, L.c.use_mom)) {
+  if (rows_vectorizable<T>(s, L.c.f.mom)) {
     large_cols<T, kVec<T>>(s, mem, cd.size, v * kVec<T>, phase, r, R, t, span, sm, L.c);
   } else {
     // scalar columns of the vector, one at a time; the shared partials hold one accumulator per column, so
@@ -485,7 +478,7 @@ CSGD_HD void packed_item(const Launch<T>& L, const Item& it, int tid) {
 template <typename T>
 CSGD_HD int item_phases(const Launch<T>& L, const Item& it) {
   if (it.kind != kLarge) return 1;
-  return rows_vectorizable<T>(L.slots[it.slot], L.c.use_mom) ? 2 : 2 * kVec<T>;
+  return rows_vectorizable<T>(L.slots[it.slot], L.c.f.mom) ? 2 : 2 * kVec<T>;
 }
 
 // Everything thread `tid` of a block does for phase `phase` of item `it`.

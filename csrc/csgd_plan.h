@@ -97,23 +97,15 @@ void fill_launch(dev::Launch<T>* L, const CachedPlan& cp, const PlanLaunch& pl, 
   L->members = cp.members();
   L->n_items = pl.item1 - pl.item0;
   auto& c = L->c;
-  c.lr = static_cast<A>(h.lr);
-  c.wd = static_cast<A>(h.weight_decay);
-  c.mom = static_cast<A>(h.momentum);
-  c.damp1 = static_cast<A>(1.0 - h.dampening);
-  c.cp = static_cast<A>(h.centripetal);
+  c.k = math::coefs<A>(h.lr, h.weight_decay, h.momentum, h.dampening, h.centripetal);
+  c.f = math::Flags{h.weight_decay != 0.0, h.centripetal != 0.0, h.momentum != 0.0, h.first, h.nesterov};
   c.sign = static_cast<A>(h.maximize ? -1.0 : 1.0);
-  c.use_wd = h.weight_decay != 0.0;
-  c.use_cp = h.centripetal != 0.0;
-  c.use_mom = h.momentum != 0.0;
-  c.first = h.first;
-  c.nesterov = h.nesterov;
   for (size_t s = 0; s < pl.tensors.size(); ++s) {
     const int64_t i = pl.tensors[s];
     dev::Slot& slot = L->slots[s];
     slot.w = params[i].data_ptr();
     slot.g = grads[i].const_data_ptr();
-    slot.b = c.use_mom ? bufs[i].data_ptr() : nullptr;
+    slot.b = c.f.mom ? bufs[i].data_ptr() : nullptr;
     const int64_t rows = params[i].dim() == 0 ? 1 : params[i].size(0);
     slot.cols = rows == 0 ? 0 : params[i].numel() / rows;
   }

@@ -12,8 +12,9 @@
 //   grid-stride order (costliest items first, so blocks finish together);
 // * 16-byte loads and stores, several in flight per thread (csgd_device.h has the per-thread code, which
 //   the cuda_emulated backend runs on the CPU in CI).
-// Built without --use_fast_math and with --fmad=false (setup.py): IEEE arithmetic, bitwise equal to the CPU
-// kernel for fp32 wherever the summation order is the same.
+// Built without --use_fast_math: IEEE arithmetic. The update of one element is csgd_math.h's (explicit fused
+// multiply-adds where torch's SGD fuses), so unclustered tensors get torch's fused SGD's bits and clusters the
+// CPU kernel's wherever the summation order is the same.
 #include "csgd_plan.h"
 
 #include <ATen/ATen.h>

@@ -71,40 +71,50 @@ def make_params(shapes, kinds, dtype, gen: torch.Generator, *, device="cpu", mem
     return ps, layouts
 
 
+STEP_ULPS = 4  # one step from the same state: at most this many ulps of the step's scale apart
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor, *inputs: torch.Tensor) -> float:
+    """max |a - b| in ulps (of a's dtype) of the scale of the step: the largest magnitude among the results and
+    the step's inputs (a buffer that cancels to near zero is judged by the size of what cancelled)."""
+    if torch.equal(a, b):
+        return 0.0
+    scale = max([t.double().abs().max().item() for t in (a, b) + inputs if t.numel()] + [1e-30])
+    return (a.double() - b.double()).abs().max().item() / (torch.finfo(a.dtype).eps * scale)
+
+
 def run_pair(backend: str, shapes, kinds, dtype, hp, steps: int, *, device="cpu", seed=0, memory_format=None):
-    """Step ``backend`` and ``reference`` ``steps`` times on identical tensors; return both (params, bufs)."""
+    """Step ``backend`` ``steps`` times and check EVERY step against ``reference`` run from the same state
+    (parameters and buffers copied from ``backend`` before each step): within ``TOL`` and ``STEP_ULPS``. One
+    step at a time, so a one-ulp rounding difference (an FMA, a reciprocal) is never amplified into a failure by
+    a long chain, on any machine. Returns the final ``(params, bufs)`` of both."""
     gen = torch.Generator().manual_seed(seed)
     ps, layouts = make_params(shapes, kinds, dtype, gen, device=device, memory_format=memory_format)
-    qs = [p.clone() for p in ps]  # clone keeps channels_last strides
     mod, ref = ops.get_module(backend), ops.get_module("reference")
-    bufs_a, bufs_b = [None] * len(ps), [None] * len(ps)
-    for _ in range(steps):
+    bufs = [None] * len(ps)
+    qs, ref_bufs = ps, bufs
+    for t in range(steps):
         gs = [torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype) for p in ps]
         if memory_format is not None:
             gs = [g.contiguous(memory_format=memory_format) if g.dim() == 4 else g for g in gs]
-        mod.step(ps, gs, bufs_a, layouts, **hp)
-        ref.step(qs, gs, bufs_b, layouts, **hp)
-    return (ps, bufs_a), (qs, bufs_b)
-
-
-def run_lockstep(backend: str, shapes, kinds, dtype, hp, steps: int, *, seed=0):
-    """Step ``backend`` ``steps`` times and check EVERY step against ``reference`` run from the same state.
-
-    For fp16/bf16 over many elements and steps this is the meaningful comparison: one fp32 rounding that
-    differs (an FMA, a reciprocal) flips a stored value by one ulp now and then, and momentum carries that
-    flip on, so two correct implementations drift apart when run freely. Each single step must still agree
-    to the dtype's tolerance."""
-    gen = torch.Generator().manual_seed(seed)
-    ps, layouts = make_params(shapes, kinds, dtype, gen)
-    mod, ref = ops.get_module(backend), ops.get_module("reference")
-    bufs = [None] * len(ps)
-    for t in range(steps):
-        gs = [torch.randn(p.shape, generator=gen).to(dtype=dtype) for p in ps]
-        qs = [p.clone() for p in ps]
+        qs = [p.clone() for p in ps]  # clone keeps channels_last strides
         ref_bufs = [None if b is None else b.clone() for b in bufs]
+        before = [(p.clone(), None if b is None else b.clone()) for p, b in zip(ps, bufs)]
         mod.step(ps, gs, bufs, layouts, **hp)
         ref.step(qs, gs, ref_bufs, layouts, **hp)
         assert_pair_close((ps, bufs), (qs, ref_bufs), dtype, msg=f"step {t}")
+        for i, ((p0, b0), g) in enumerate(zip(before, gs)):
+            inputs = (p0, g) if b0 is None else (p0, g, b0)
+            for what, x, y in (("param", ps[i], qs[i]), ("buffer", bufs[i], ref_bufs[i])):
+                if x is not None:
+                    u = ulps(x, y, *inputs)
+                    assert u <= STEP_ULPS, f"{what} {i} step {t}: {u:.2f} ulps of the step's scale"
+    return (ps, bufs), (qs, ref_bufs)
+
+
+def run_lockstep(backend: str, shapes, kinds, dtype, hp, steps: int, *, seed=0):
+    """``run_pair`` without the return value (kept for the callers that only check)."""
+    run_pair(backend, shapes, kinds, dtype, hp, steps, seed=seed)
 
 
 def assert_pair_close(a, b, dtype, msg=""):

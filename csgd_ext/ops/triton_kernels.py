@@ -85,11 +85,16 @@ def _tile_kernel(work_ptr, item0, n_items, meta_ptr, rows_ptr, hp_ptr, W, G, B,
         sum_g += tl.load(G + ((g_off + roff)[:, None] + ar[None, :]), mask=lm, other=0.0).to(CDTYPE)
         if HAS_C:
             sum_w += tl.load(W + ((w_off + roff)[:, None] + ar[None, :]), mask=lm, other=0.0).to(CDTYPE)
+    # means by the reciprocal of the size (one IEEE division per item, as the native kernels do)
     cnt = zero + tl.maximum(size, 1).to(CDTYPE)[:, None]
-    mean_g = sum_g / cnt
+    if CDTYPE == tl.float32:
+        inv = tl.math.div_rn(zero + 1.0, cnt)  # fp32 `/` may be approximate on the GPU
+    else:
+        inv = (zero + 1.0) / cnt
+    sinv = inv
     if MAXIMIZE:
-        mean_g = -mean_g
-    mean_w = sum_w / cnt
+        sinv = -inv
+    mean_g = sum_g * sinv  # (it only ever enters a tl.fma as an operand; the mean weight is never formed)
 
     if USE_MOMENTUM:
         b_off = tl.load(t6 + 2, mask=valid, other=0)
@@ -111,15 +116,16 @@ def _tile_kernel(work_ptr, item0, n_items, meta_ptr, rows_ptr, hp_ptr, W, G, B,
         lm2 = in_row & alive[:, None]
         wp = W + ((w_off + roff2)[:, None] + ar[None, :])
         w = tl.load(wp, mask=lm2, other=0.0).to(CDTYPE)
+        # the update of csrc/csgd_math.h, operation for operation (tl.fma where torch's SGD fuses)
         d = mean_g
         if HAS_WD:
-            d = d + wd * w
+            d = tl.fma(w, wd, d)
         if HAS_C:
-            d = d + cen * (w - mean_w)
+            d = tl.fma(tl.fma(sum_w, -inv, w), cen, d)  # w minus the cluster's mean weight, rounded once
         if USE_MOMENTUM:
             bp = B + ((b_off + roff2)[:, None] + ar[None, :])
             b_old = tl.load(bp, mask=lm2 & b_read, other=0.0).to(CDTYPE)
-            b = tl.where(fresh, d, b_old * mom + one_minus_damp * d)
+            b = tl.where(fresh, d, tl.fma(d, one_minus_damp, b_old * mom))
             if SOFT_BF16:  # round to nearest even by hand: the interpreter's fp32->bf16 cast truncates
                 b_bits = b.to(tl.uint32, bitcast=True)
                 b_bits = (b_bits + (0x7FFF + ((b_bits >> 16) & 1))) >> 16
@@ -127,10 +133,10 @@ def _tile_kernel(work_ptr, item0, n_items, meta_ptr, rows_ptr, hp_ptr, W, G, B,
             else:
                 tl.store(bp, b.to(DTYPE), mask=lm2)
             if NESTEROV:
-                d = d + mom * b
+                d = tl.fma(b, mom, d)
             else:
                 d = b
-        w = w - lr * d
+        w = tl.fma(d, -lr, w)
         if SOFT_BF16:
             w_bits = w.to(tl.uint32, bitcast=True)
             w_bits = (w_bits + (0x7FFF + ((w_bits >> 16) & 1))) >> 16
@@ -167,10 +173,11 @@ def _flat_kernel(work_ptr, item0, meta_ptr, hp_ptr, W, G, B,
     d = tl.load(G + (g_off + idx), mask=mask, other=0.0).to(CDTYPE)
     if MAXIMIZE:
         d = -d
+    # the update of csrc/csgd_math.h, operation for operation (tl.fma where torch's SGD fuses)
     if HAS_WD:
-        d = d + tl.load(hp_ptr + 1).to(CDTYPE) * w
+        d = tl.fma(w, tl.load(hp_ptr + 1).to(CDTYPE), d)
     if HAS_C:  # the reference's centripetal * (w - mean w) with mean w = w, on clustered tensors only
-        d = tl.where(tl.load(t6 + 5) != 0, d + tl.load(hp_ptr + 4).to(CDTYPE) * (w - w), d)
+        d = tl.where(tl.load(t6 + 5) != 0, tl.fma(w - w, tl.load(hp_ptr + 4).to(CDTYPE), d), d)
     if USE_MOMENTUM:
         mom = tl.load(hp_ptr + 2).to(CDTYPE)
         b_off = tl.load(t6 + 2)
@@ -182,7 +189,7 @@ def _flat_kernel(work_ptr, item0, meta_ptr, hp_ptr, W, G, B,
         if ALIGN > 1:
             n_read = tl.multiple_of(n_read, ALIGN)
         b_old = tl.load(bp, mask=idx < n_read, other=0.0).to(CDTYPE)
-        b = tl.where(first != 0, d, b_old * mom + tl.load(hp_ptr + 3).to(CDTYPE) * d)
+        b = tl.where(first != 0, d, tl.fma(d, tl.load(hp_ptr + 3).to(CDTYPE), b_old * mom))
         if SOFT_BF16:
             b_bits = b.to(tl.uint32, bitcast=True)
             b_bits = (b_bits + (0x7FFF + ((b_bits >> 16) & 1))) >> 16
@@ -190,10 +197,10 @@ def _flat_kernel(work_ptr, item0, meta_ptr, hp_ptr, W, G, B,
         else:
             tl.store(bp, b.to(DTYPE), mask=mask)
         if NESTEROV:
-            d = d + mom * b
+            d = tl.fma(b, mom, d)
         else:
             d = b
-    w = w - lr * d
+    w = tl.fma(d, -lr, w)
     if SOFT_BF16:
         w_bits = w.to(tl.uint32, bitcast=True)
         w_bits = (w_bits + (0x7FFF + ((w_bits >> 16) & 1))) >> 16
