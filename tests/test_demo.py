@@ -54,6 +54,31 @@ def test_demo_table_says_one_thread_in_the_singular(demo_run):
     assert any(ln.endswith(" on 2 threads") for ln in format_table({**r, "threads": 2}).splitlines())
 
 
+def test_demo_prints_the_test_set_interval_beside_each_accuracy(demo_run):
+    from csgd_ext.apps.demo import format_table
+    from csgd_ext.apps.stats import accuracy_interval
+
+    _, r = demo_run
+    labels = ("base accuracy", "C-SGD accuracy before merge", "merged accuracy")
+    lines = [ln for ln in format_table(r).splitlines() if ln.startswith(labels)]
+    assert len(lines) == 3 and all("(95 % CI " in ln for ln in lines)
+    lo, hi = r["accuracy_ci95"]["merged"]
+    assert (lo, hi) == pytest.approx(accuracy_interval(r["merged_accuracy"], r["n_test"]))
+    assert lo <= r["merged_accuracy"] <= hi
+
+
+def test_accuracy_interval_is_the_wilson_interval():
+    from csgd_ext.apps.stats import accuracy_interval, format_accuracy
+
+    lo, hi = accuracy_interval(96.0, 1000)  # the textbook Wilson interval of 960 / 1000
+    assert (lo, hi) == pytest.approx((94.6, 97.0), abs=0.05)
+    assert accuracy_interval(100.0, 1000)[1] == 100.0 and accuracy_interval(0.0, 10)[0] == 0.0
+    assert hi - lo > 2 * 0.4  # 0.4 points on 1,000 images is inside the noise
+    assert format_accuracy(96.3, 1000) == "96.30 % (95 % CI 94.9-97.3)"
+    with pytest.raises(ValueError, match="n must be positive"):
+        accuracy_interval(50.0, 0)
+
+
 def test_demo_writes_plots_and_comparison(demo_run):
     out, r = demo_run
     assert len(r["plots"]) == 3

@@ -36,6 +36,7 @@ from . import data as data_mod
 from . import plots
 from .compare import format_comparison, run_comparison
 from .recipes import TRAINING_BACKEND, make_csgd, make_sgd, set_determinism, train_base, train_csgd
+from .stats import accuracy_interval, format_accuracy
 
 __all__ = ["DemoConfig", "run_demo", "format_table", "latency_pair_ms", "step_time_ms", "RESULTS_FILE"]
 
@@ -171,6 +172,8 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         "base_accuracy": 100.0 * base_acc,
         "csgd_accuracy_before_merge": 100.0 * csgd_acc,
         "merged_accuracy": 100.0 * merged_acc,
+        "accuracy_ci95": {k: list(accuracy_interval(100.0 * a, int(split.y_test.numel())))
+                          for k, a in (("base", base_acc), ("csgd", csgd_acc), ("merged", merged_acc))},
         "predictions_identical": bool(torch.equal(csgd_logits.argmax(1), merged_logits.argmax(1))),
         "max_logit_diff": float((csgd_logits - merged_logits).abs().max()),
         "max_logit_diff_collapsed_vs_merged": float((collapsed_logits - merged_logits).abs().max()),
@@ -206,9 +209,9 @@ def format_table(res: Dict[str, Any]) -> str:
     rows = [
         ("model", res["model"]),
         ("train / test samples", f"{res['n_train']} / {res['n_test']} (real MNIST digits)"),
-        ("base accuracy", f"{res['base_accuracy']:.2f} %"),
-        ("C-SGD accuracy before merge", f"{res['csgd_accuracy_before_merge']:.2f} %"),
-        ("merged accuracy", f"{res['merged_accuracy']:.2f} %"),
+        ("base accuracy", format_accuracy(res["base_accuracy"], res["n_test"])),
+        ("C-SGD accuracy before merge", format_accuracy(res["csgd_accuracy_before_merge"], res["n_test"])),
+        ("merged accuracy", format_accuracy(res["merged_accuracy"], res["n_test"])),
         ("identical predictions (before vs merged)", str(res["predictions_identical"])),
         ("max |logit difference|", f"{res['max_logit_diff']:.3g}"),
         ("params before -> after", f"{res['params_before']:,} -> {res['params_after']:,}"),
