@@ -9,7 +9,7 @@ Two caveats of compiling against a CPU-only wheel: the kernels include
 the toolkit here lacks), and the wheel lacks the generated ``c10/cuda/impl/cuda_cmake_macros.h``, supplied
 here as a two-line stub on a temporary include path.
 
-The compile runs as setup.py builds the device code (``-O3 --fmad=false`` for sm_90, the H100/H200) with
+The compile runs as setup.py builds the device code (``-O3`` for sm_90, the H100/H200) with
 ``-Xptxas -v``, and the resource report is checked: the C-SGD kernel must not spill registers to local memory
 (``__launch_bounds__`` caps it at 128 registers a thread for 2 resident blocks of 256 threads per SM).
 """
@@ -54,7 +54,7 @@ def _compile(nvcc, source, tmp_path):
     stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True, exist_ok=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    cmd = [nvcc, "-c", source, "-o", str(tmp_path / "out.o"), "-std=c++17", "-O3", "--fmad=false", "-arch=sm_90",
+    cmd = [nvcc, "-c", source, "-o", str(tmp_path / "out.o"), "-std=c++17", "-O3", "-arch=sm_90",
            "-Xptxas", "-v", "-Xcompiler", "-fPIC", "-DCSGD_EXT_WITH_CUDA=1", "-DTORCH_API_INCLUDE_EXTENSION_H",
            "-DTORCH_EXTENSION_NAME=_C", f"-I{tmp_path / 'stub'}", f"-I{os.path.join(ROOT, 'csrc')}",
            f"-I{sysconfig.get_paths()['include']}"]

@@ -271,7 +271,7 @@ def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]
                                                    _aligned_launches(plan, meta_vals, bases, dtype)))
         cdtype = torch.float64 if dtype == torch.float64 else torch.float32
         common = dict(DTYPE=_tl_dtype(dtype), CDTYPE=_tl_dtype(cdtype), SOFT_BF16=interpret and dtype == torch.bfloat16,
-                      enable_fp_fusion=True, **flags)  # FMA contraction, as nvcc does by default
+                      enable_fp_fusion=True, **flags)  # no effect: every multiply-add is an explicit tl.fma
         with (torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()):
             for li, ln in enumerate(plan.launches):
                 align = align_elems(dtype) if ok[li] else 1
