@@ -15,8 +15,10 @@ the two means, then writes every member's new ``w`` and momentum buffer, the sam
 as fused momentum SGD (read ``w, g, b``; write ``w, b``). The cluster layout (members sorted by cluster, CSR
 offsets: :class:`csgd_ext.layout.ClusterLayout`) is built once per assignment and cached; unclustered
 parameters go through the same op as all-singleton rows. Reductions run in a fixed order (no atomics): same
-inputs, same bits. Backends agree with this spec to rounding, not bit for bit (the native CPU kernel
-multiplies by the reciprocal of the cluster size, and ``-march=native`` builds may fuse multiply-adds).
+inputs, same bits. This spec fixes the rule, not its rounding: the fast backends share one rounding
+(``csrc/csgd_math.h``: fused multiply-adds exactly where ATen's SGD fuses, cluster means by the reciprocal of
+the size), so without clusters they give ``torch.optim.SGD``'s bits, and with clusters they agree with this spec
+to a few ulps per step (``tests/_equiv.py``).
 
 The official C-SGD code (DingXiaoH/Centripetal-SGD) and this package, name for name:
 
