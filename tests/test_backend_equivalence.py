@@ -1,5 +1,6 @@
-"""Every available backend against the ``reference`` spec: parameters AND momentum buffers at each of 20 steps
-(each step from the same state: ``_equiv.run_pair``; within ``TOL`` and ``STEP_ULPS`` ulps of the step's scale),
+"""Every available backend against the ``reference`` spec: parameters AND momentum buffers at each of 6 steps
+(the first and later ones, each from the same state: ``_equiv.run_pair``; within ``TOL`` and ``STEP_ULPS`` ulps
+of the step's scale, so a longer run would only repeat the check),
 every dtype, every kind of cluster layout, every hyperparameter combination, mixed clustered/unclustered
 lists, first and later steps, shapes from 1 x 1 up, channels_last weights, hypothesis-drawn layouts.
 
@@ -18,7 +19,7 @@ from csgd_ext.layout import build_layout
 
 from _equiv import DTYPES, LAYOUT_KINDS, assert_pair_close, hparam_grid, run_lockstep, run_pair
 
-STEPS = 20
+STEPS = 6
 # The backends under test: every CPU-available one except the reference itself.
 BACKENDS = [name for name, why in csgd_ext.available_backends().items() if why is None and name != "reference"]
 
@@ -51,8 +52,6 @@ def test_every_layout_kind_matches_reference(backend, kind, dtype):
 def test_all_hyperparameter_combinations_match_reference(backend):
     grid = hparam_grid()
     assert len(grid) == 32
-    if backend == "triton":  # interpreted on CPU: keep it cheap (every flag still varies across the grid)
-        grid = grid[::4]
     for hp in grid:
         a, b = run_pair(backend, MIXED_SHAPES, MIXED_KINDS, torch.float64, hp, STEPS, seed=2)
         assert_pair_close(a, b, torch.float64, msg=str(hp))
@@ -80,10 +79,10 @@ def test_every_cluster_size_and_row_length_matches_reference(backend, dtype):
 @pytest.mark.parametrize("shape", [(256, 64, 3, 3), (2048, 4608)], ids=str)
 def test_large_shapes_native(shape):
     """Large tensors (multi-threaded tiles, column blocks of big clusters); native only. The 2048 x 4608
-    case (9.4M elements) runs 3 steps to stay fast; the others 20."""
+    case (9.4M elements) runs 2 steps (the first and a later one) to stay fast; the others STEPS."""
     if csgd_ext.available_backends()["native"] is not None:
         pytest.skip(f"native backend unavailable: {csgd_ext.available_backends()['native']}")
-    steps = 3 if shape[0] >= 2048 else STEPS
+    steps = 2 if shape[0] >= 2048 else STEPS
     for kinds in (["uneven"], ["one"]):
         a, b = run_pair("native", [shape], kinds, torch.float32, NESTEROV_HP, steps, seed=4)
         assert_pair_close(a, b, torch.float32, msg=f"{shape} {kinds}")
