@@ -3,6 +3,7 @@
     import csgd_ext
     plan = csgd_ext.plan_clusters(model, example_inputs, keep=0.625)
     opt = csgd_ext.CSGD(model.parameters(), lr=0.1, momentum=0.9, centripetal=3e-3, clusters=plan.clusters)
+    csgd_ext.csgd(params, grads, bufs, layouts, lr=0.1, momentum=0.9)   # the same step, functional form
     small = csgd_ext.merge(model, plan)                       # after training and csgd_ext.collapse
     csgd_ext.available_backends()   # {"reference": None, "native": None or why not, "triton": ...}
 
@@ -15,6 +16,7 @@ from .version import __version__
 from .layout import ClusterLayout
 from .ops import BackendUnavailableError, available_backends
 from .optim import CSGD
+from .functional import csgd
 from .plan import ClusterPlan
 from .planner import plan_clusters
 from .merge import collapse, deviation, merge, merge_report
@@ -24,6 +26,6 @@ from .norms import WeightedLayerNorm, WeightedRMSNorm
 from . import flops, latency, models, norms  # model zoo, MACs/params counter, CPU latency
 from .train import DeviationLogger, evaluate, fit
 
-__all__ = ["CSGD", "fit", "evaluate", "DeviationLogger", "plan_clusters", "ClusterPlan", "contiguous_clusters",
+__all__ = ["CSGD", "csgd", "fit", "evaluate", "DeviationLogger", "plan_clusters", "ClusterPlan", "contiguous_clusters",
            "deviation", "collapse", "merge", "merge_report", "save_checkpoint", "load_checkpoint", "load_merged",
            "available_backends", "BackendUnavailableError", "ClusterLayout", "__version__"]

@@ -13,7 +13,8 @@ Example::
 
 Every member of a cluster receives its cluster's mean gradient plus weight decay plus a centripetal pull to
 the cluster mean (``d_i = mean_C g + wd * w_i + centripetal * (w_i - mean_C w)``), then SGD's momentum rule.
-Without clusters it is exactly ``torch.optim.SGD``.
+Without clusters it is exactly ``torch.optim.SGD``. The step itself is :func:`csgd_ext.csgd`'s (the functional
+form, :mod:`csgd_ext.functional`); this class adds param groups, cluster state and a per-group cache.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch
 from torch.optim import Optimizer
 
 from . import ops
+from .functional import run as run_backend
+from .hparams import HPARAMS, check_hparams
 from .distributed import check_clusterable
 from .layout import ClusterLayout, build_layout, validate_cluster_ids
 
@@ -59,7 +62,6 @@ _IS_SPARSE = operator.attrgetter("is_sparse")
 _SHAPE = operator.attrgetter("shape")
 
 
-_HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "centripetal")
 _IDS_KEY = "cluster_ids"
 _DIM_KEY = "cluster_dim"  # present (and non-zero) when a parameter's channels are not its dim 0
 
@@ -77,29 +79,6 @@ def _split_value(value, name: str):
 def _moved(t: torch.Tensor, dim: int) -> torch.Tensor:
     """``t`` with its channel dim first (a view; ``t`` itself for dim 0)."""
     return t if dim == 0 else t.movedim(dim, 0)
-
-
-def _check_number(group: Dict[str, Any], key: str, where: str) -> None:
-    v = group[key]
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"{key} must be a scalar{where}, got a tensor of shape {tuple(v.shape)}")
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{key} must be a number{where}, got {type(v).__name__}")
-    if not v >= 0.0:  # also rejects NaN
-        raise ValueError(f"Invalid {key}: {v}{where} (must be >= 0)")
-
-
-def check_hparams(group: Dict[str, Any], where: str = "") -> None:
-    """Validate one param group's hyperparameters; raises ValueError/TypeError naming the bad one."""
-    for key in ("lr", "momentum", "dampening", "weight_decay", "centripetal"):
-        _check_number(group, key, where)
-    for key in ("nesterov", "maximize"):
-        if not isinstance(group[key], bool):
-            raise TypeError(f"{key} must be a bool{where}, got {type(group[key]).__name__}")
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError(f"Nesterov momentum requires a momentum > 0 and zero dampening{where}")
 
 
 class CSGD(Optimizer):
@@ -402,16 +381,16 @@ class CSGD(Optimizer):
                 loss = closure()
         state = self.state
         for group in self.param_groups:
-            hp = {k: group[k] for k in _HPARAMS}
+            hp = {k: group[k] for k in HPARAMS}
             hp = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in hp.items()}
             use_momentum = hp["momentum"] != 0
             cached = self._cached_batch(group, use_momentum)
             if cached is not None:
                 device = cached.params[0].device
-                self._backend_for(device).step(cached.params, cached.grads, cached.bufs, cached.layouts, **hp)
+                run_backend(self._backend_for(device), cached.params, cached.grads, cached.bufs, cached.layouts, hp)
                 continue
             for device, batch in self._gather(group, use_momentum).items():
-                self._backend_for(device).step(batch.params, batch.grads, batch.bufs, batch.layouts, **hp)
+                run_backend(self._backend_for(device), batch.params, batch.grads, batch.bufs, batch.layouts, hp)
                 if use_momentum:  # store buffers the backend created (first step)
                     for p, b, st in zip(batch.params, batch.bufs, batch.states):
                         if not st:
