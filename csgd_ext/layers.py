@@ -42,6 +42,13 @@ scale       a bare ``nn.Parameter`` (not in a layer:  the parameter, channels on
   activation inside, several normalized dims) gets a reason.
 * **GroupNorm** is the same idea per group: clusters stay inside one normalization group, every group keeps
   the same number of channels, and the merge uses :class:`csgd_ext.norms.WeightedGroupNorm`.
+* **Norm-act layers of those kinds** (timm's ``GroupNormAct``, ``LayerNormAct``, ``LayerNormAct2d``): a subclass
+  whose forward is the functional norm followed by its own child modules (``drop``, then ``act``), as running it
+  once shows, is its kind; its merged form is a :class:`csgd_ext.norms.WeightedNormAct` (the weighted norm, then
+  those modules: :func:`norm_post`).
+* **Weight-transforming convs** (timm's ``StdConv2d``: weight standardization in the forward) shrink their
+  outputs like any conv; as consumers they are first baked into the plain conv they compute
+  (:func:`csgd_ext.bake.bake`), so that summing their input slices stays exact.
 * **The PReLU single-slope rule**: a ``PReLU`` with one shared slope carries no channel (the slope applies to
   any number of channels), so it is never clustered, shrunk or bounds-checked.
 * **Bare parameters** are named by their qualified parameter name (``"stages.0.gamma"``) and looked up with
@@ -66,11 +73,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norms import WeightedGroupNorm, WeightedLayerNorm, WeightedRMSNorm
+from .norms import WeightedGroupNorm, WeightedLayerNorm, WeightedNormAct, WeightedRMSNorm
 
 __all__ = ["KINDS", "PRODUCER_KINDS", "CONSUMER_KINDS", "CHANNELWISE_KINDS", "KERNEL_KINDS", "TRACED_TYPES",
            "ROOT_TYPES", "BareParam", "targets", "module_kind", "widths", "index_bounds", "channel_tensors",
-           "cluster_ids", "conv_group_of", "shrink", "sum_grouped_inputs", "weighted_norm", "layernorm_channel_dim"]
+           "cluster_ids", "conv_group_of", "shrink", "sum_grouped_inputs", "weighted_norm", "layernorm_channel_dim",
+           "norm_post"]
 
 KINDS = ("conv", "grouped", "linear", "depthwise", "norm", "layernorm", "groupnorm", "prelu", "scale")
 #: kinds whose output channels a group may carry (and cluster)
@@ -128,39 +136,87 @@ def targets(model: nn.Module) -> Dict[str, object]:
     return out
 
 
-def layernorm_channel_dim(m: nn.Module) -> Optional[int]:
-    """-1 or 1: the dim a LayerNorm/RMSNorm module ``m`` normalizes (1 for a channels-first subclass such as
-    ConvNeXt's ``LayerNorm2d``); None when its forward is not one LayerNorm over one of those dims."""
-    if isinstance(m, (WeightedLayerNorm, WeightedRMSNorm)):
-        return m.channel_dim
-    shape = tuple(getattr(m, "normalized_shape", ()) or ())
-    if len(shape) != 1:
-        return None
-    if type(m) in (nn.LayerNorm, nn.RMSNorm):
-        return -1
-    c = shape[0]
-    w = next(iter(m.parameters(recurse=False)), None)
-    dev, dt = (w.device, w.dtype) if w is not None else (torch.device("cpu"), torch.float32)
-    g = torch.Generator(device="cpu").manual_seed(0)
+def _probe_form(m: nn.Module, cases) -> Optional[Tuple[object, bool]]:
+    """How a norm subclass's forward relates to its functional norm, found by running it once per case (eval
+    mode, no grad). ``cases`` are ``(key, x, want)`` with ``want(x)`` the plain functional norm of ``x``. Returns
+    ``(key, False)`` for the first case whose output is ``want(x)``, ``(key, True)`` when it is ``want(x)`` passed
+    through the module's own child modules in order (a norm-act layer: timm's ``GroupNormAct`` runs its ``drop``
+    and then its ``act``), None when no case matches."""
+    post = nn.Sequential(*m.children())
     was = m.training
     m.eval()
     try:
         with torch.no_grad():
-            for dim, x in ((1, torch.randn(2, c, 3, 5, generator=g)), (-1, torch.randn(2, 3, c, generator=g))):
-                x = x.to(dev, dt)
+            for key, x, want_fn in cases:
                 try:
                     y = m(x)
                 except Exception:  # noqa: BLE001 - the module does not take this layout
                     continue
-                ref = F.layer_norm if isinstance(m, nn.LayerNorm) else F.rms_norm
-                xm = x.movedim(dim, -1)
-                want = ref(xm, shape, m.weight, *((m.bias,) if isinstance(m, nn.LayerNorm) else ()),
-                           eps=m.eps if m.eps is not None else torch.finfo(dt).eps).movedim(-1, dim)
-                if isinstance(y, torch.Tensor) and y.shape == want.shape and torch.allclose(y, want, atol=1e-5):
-                    return dim
+                want = want_fn(x)
+                if not isinstance(y, torch.Tensor) or y.shape != want.shape:
+                    continue
+                if torch.allclose(y, want, atol=1e-5):
+                    return key, False
+                if len(post) and torch.allclose(y, post(want.clone()), atol=1e-5):
+                    return key, True
     finally:
         m.train(was)
     return None
+
+
+def _probe_input(m: nn.Module, shape) -> torch.Tensor:
+    """A seeded random input of ``shape`` on ``m``'s device and dtype."""
+    w = next(iter(m.parameters(recurse=False)), None)
+    dev, dt = (w.device, w.dtype) if w is not None else (torch.device("cpu"), torch.float32)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dev, dt)
+
+
+def _layernorm_form(m: nn.Module) -> Optional[Tuple[int, bool]]:
+    """``(channel dim, post)`` of a LayerNorm/RMSNorm module: the dim it normalizes (-1, or 1 for a channels-first
+    subclass such as ConvNeXt's ``LayerNorm2d``) and whether its own child modules run after the norm
+    (``LayerNormAct2d``); None when its forward is neither."""
+    if isinstance(m, (WeightedLayerNorm, WeightedRMSNorm)):
+        return m.channel_dim, False
+    shape = tuple(getattr(m, "normalized_shape", ()) or ())
+    if len(shape) != 1:
+        return None
+    if type(m) in (nn.LayerNorm, nn.RMSNorm):
+        return -1, False
+    c = shape[0]
+    ref = F.layer_norm if isinstance(m, nn.LayerNorm) else F.rms_norm
+    extra = (m.bias,) if isinstance(m, nn.LayerNorm) else ()
+
+    def want(dim):
+        def norm(x):
+            eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
+            return ref(x.movedim(dim, -1), shape, m.weight, *extra, eps=eps).movedim(-1, dim)
+        return norm
+
+    return _probe_form(m, [(1, _probe_input(m, (2, c, 3, 5)), want(1)), (-1, _probe_input(m, (2, 3, c)), want(-1))])
+
+
+def layernorm_channel_dim(m: nn.Module) -> Optional[int]:
+    """-1 or 1: the dim a LayerNorm/RMSNorm module ``m`` normalizes (1 for a channels-first subclass such as
+    ConvNeXt's ``LayerNorm2d``); None when its forward is not one LayerNorm over one of those dims (optionally
+    followed by its own child modules: a norm-act layer)."""
+    form = _layernorm_form(m)
+    return None if form is None else form[0]
+
+
+def _groupnorm_form(m: nn.Module) -> Optional[Tuple[str, bool]]:
+    """``("gn", post)`` when a GroupNorm (subclass) computes ``F.group_norm`` with its own tensors, then (``post``)
+    its own child modules (timm's ``GroupNormAct``); None otherwise (checked by running it)."""
+    if isinstance(m, WeightedGroupNorm) or type(m) is nn.GroupNorm:
+        return "gn", False
+    return _probe_form(m, [("gn", _probe_input(m, (2, m.num_channels, 3, 5)),
+                            lambda x: F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps))])
+
+
+def norm_post(m: nn.Module) -> List[nn.Module]:
+    """The modules a norm-act layer of kind layernorm/groupnorm runs after its norm (its children, in order),
+    which its merged form keeps; [] for a plain norm."""
+    form = _groupnorm_form(m) if isinstance(m, (nn.GroupNorm, WeightedGroupNorm)) else _layernorm_form(m)
+    return list(m.children()) if form is not None and form[1] else []
 
 
 def _layer_kind(m) -> Tuple[Optional[str], Optional[str]]:
@@ -187,36 +243,18 @@ def _layer_kind(m) -> Tuple[Optional[str], Optional[str]]:
     return None, f"{type(m).__name__} (no exact merge rule for this layer)"
 
 
-def _groupnorm_is_plain(m: nn.Module) -> bool:
-    """True when a GroupNorm (subclass) computes ``F.group_norm`` with its own tensors (checked by running it)."""
-    if isinstance(m, WeightedGroupNorm) or type(m) is nn.GroupNorm:
-        return True
-    w = next(iter(m.parameters(recurse=False)), None)
-    dev, dt = (w.device, w.dtype) if w is not None else (torch.device("cpu"), torch.float32)
-    x = torch.randn(2, m.num_channels, 3, 5, generator=torch.Generator().manual_seed(0)).to(dev, dt)
-    was = m.training
-    m.eval()
-    try:
-        with torch.no_grad():
-            y = m(x)
-    except Exception:  # noqa: BLE001 - a forward that does not take (N, C, H, W)
-        return False
-    finally:
-        m.train(was)
-    want = F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
-    return isinstance(y, torch.Tensor) and y.shape == want.shape and torch.allclose(y, want, atol=1e-5)
-
-
 def module_kind(m) -> Tuple[Optional[str], Optional[str]]:
     """``(kind, None)`` for a layer (or :class:`BareParam`) a merge knows, else ``(None, reason)``."""
     kind, why = _layer_kind(m)
-    if kind == "layernorm" and layernorm_channel_dim(m) is None:
+    if kind == "layernorm" and _layernorm_form(m) is None:
         return None, (f"{type(m).__name__} (a LayerNorm whose forward is not one LayerNorm over the channel dim, "
-                      f"e.g. with an activation inside or normalized_shape={tuple(m.normalized_shape)}: no "
-                      "weighted replacement)")
-    if kind == "groupnorm" and not _groupnorm_is_plain(m):
-        return None, (f"{type(m).__name__} (a GroupNorm whose forward is not one GroupNorm, e.g. with an activation "
-                      "inside: no weighted replacement)")
+                      "nor one followed by its own child modules (a norm-act layer), e.g. an activation called in "
+                      f"its forward instead of held as a child module, or normalized_shape={tuple(m.normalized_shape)}"
+                      ": no weighted replacement)")
+    if kind == "groupnorm" and _groupnorm_form(m) is None:
+        return None, (f"{type(m).__name__} (a GroupNorm whose forward is not one GroupNorm, nor one followed by its "
+                      "own child modules (a norm-act layer), e.g. an activation called in its forward instead of "
+                      "held as a child module: no weighted replacement)")
     if kind == "scale" and m.param.dim() == 0:
         return None, "a scalar parameter (carries no channel)"
     return kind, why
@@ -367,9 +405,18 @@ def sum_grouped_inputs(m: nn.Module, clusters: List[List[List[int]]], name: str)
 
 
 def weighted_norm(m: nn.Module, keep: torch.Tensor, counts: torch.Tensor) -> nn.Module:
-    """The merged replacement of a ``layernorm``-kind module ``m``: a :class:`~csgd_ext.norms.WeightedLayerNorm`
-    (or ``WeightedRMSNorm``) on the kept channels ``keep``, each counting ``counts`` times (its cluster's size;
-    when ``m`` is already weighted, the sum of its members' counts)."""
+    """The merged replacement of a ``layernorm``/``groupnorm``-kind module ``m``: a
+    :class:`~csgd_ext.norms.WeightedLayerNorm` (``WeightedRMSNorm``, ``WeightedGroupNorm``) on the kept channels
+    ``keep``, each counting ``counts`` times (its cluster's size; when ``m`` is already weighted, the sum of its
+    members' counts). A norm-act layer becomes a :class:`~csgd_ext.norms.WeightedNormAct`: the weighted norm,
+    then the modules the original ran after its norm (:func:`norm_post`)."""
+    post = norm_post(m)
+    new = _weighted(m, keep, counts)
+    return WeightedNormAct(new, post) if post else new
+
+
+def _weighted(m: nn.Module, keep: torch.Tensor, counts: torch.Tensor) -> nn.Module:
+    """:func:`weighted_norm` without the norm-act wrapper."""
     if isinstance(m, (nn.GroupNorm, WeightedGroupNorm)):
         if isinstance(m, WeightedGroupNorm):  # re-merge: a plain GroupNorm view of it, counts carried over
             new = WeightedGroupNorm(counts, m.num_groups, eps=m.eps, affine=m.affine, device=m.counts.device,

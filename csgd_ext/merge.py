@@ -29,6 +29,7 @@ from typing import Dict, List, Set, Tuple
 import torch
 from torch import nn
 
+from .bake import bake
 from .flops import count_flops_params
 from .layers import CHANNELWISE_KINDS, channel_tensors, cluster_ids, shrink, sum_grouped_inputs, targets, \
     weighted_norm, widths
@@ -154,8 +155,14 @@ def merge(model: nn.Module, plan) -> nn.Module:
     check_plan(model, plan)
     small = copy.deepcopy(model)
     mods = targets(small)
-    # 1. values: producers -> cluster means, consumers -> summed slices (all at the original shapes)
+    # 1. values: producers -> cluster means, consumers -> summed slices (all at the original shapes); a consumer
+    # whose forward transforms its weight (weight standardization) first becomes the plain layer it computes
     snap_to_means(small, plan)
+    for name in plan.consumer_clusters():
+        baked = bake(mods[name])
+        if baked is not None:
+            _replace(small, name, baked)
+            mods[name] = baked
     for name, clusters in plan.consumer_clusters().items():
         if _kind_of(plan, name) == "grouped":
             sum_grouped_inputs(mods[name], clusters, name)

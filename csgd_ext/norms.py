@@ -44,7 +44,7 @@ import numbers
 import torch
 from torch import nn
 
-__all__ = ["check_counts", "WeightedLayerNorm", "WeightedRMSNorm", "WeightedGroupNorm"]
+__all__ = ["check_counts", "WeightedLayerNorm", "WeightedRMSNorm", "WeightedGroupNorm", "WeightedNormAct"]
 
 _MAX_EXACT = 2 ** 24  # float32 represents every integer up to here, so counts and their sum stay exact
 
@@ -340,3 +340,21 @@ class WeightedGroupNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.width}, eps={self.eps}"
+
+
+class WeightedNormAct(nn.Module):
+    """A weighted norm followed by the elementwise modules its original ran after the norm (a drop and an
+    activation): the merged form of a norm-act layer such as timm's ``GroupNormAct`` / ``LayerNormAct2d``, whose
+    forward is ``act(drop(norm(x)))``. ``norm`` is the weighted norm (so ``norm.counts`` is where the cluster
+    sizes are), ``post`` the modules in order::
+
+        WeightedNormAct(WeightedGroupNorm([2, 1, 1, 2], num_groups=2), [nn.Identity(), nn.ReLU()])
+    """
+
+    def __init__(self, norm: nn.Module, post):
+        super().__init__()
+        self.norm = norm
+        self.post = nn.Sequential(*post)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.norm(x))
