@@ -723,6 +723,8 @@ def main(argv=None) -> int:
         save()
     if any("error" in r and not r["error"].startswith("not run") for r in res["step"]):
         rc = rc or 3  # some contender failed (reported in the table)
+    if any("error" in r for r in res["train"] + res["latency"]):
+        rc = rc or 5  # a model could not be trained, planned or merged (e.g. torch-pruning missing): not a pass
     if meta.get("broken_by"):
         rc = 4  # gpu_check.sh reruns without this contender
         print(f"CUDA_BROKEN_BY={meta['broken_by']}")

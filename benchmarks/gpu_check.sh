@@ -1,34 +1,43 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent H100/H200 (no network): build, test, sanitize, benchmark; a table last.
+# One-shot GPU check for a lent H100/H200 (no network): build, test, benchmark, sanitize; a table last.
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR] [--dry-run]
 #
-# OUTDIR defaults to $OUT, else ./gpu_out. Every step logs to OUTDIR/<step>.log; a failed step is recorded
-# and the later steps still run, so one run yields everything. A time budget (GPU_CHECK_BUDGET_S, default
-# 450 s) bounds the whole run: each step gets min(its cap, time left), and an optional step is skipped when
-# less than its minimum is left. The summary table is printed last and written to OUTDIR/summary.md and
-# OUTDIR/results.json.
+# OUTDIR defaults to $OUT, else ./gpu_out. Every step logs to its own file in a scratch directory; a failed step
+# is recorded and the later steps still run, so one run yields everything. At the end OUTDIR receives three
+# files only (the device tool brings back a handful): gpu_check.tar.gz (every log, JSON and benchmark table),
+# summary.md and results.json. A time budget (GPU_CHECK_BUDGET_S, default 520 s: one 600 s device command with
+# margin) bounds the whole run: each step gets min(its cap, time left), and a step is skipped when less than its
+# minimum is left.
 #
-# Steps (GPU), in the order they run:
+# Steps (GPU), in the order they run (by value: what the lease is for comes first):
 #   facts          nvidia-smi, versions (torch, triton, nvcc, compute-sanitizer), SMs, capability -> facts.json
-#   build          TORCH_CUDA_ARCH_LIST from the device's capability, MAX_JOBS=nproc,
+#   build          TORCH_CUDA_ARCH_LIST from the device's capability (sm_90 on an H200), MAX_JOBS=nproc,
 #                  python3 setup.py build_ext --inplace (no pip, no network; pip -e --no-index fallback only
 #                  when setup.py fails before compiling anything)
 #   build_check    csgd_ext.available_backends("cuda")["native"] is None; cubin architectures (cuobjdump)
 #   tests_gpu      python3 -m pytest -m gpu tests (native CUDA and compiled Triton) -> tests_gpu.xml
 #   bench          benchmarks/gpu_bench.py: fused SGD vs native vs Triton, eager and CUDA graph, copy BW
 #                  (bench_retry: the same without a contender that left CUDA unusable, if one did)
-#   memcheck_native / racecheck_native / memcheck_triton
-#                  compute-sanitizer on benchmarks/gpu_small_step.py (skipped on gVisor, where the tool
-#                  refuses the device); PYTORCH_NO_CUDA_MEMORY_CACHING=1 so out-of-bounds accesses are seen
 #   host_overhead  benchmarks/host_overhead.py: host time of CSGD.step on ResNet-50's 161 tensors
+#   small_step     benchmarks/gpu_small_step.py --backend native,triton without a sanitizer: unaligned
+#                  (storage-offset) tensors, every cluster path, against the reference
+#   memcheck_native / racecheck_native / memcheck_triton
+#                  compute-sanitizer on the same small step (skipped on gVisor, where the tool refuses the
+#                  device); PYTORCH_NO_CUDA_MEMORY_CACHING=1 so out-of-bounds accesses are seen
 #   bench_extra    (if time is left) ResNet-56 training step, merged vs unmerged inference latency
 #   triton_suite   (if time is left) tests/test_triton_backend.py on CUDA (its non-gpu-marked tests)
 #   summary        the table (printed last), summary.md, results.json
 #
-# --dry-run (CPU machine, CI): the same steps, each checked without a GPU, in three parallel lanes: the scripts
-# run in their CPU/tiny modes (native CPU kernel, Triton interpreter), pytest -m gpu --collect-only, setup.py
-# byte-compiled, not built; steps that would repeat another's work are reported as SKIP with the reason.
+# torch-pruning (planning, used by the latency benchmark) is not on the lent machine: when it does not import,
+# the pure-Python wheel carried in benchmarks/wheels/ is put on PYTHONPATH (imported from the zip, nothing is
+# installed). No test needs it.
+#
+# --dry-run (CPU machine, CI): the device's setup reproduced (the installed torch-pruning hidden), then the same
+# steps, each checked without a GPU, in three parallel lanes: the scripts run in their CPU/tiny modes (native CPU
+# kernel, Triton interpreter), pytest -m gpu --collect-only (once with torch-pruning hidden and no wheel: the
+# count must equal the count with it), setup.py byte-compiled, not built; steps that would repeat another's work
+# are reported as SKIP with the reason.
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,10 +53,12 @@ for a in "$@"; do
     *) OUTDIR="$a" ;;
   esac
 done
-OUTDIR="${OUTDIR:-${OUT:-./gpu_out}}"
-mkdir -p "$OUTDIR" || exit 2
-OUTDIR="$(cd "$OUTDIR" && pwd)"
-BUDGET="${GPU_CHECK_BUDGET_S:-450}"
+FINAL="${OUTDIR:-${OUT:-./gpu_out}}"
+mkdir -p "$FINAL" || exit 2
+FINAL="$(cd "$FINAL" && pwd)"
+# every step writes here; FINAL gets the archive and the summary at the end
+OUTDIR="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")" || exit 2
+BUDGET="${GPU_CHECK_BUDGET_S:-520}"
 START=$(date +%s)
 STEPS="$OUTDIR/steps.tsv"
 MAIN_LOG="$OUTDIR/gpu_check.log"
@@ -66,6 +77,25 @@ export PYTHONUNBUFFERED=1
 PYBIN=$(dirname "$(command -v "$PY" 2>/dev/null || echo /usr/bin/python3)")
 export PATH="$PATH:$PYBIN"
 unset CSGD_EXT_NO_NATIVE CSGD_EXT_NO_CUDA TRITON_INTERPRET
+BASE_PYTHONPATH="$PYTHONPATH"
+if [ "$DRY" = 1 ]; then
+  # the lent machine's setup: no torch-pruning (a package that refuses to import hides this machine's)
+  mkdir -p "$OUTDIR/hide_tp/torch_pruning"
+  echo 'raise ImportError("torch_pruning is hidden by gpu_check.sh --dry-run, as on the lent GPU machine")' \
+    > "$OUTDIR/hide_tp/torch_pruning/__init__.py"
+  BASE_PYTHONPATH="$OUTDIR/hide_tp:$PYTHONPATH"
+  export PYTHONPATH="$BASE_PYTHONPATH"
+fi
+TP_NOTE="torch-pruning: installed"
+if ! "$PY" -c "import torch_pruning" >/dev/null 2>&1; then
+  WHEEL=$(ls "$ROOT"/benchmarks/wheels/torch_pruning-*-py3-none-any.whl 2>/dev/null | tail -n 1)
+  if [ -n "$WHEEL" ]; then
+    export PYTHONPATH="$WHEEL:$PYTHONPATH"
+    TP_NOTE="torch-pruning: not installed; using the carried wheel $(basename "$WHEEL") (zip import)"
+  else
+    TP_NOTE="torch-pruning: not installed and no wheel in benchmarks/wheels/ (planning steps will fail)"
+  fi
+fi
 
 say() { echo "$*" | tee -a "$MAIN_LOG"; }
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -102,6 +132,7 @@ run_step() {
   tail -n 4 "$OUTDIR/$name.log" | cut -c1-200 | sed 's/^/      /' | tee -a "$MAIN_LOG"
 }
 NOTE=""
+say "$TP_NOTE"
 
 if [ "$DRY" = 1 ]; then
   # ---- dry run: every step checked on this CPU machine, in three lanes (CI time) ----------------------------
@@ -116,16 +147,18 @@ if [ "$DRY" = 1 ]; then
       '$PY' benchmarks/gpu_report.py facts '$OUTDIR'"
     NOTE="dry run: setup.py byte-compiled, not built" \
     run_step build 30 5 "$PY" -m py_compile setup.py
-    NOTE="dry run: collect only" \
-    run_step tests_gpu 90 5 "$PY" -m pytest -m gpu tests --collect-only -q -p no:cacheprovider
+    NOTE="dry run: collect only, torch-pruning hidden and no wheel (the count must equal the count with it)" \
+    run_step tests_gpu 120 5 env PYTHONPATH="$BASE_PYTHONPATH" "$PY" benchmarks/gpu_report.py collect-gpu-tests \
+      "$OUTDIR"
     skip_step triton_suite "dry run: tests_gpu's collection imported tests/test_triton_backend.py"
   ) &
   (
     # one process for both backends: the native CPU kernel and the Triton interpreter
-    NOTE="dry run: the small step on CPU (native kernel and Triton interpreter), no sanitizer" \
-    run_step memcheck_native 90 5 "$PY" benchmarks/gpu_small_step.py --dry-run --backend native,triton
-    skip_step racecheck_native "dry run: no sanitizer on CPU; its small step ran in memcheck_native"
-    skip_step memcheck_triton "dry run: no sanitizer on CPU; its small step (Triton interpreter) ran in memcheck_native"
+    NOTE="dry run: on CPU (native kernel and Triton interpreter)" \
+    run_step small_step 90 5 "$PY" benchmarks/gpu_small_step.py --dry-run --backend native,triton
+    for s in memcheck_native racecheck_native memcheck_triton; do
+      skip_step "$s" "dry run: no sanitizer on CPU; its small step ran in small_step"
+    done
     # every section in one process, with the GPU run's flags (the dry run clamps rounds and sizes)
     run_step bench 120 5 "$PY" benchmarks/gpu_bench.py --dry-run --sections step,train,latency --rounds 15 \
       --budget-s 120 --out "$OUTDIR/bench"
@@ -178,7 +211,11 @@ else
       --contenders "$others"
   fi
 
-  # ---- e. compute-sanitizer on a small step (Firecracker; gVisor refuses it) -----------------------------
+  # ---- e. host overhead; the small step (unaligned tensors, every path) without a sanitizer ----------------
+  run_step host_overhead 60 20 "$PY" benchmarks/host_overhead.py --steps 300 --json "$OUTDIR/host_overhead.json"
+  run_step small_step 90 20 "$PY" benchmarks/gpu_small_step.py --backend native,triton
+
+  # ---- f. compute-sanitizer on the small step (Firecracker; gVisor refuses it) ---------------------------
   SAN=$(command -v compute-sanitizer || true)
   if [ "$RUNTIME" = gvisor ]; then
     for s in memcheck_native racecheck_native memcheck_triton; do
@@ -197,14 +234,19 @@ else
       --leak-check no "$PY" benchmarks/gpu_small_step.py --backend triton
   fi
 
-  # ---- host overhead, then the optional steps if time is left --------------------------------------------
-  run_step host_overhead 60 20 "$PY" benchmarks/host_overhead.py --steps 300 --json "$OUTDIR/host_overhead.json"
+  # ---- optional steps if time is left --------------------------------------------------------------------
   run_step bench_extra 150 100 "$PY" benchmarks/gpu_bench.py --sections train,latency --rounds 15 \
     --out "$OUTDIR/bench_extra"
   run_step triton_suite 150 60 "$PY" -m pytest tests/test_triton_backend.py -m "not gpu" -q -rfE \
     -p no:cacheprovider --junitxml="$OUTDIR/triton_suite.xml"
 fi
 
-# ---- f. summary: the table last ---------------------------------------------------------------------------
-say "== [$(elapsed)s] summary (steps done in $(elapsed) s of the ${BUDGET} s budget; logs in $OUTDIR)"
-GPU_CHECK_WALL_S=$(elapsed) "$PY" benchmarks/gpu_report.py summary "$OUTDIR"
+# ---- g. summary: the table last; OUTDIR -> one archive in FINAL ------------------------------------------
+say "== [$(elapsed)s] summary (steps done in $(elapsed) s of the ${BUDGET} s budget)"
+rm -rf "$OUTDIR/hide_tp"
+GPU_CHECK_WALL_S=$(elapsed) GPU_CHECK_FINAL="$FINAL" "$PY" benchmarks/gpu_report.py summary "$OUTDIR" \
+  | tee "$OUTDIR/summary.txt"
+rc=${PIPESTATUS[0]}
+cp "$OUTDIR/summary.md" "$OUTDIR/results.json" "$FINAL/" 2>/dev/null
+tar -czf "$FINAL/gpu_check.tar.gz" -C "$OUTDIR" . && rm -rf "$OUTDIR"
+exit "$rc"

@@ -3,6 +3,7 @@
     python3 benchmarks/gpu_report.py facts OUTDIR        # facts.json (+ printed): versions, device, SMs, arch
     python3 benchmarks/gpu_report.py build-check OUTDIR  # build_check.json: is the native CUDA kernel there?
     python3 benchmarks/gpu_report.py summary OUTDIR      # summary.md, results.json, the table (printed last)
+    python3 benchmarks/gpu_report.py collect-gpu-tests OUTDIR  # dry run: GPU tests collect without torch-pruning
 
 ``summary`` reads only files (``steps.tsv`` written by gpu_check.sh, the logs, junit XML, ``bench/bench.json``,
 ``host_overhead.json``) and imports nothing heavy, so it runs even when torch does not.
@@ -136,6 +137,9 @@ def _json(path):
         return None
 
 
+BITWISE_TEST = "test_cuda_without_clusters_is_fused_sgd_bitwise"
+
+
 def _junit(path):
     try:
         root = ET.parse(path).getroot()
@@ -147,6 +151,11 @@ def _junit(path):
               if c.find("failure") is not None or c.find("error") is not None]
     tot["passed"] = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
     tot["failed_tests"] = failed
+    # issue #20's promise on CUDA: unclustered CSGD = torch's CUDA fused SGD, bit for bit
+    bitwise = [c for s in suites for c in s.iter("testcase") if c.get("name", "").startswith(BITWISE_TEST)]
+    if bitwise:
+        bad = any(c.find(k) is not None for c in bitwise for k in ("failure", "error", "skipped"))
+        tot["cuda_bitwise_fused_sgd"] = "no" if bad else "yes"
     return tot
 
 
@@ -185,10 +194,12 @@ def _key(name: str, outdir: str, log: str, status: str, dry: bool) -> tuple:
         if j:
             d = j
             failed = f"; failed: {', '.join(j['failed_tests'][:4])}" if j["failed_tests"] else ""
+            bitwise = (f"; CUDA bitwise = torch fused SGD: {j['cuda_bitwise_fused_sgd']}"
+                       if "cuda_bitwise_fused_sgd" in j else "")
             return (f"{j['passed']} passed, {j['failures'] + j['errors']} failed, {j['skipped']} skipped"
-                    f"{failed}"), d
+                    f"{bitwise}{failed}"), d
         return _pytest_line(log) or "-", d
-    if name.startswith(("memcheck", "racecheck")):
+    if name.startswith(("memcheck", "racecheck")) or name == "small_step":
         errs = re.findall(r"ERROR SUMMARY: (\d+) error", log)
         step = re.findall(r"gpu_small_step: (\S+ on \S+): (OK|MISMATCH|SKIP)", log)
         parts = []
@@ -233,8 +244,8 @@ def _key(name: str, outdir: str, log: str, status: str, dry: bool) -> tuple:
 
 
 #: the order of the table (a dry run finishes its steps in any order)
-ORDER = ["facts", "build", "build_pip", "build_check", "tests_gpu", "memcheck_native", "racecheck_native",
-         "memcheck_triton", "bench", "bench_retry", "host_overhead", "bench_extra", "triton_suite"]
+ORDER = ["facts", "build", "build_pip", "build_check", "tests_gpu", "bench", "bench_retry", "host_overhead",
+         "small_step", "memcheck_native", "racecheck_native", "memcheck_triton", "bench_extra", "triton_suite"]
 
 
 def summary(outdir: str) -> int:
@@ -259,20 +270,22 @@ def summary(outdir: str) -> int:
     total = sum(r["seconds"] for r in rows)
     wall = float(os.environ.get("GPU_CHECK_WALL_S") or total)
     facts_ = _json(os.path.join(outdir, "facts.json")) or {}
-    res = {"dry_run": dry, "outdir": os.path.abspath(outdir), "step_seconds": total, "wall_seconds": wall,
+    final = os.environ.get("GPU_CHECK_FINAL") or outdir  # where gpu_check.sh puts summary, results, archive
+    res = {"dry_run": dry, "outdir": os.path.abspath(final), "step_seconds": total, "wall_seconds": wall,
            "facts": facts_,
            "steps": rows, "ok": all(r["status"] in ("PASS", "SKIP") for r in rows)}
     with open(os.path.join(outdir, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
     title = "GPU check" + (" (DRY RUN on CPU: steps checked, nothing measured on a GPU)" if dry else
                            f" on {facts_.get('device_name', 'no GPU')}")
-    md = [f"# {title}", "", f"Output folder: `{res['outdir']}`; {wall:.0f} s wall clock (steps {total:.0f} s).", "",
+    md = [f"# {title}", "", f"Output folder: `{res['outdir']}` (every log in `gpu_check.tar.gz`); {wall:.0f} s wall "
+          f"clock (steps {total:.0f} s).", "",
           "| step | status | seconds | key numbers | log |", "|---|---|---|---|---|"]
     md += [f"| {r['step']} | {r['status']} | {r['seconds']:.1f} | {r['key'].replace('|', '/')} | {r['log']} |"
            for r in rows]
     bench_md = os.path.join(outdir, "bench", "bench.md")
     if os.path.exists(bench_md):
-        md += ["", "Benchmark tables: `bench/bench.md` (and `bench_extra/bench.md` when run)."]
+        md += ["", "Benchmark tables: `bench/bench.md` (and `bench_extra/bench.md` when run) in the archive."]
     with open(os.path.join(outdir, "summary.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     # the table, printed last
@@ -283,18 +296,43 @@ def summary(outdir: str) -> int:
     print(f"{'step':<{w}}  {'status':<7}  {'secs':>6}  key numbers")
     for r in rows:
         print(f"{r['step']:<{w}}  {r['status']:<7}  {r['seconds']:6.1f}  {r['key'][:150]}")
-    print(f"summary: {os.path.join(res['outdir'], 'summary.md')}  results: {os.path.join(res['outdir'], 'results.json')}")
+    print(f"summary: {os.path.join(res['outdir'], 'summary.md')}  results: {os.path.join(res['outdir'], 'results.json')}"
+          f"  archive: {os.path.join(res['outdir'], 'gpu_check.tar.gz')}")
     return 0 if res["ok"] else 1
+
+
+def _collect(env) -> tuple:
+    """``(count, pytest's last line, return code)`` of ``pytest -m gpu tests --collect-only`` under ``env``."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests", "--collect-only", "-q",
+                        "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    m = re.findall(r"^(\d+)(?:/\d+)? tests? collected", r.stdout, re.M)
+    return (int(m[-1]) if m else -1), (r.stdout.strip().splitlines() or [""])[-1], r.returncode
+
+
+def collect_gpu_tests(outdir: str) -> int:
+    """Dry run: the GPU tests collected in this environment (torch-pruning hidden, as on the lent machine) must
+    be every GPU test: as many as with torch-pruning importable (this machine's, or the carried wheel)."""
+    n_hidden, line, rc = _collect(dict(os.environ))
+    print(f"without torch-pruning: {line}")
+    env = dict(os.environ)
+    wheels = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "wheels", "torch_pruning-*.whl")))
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and "hide_tp" not in p]
+    env["PYTHONPATH"] = os.pathsep.join(wheels[-1:] + parts)
+    n_all, line_all, rc_all = _collect(env)
+    print(f"with torch-pruning: {line_all}")
+    print(f"{n_hidden}/{n_all} gpu tests collected without torch-pruning")
+    return 0 if rc == rc_all == 0 and n_hidden == n_all > 0 else 1
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ("facts", "build-check", "summary"):
+    cmds = {"facts": facts, "build-check": build_check, "summary": summary, "collect-gpu-tests": collect_gpu_tests}
+    if len(argv) != 2 or argv[0] not in cmds:
         print(__doc__)
         return 2
     cmd, outdir = argv
     os.makedirs(outdir, exist_ok=True)
-    return {"facts": facts, "build-check": build_check, "summary": summary}[cmd](outdir)
+    return cmds[cmd](outdir)
 
 
 if __name__ == "__main__":

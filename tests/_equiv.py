@@ -128,3 +128,34 @@ def assert_pair_close(a, b, dtype, msg=""):
         if x is not None:
             assert x.dtype == dtype
             torch.testing.assert_close(x.double(), y.double(), **tol, msg=lambda m: f"buffer {i} {msg}: {m}")
+
+
+def _clone_at_offset(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` that starts as many elements into its storage as ``t`` does (an unaligned
+    tensor stays unaligned)."""
+    off = t.storage_offset()
+    out = torch.empty(t.numel() + off, dtype=t.dtype, device=t.device)[off:].view(t.shape)
+    return out.copy_(t)
+
+
+def step_beside_torch_sgd(ps, gs, bufs, hp, backend, *, lr, later, foreach=None, fused=None):
+    """One step of ``torch.optim.SGD`` and of ``CSGD`` (no clusters) from the same parameters ``ps``, gradients
+    ``gs`` and, when ``later``, momentum buffers ``bufs``. Returns ``[(torch's param, ours, torch's buffer or None,
+    our buffer or None)]``."""
+    import csgd_ext
+
+    theirs = [_clone_at_offset(p).requires_grad_() for p in ps]
+    ours = [_clone_at_offset(p).requires_grad_() for p in ps]
+    for a, b, g in zip(theirs, ours, gs):
+        a.grad, b.grad = _clone_at_offset(g), _clone_at_offset(g)
+    o1 = torch.optim.SGD(theirs, lr=lr, foreach=foreach, fused=fused, **hp)
+    o2 = csgd_ext.CSGD(ours, lr=lr, backend=backend, **hp)
+    if later and hp["momentum"] != 0:
+        for a, b, buf in zip(theirs, ours, bufs):
+            o1.state[a]["momentum_buffer"] = buf.clone()
+            o2.state[b]["momentum_buffer"] = buf.clone()
+    o1.step()
+    o2.step()
+    mom = hp["momentum"] != 0
+    return [(a.detach(), b.detach(), o1.state[a]["momentum_buffer"] if mom else None,
+             o2.state[b]["momentum_buffer"] if mom else None) for a, b in zip(theirs, ours)]

@@ -1,24 +1,29 @@
 """GPU equivalence of the native CUDA kernel with the reference (skipped with a reason without CUDA).
 
-On a CUDA machine with a CUDA build of csgd_ext these run the same checks as the CPU equivalence tests:
-every dtype, every layout kind, every hyperparameter combination, mixed lists, channels_last, a large
-tensor, determinism, and no host sync per step.
+On a CUDA machine with a CUDA build of csgd_ext these run the same checks as the CPU equivalence tests, each
+step from the same state (``_equiv.run_pair``): every dtype, every layout kind, every hyperparameter combination,
+mixed lists, channels_last, a large tensor, more tensors than one launch holds, determinism, no host sync per
+step; and, without clusters, the same bits as ``torch.optim.SGD(fused=True)`` on CUDA.
 """
+
+import itertools
 
 import pytest
 import torch
 
 import csgd_ext
 from csgd_ext import ops
+from csgd_ext.ops import cuda_emulated
 from csgd_ext.layout import build_layout
 
-from _equiv import DTYPES, LAYOUT_KINDS, assert_pair_close, hparam_grid, run_pair
+from _equiv import DTYPES, LAYOUT_KINDS, assert_pair_close, hparam_grid, run_pair, step_beside_torch_sgd
 
 pytestmark = pytest.mark.gpu
 
 MIXED_SHAPES = [(13, 4, 3, 3), (13,), (7, 5), (1, 1), (6, 3), (9,), (4, 2, 1, 1), (300, 1000)]
 MIXED_KINDS = ["uneven", "uneven", "gaps", "one", "none", "singletons", "one", "none"]
 HP = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.05, maximize=False, centripetal=0.4)
+STEPS = 6  # the first and later steps, each checked from the same state
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,19 +35,19 @@ def native_cuda():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_every_dtype_mixed_list(dtype):
-    a, b = run_pair("native", MIXED_SHAPES, MIXED_KINDS, dtype, HP, 20, device="cuda")
+    a, b = run_pair("native", MIXED_SHAPES, MIXED_KINDS, dtype, HP, STEPS, device="cuda")
     assert_pair_close(a, b, dtype)
 
 
 @pytest.mark.parametrize("kind", LAYOUT_KINDS)
 def test_cuda_every_layout_kind(kind):
-    a, b = run_pair("native", [(64, 300), (33, 5, 3, 3)], [kind, kind], torch.float32, HP, 20, device="cuda")
+    a, b = run_pair("native", [(64, 300), (33, 5, 3, 3)], [kind, kind], torch.float32, HP, STEPS, device="cuda")
     assert_pair_close(a, b, torch.float32, msg=kind)
 
 
 def test_cuda_all_hyperparameter_combinations():
     for hp in hparam_grid():
-        a, b = run_pair("native", MIXED_SHAPES, MIXED_KINDS, torch.float64, hp, 20, device="cuda", seed=2)
+        a, b = run_pair("native", MIXED_SHAPES, MIXED_KINDS, torch.float64, hp, STEPS, device="cuda", seed=2)
         assert_pair_close(a, b, torch.float64, msg=str(hp))
 
 
@@ -54,8 +59,13 @@ def test_cuda_large_and_channels_last():
 
 
 def test_cuda_many_tensors_span_several_launches():
-    shapes = [(17, 3, 3, 3)] * 60 + [(5000, 300)]
-    kinds = ["uneven", "none", "gaps"] * 20 + ["uneven"]
+    """More tensors than one launch's kernel parameters hold (1000 slots): the plan takes two launches."""
+    shapes = [(17, 3, 3, 3)] * 1010 + [(5000, 300)]
+    kinds = (["uneven", "none", "gaps"] * 337)[:1010] + ["uneven"]
+    gen = torch.Generator().manual_seed(0)
+    from _equiv import make_params
+    ps, lays = make_params(shapes, kinds, torch.float32, gen)
+    assert cuda_emulated.plan_stats(ps, lays)[0]["launches"] >= 2  # the plan depends on shapes and layouts only
     a, b = run_pair("native", shapes, kinds, torch.float32, HP, 3, device="cuda")
     assert_pair_close(a, b, torch.float32)
 
@@ -82,3 +92,29 @@ def test_cuda_step_needs_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+COMBOS = [dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
+          for m, d, n, wd, mx in itertools.product([0.0, 0.9], [0.0, 0.1], [False, True], [0.0, 1e-2], [False, True])
+          if not (n and (m == 0 or d != 0))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cuda_without_clusters_is_fused_sgd_bitwise(dtype):
+    """Unclustered CSGD on the CUDA kernel equals ``torch.optim.SGD(fused=True)`` on CUDA bit for bit, one step at
+    a time from the same parameters, gradients and momentum buffers (first and later steps), for every flag
+    combination, on sizes around every vector width and on tensors that start off a 16-byte boundary."""
+    sizes = [1, 3, 4, 5, 7, 8, 9, 17, 1000, 4099, 70001]
+    for ci, hp in enumerate(COMBOS):
+        for later in (False, True):
+            gen = torch.Generator().manual_seed(ci)
+            # every other tensor is a view at storage offset 1 (not 16-byte aligned)
+            ps = [torch.randn(n + k % 2, generator=gen, dtype=dtype).cuda()[k % 2:] for k, n in enumerate(sizes)]
+            gs = [torch.randn(n + k % 2, generator=gen, dtype=dtype).cuda()[k % 2:] for k, n in enumerate(sizes)]
+            bufs = [torch.randn(p.shape, generator=gen, dtype=dtype).cuda() for p in ps]
+            assert ps[1].storage_offset() == 1
+            pairs = step_beside_torch_sgd(ps, gs, bufs, hp, "native", lr=0.05, later=later, fused=True)
+            assert pairs[1][1].storage_offset() == 1  # CSGD stepped an unaligned tensor in place
+            for i, (a, b, ba, bb) in enumerate(pairs):
+                assert torch.equal(a, b), f"{hp} later={later} size {sizes[i]}: {(a - b).abs().max().item()}"
+                assert ba is None or torch.equal(ba, bb), (hp, later, sizes[i])

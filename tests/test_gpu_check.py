@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -22,8 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-STEPS = ["facts", "build", "build_check", "tests_gpu", "memcheck_native", "racecheck_native", "memcheck_triton",
-         "bench", "host_overhead", "bench_extra", "triton_suite"]
+STEPS = ["facts", "build", "build_check", "tests_gpu", "bench", "host_overhead", "small_step", "memcheck_native",
+         "racecheck_native", "memcheck_triton", "bench_extra", "triton_suite"]
+PASSED = {"facts", "build", "build_check", "tests_gpu", "bench", "host_overhead", "small_step"}
 needs_native = pytest.mark.skipif(csgd_ext.available_backends()["native"] is not None,
                                   reason="needs the native backend")
 
@@ -46,29 +48,36 @@ def test_gpu_check_dry_run_reports_every_step(tmp_path):
     assert [line.split()[0] for line in table[1:-1]] == STEPS
     assert table[-1].startswith("summary: ")
     status = {line.split()[0]: line.split()[1] for line in table[1:-1]}
-    assert {s for s, v in status.items() if v == "PASS"} == {
-        "facts", "build", "build_check", "tests_gpu", "memcheck_native", "bench", "host_overhead"}
-    assert all(v == "SKIP" for s, v in status.items() if s not in
-               ("facts", "build", "build_check", "tests_gpu", "memcheck_native", "bench", "host_overhead"))
-    # every step has its log, the summary files exist and agree with the table
-    for s in STEPS:
-        assert (out / f"{s}.log").exists(), s
+    assert {s for s, v in status.items() if v == "PASS"} == PASSED
+    assert all(v == "SKIP" for s, v in status.items() if s not in PASSED)
+    # OUTDIR gets three files (the device tool brings back only a handful): the archive holds every log
+    assert sorted(os.listdir(out)) == ["gpu_check.tar.gz", "results.json", "summary.md"]
     res = json.loads((out / "results.json").read_text())
     assert res["dry_run"] is True and res["ok"] is True
     assert [r["step"] for r in res["steps"]] == STEPS
     md = (out / "summary.md").read_text()
     assert "DRY RUN" in md and all(f"| {s} |" in md for s in STEPS)
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    out = tmp_path / "x"
+    for s in STEPS:
+        assert (out / f"{s}.log").exists(), s
+    # the device's setup: torch-pruning hidden, the carried wheel used, every GPU test still collected
+    assert "using the carried wheel torch_pruning-" in (out / "gpu_check.log").read_text()
+    collected = (out / "tests_gpu.log").read_text()
+    n = int(collected.split(" gpu tests collected without torch-pruning")[0].split()[-1].split("/")[0])
+    assert f"{n}/{n} gpu tests collected without torch-pruning" in collected and n >= 20
     # what each step really did (not an echo)
     assert "gpu_check.sh: syntax ok" in (out / "facts.log").read_text()
     assert json.loads((out / "facts.json").read_text())["torch"] == torch.__version__
     assert json.loads((out / "build_check.json").read_text())["native_ok"] is True
-    assert "tests collected" in (out / "tests_gpu.log").read_text()
-    small = (out / "memcheck_native.log").read_text()
+    small = (out / "small_step.log").read_text()
     assert "native on cpu: OK" in small and "triton on cpu: OK" in small
     bench = json.loads((out / "bench" / "bench.json").read_text())
     contenders = {(r["contender"], r["mode"]) for r in bench["step"] if "median_us" in r}
     assert contenders == {(c, m) for c in ("SGD fused", "C-SGD native", "C-SGD triton") for m in ("eager", "graph")}
     assert bench["train"] and bench["latency"] and bench["targets"]
+    assert not any("error" in r for r in bench["train"] + bench["latency"])  # planning ran (the carried wheel)
     host = json.loads((out / "host_overhead.json").read_text())
     assert host["stub_calls"] == host["steps"] and host["finite"]
 
@@ -118,3 +127,33 @@ def test_gpu_bench_capture_and_prediction_never_raise():
     us, detail = gpu_bench.predict([torch.zeros(3, 2)], [None], "native", 100.0)
     assert us is None or us > 0
     assert isinstance(detail, dict)
+
+
+@needs_native
+def test_gpu_bench_fails_when_a_model_cannot_be_planned(tmp_path):
+    """Without torch-pruning (and without the carried wheel) the latency section cannot plan: the benchmark
+    reports the error rows and exits non-zero, instead of passing with them."""
+    hide = tmp_path / "hide" / "torch_pruning"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text('raise ImportError("hidden by the test")\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "hide"), ROOT])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_bench.py"), "--dry-run",
+                           "--sections", "latency", "--rounds", "3", "--out", str(tmp_path / "b")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 5, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "b" / "bench.json").read_text())["latency"]
+    assert rows and all("ImportError: hidden by the test" in r.get("error", "") for r in rows)
+
+
+def test_summary_says_whether_cuda_equals_fused_sgd_bitwise(tmp_path):
+    from benchmarks import gpu_report
+
+    case = '<testcase classname="tests.test_gpu" name="test_cuda_without_clusters_is_fused_sgd_bitwise[{}]"{}'
+    for fail, want in ((False, "yes"), (True, "no")):
+        xml = tmp_path / f"{want}.xml"
+        xml.write_text('<testsuites><testsuite tests="2" failures="%d" errors="0" skipped="0">' % fail
+                       + case.format("torch.float32", "/>")
+                       + case.format("torch.float64", '><failure message="x"/></testcase>' if fail else "/>")
+                       + "</testsuite></testsuites>")
+        assert gpu_report._junit(str(xml))["cuda_bitwise_fused_sgd"] == want

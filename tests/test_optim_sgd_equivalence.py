@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import csgd_ext
+from _equiv import step_beside_torch_sgd
 from nets import batches, make_model
 
 COMBOS = [
@@ -60,23 +61,13 @@ def one_step(backend, impl, hp, dtype, shapes, seed, later):
     ps = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     gs = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
     bufs = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
-    theirs = [p.clone().requires_grad_() for p in ps]
-    ours = [p.clone().requires_grad_() for p in ps]
-    for a, b, g in zip(theirs, ours, gs):
-        a.grad, b.grad = g.clone(), g.clone()
-    o1 = torch.optim.SGD(theirs, lr=LR, foreach=impl == "foreach", fused=True if impl == "fused" else None, **hp)
-    o2 = csgd_ext.CSGD(ours, lr=LR, backend=backend, **hp)
-    if later and hp["momentum"] != 0:
-        for a, b, buf in zip(theirs, ours, bufs):
-            o1.state[a]["momentum_buffer"] = buf.clone()
-            o2.state[b]["momentum_buffer"] = buf.clone()
-    o1.step()
-    o2.step()
-    for i, (a, b) in enumerate(zip(theirs, ours)):
+    pairs = step_beside_torch_sgd(ps, gs, bufs, hp, backend, lr=LR, later=later, foreach=impl == "foreach",
+                                  fused=True if impl == "fused" else None)
+    for i, (a, b, ba, bb) in enumerate(pairs):
         inputs = (ps[i], gs[i], bufs[i])
-        assert_same(b.detach(), a.detach(), f"param {i} {tuple(a.shape)}", *inputs)
-        if hp["momentum"] != 0:
-            assert_same(o2.state[b]["momentum_buffer"], o1.state[a]["momentum_buffer"], f"buffer {i}", *inputs)
+        assert_same(b, a, f"param {i} {tuple(a.shape)}", *inputs)
+        if ba is not None:
+            assert_same(bb, ba, f"buffer {i}", *inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

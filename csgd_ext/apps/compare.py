@@ -21,7 +21,6 @@ import os
 from typing import Any, Dict, Sequence
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from ..flops import count_flops_params
@@ -46,6 +45,8 @@ def l1_prune(model: nn.Module, example: torch.Tensor, keep: float, num_classes: 
     names = {id(m): n for n, m in model.named_modules()}
     by_name = dict(pruned.named_modules())
     ignored += [by_name[names[id(m)]] for m in ignored_layers if id(m) in names]
+    import torch_pruning as tp  # only here: the rest of the package runs without it (a lent GPU has none)
+
     pruner = tp.pruner.MagnitudePruner(pruned, example, importance=tp.importance.MagnitudeImportance(p=1),
                                        pruning_ratio=1.0 - keep, ignored_layers=ignored, global_pruning=False)
     pruner.step()
