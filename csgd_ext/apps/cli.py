@@ -18,7 +18,7 @@ import sys
 from typing import List, Optional
 
 from ..models import get_model
-from . import demo, info, prune, squeeze
+from . import demo, fit, info, prune, squeeze
 from .args import CLIError, Parser, check_out_dir, first_line, keep_fraction, positive_int
 from .extras import MissingExtraError, require_demo
 
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="backends, build flags and versions", allow_abbrev=False)
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_info, parser=p)
-    for register in (_register_demo, _register_squeeze, prune.register):
+    for register in (_register_demo, _register_squeeze, prune.register, fit.register):
         p = register(sub)
         p.allow_abbrev = False  # a misspelt option is an error, never silently another option
         p.set_defaults(parser=p)

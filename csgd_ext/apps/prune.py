@@ -25,7 +25,7 @@ import importlib
 import os
 import sys
 import warnings
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -37,7 +37,8 @@ from ..plan import ClusterPlan
 from ..planner import plan_clusters
 from .args import CLIError, first_line, keep_fraction
 
-__all__ = ["register", "load_user_model", "parse_input_shape", "load_weights", "run_prune", "DESCRIPTION"]
+__all__ = ["register", "load_user_model", "parse_input_shape", "load_weights", "state_dict_in", "run_prune",
+           "DESCRIPTION"]
 
 DESCRIPTION = ("Plan clusters for your own model (--keep F, written with --plan-out) and collapse and merge it "
                "into a physically smaller model (--plan FILE and --out FILE; reload it with "
@@ -98,6 +99,20 @@ def _read_tensors(path: str):
                        f"a csgd_ext checkpoint){why}") from None
 
 
+def state_dict_in(obj) -> Optional[dict]:
+    """The state dict a loaded file holds: the dict itself, or its ``"state_dict"``/``"model"`` entry (a csgd_ext
+    checkpoint's payload); None when there is no non-empty dict of tensors."""
+    sd = obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                sd = obj[key]
+                break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        return None
+    return sd
+
+
 def load_weights(model: nn.Module, path: str) -> str:
     """Load ``path`` into ``model``: a csgd_ext checkpoint, a ``state_dict``, or ``{"state_dict"|"model": sd}``.
 
@@ -112,13 +127,8 @@ def load_weights(model: nn.Module, path: str) -> str:
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(f"--checkpoint: {first_line(e)}") from None
         return "csgd_ext checkpoint"
-    sd = obj
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                sd = obj[key]
-                break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    sd = state_dict_in(obj)
+    if sd is None:
         raise CLIError(f"--checkpoint: {path!r} holds no state_dict (a dict of tensors)")
     try:
         model.load_state_dict(sd)

@@ -1,0 +1,253 @@
+"""``python -m csgd_ext fit``: the whole job on your model and your images, in one command.
+
+Plan clusters (``--keep``), evaluate the starting model, train with C-SGD (the demo's recipe: Nesterov momentum,
+cosine LR), collapse, merge, verify; write ``OUT/merged.pt`` (reload it with ``csgd_ext.load_merged``),
+``plan.json``, ``checkpoint.pt`` (atomic, at every epoch end), ``report.json``, ``report.md`` and plots.
+
+A run killed at any moment resumes with ``--resume`` and ends with the same merged weights, bit for bit, as an
+uninterrupted run on the same machine: everything random in an epoch (data order, augmentation, dropout) is drawn
+from (seed, epoch), and a partial epoch is redone from its start. Without ``--resume`` or ``--force`` an ``OUT``
+that holds files is refused and left untouched. Bad input is one ``error:`` line, exit status 2, nothing written.
+
+Example::
+
+    python -m csgd_ext fit --model resnet20 --data digits --out fit_out --epochs 2
+    python -m csgd_ext fit --model mypkg.nets:make_net --data ~/images --out fit_out --keep 0.5 --image-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import signal
+import time
+from typing import Any, Dict
+
+import torch
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..flops import count_flops_params
+from ..merge import collapse, deviation, merge
+from ..plan import ClusterPlan
+from ..planner import plan_clusters
+from ..train import evaluate, fit as train_epoch, predict
+from .args import CLIError, keep_fraction, positive_int
+from .fit_data import load_data
+from .fit_model import build_model
+from .fit_report import write_report
+from .recipes import cosine, make_csgd, set_determinism
+
+__all__ = ["register", "run_fit", "OUTPUTS"]
+
+OUTPUTS = ("merged.pt", "plan.json", "checkpoint.pt", "report.json", "report.md")
+#: the options a checkpoint must share with a --resume run (everything that changes the result)
+RESUME_KEYS = ("model", "data", "keep", "target_flops", "round_to", "epochs", "batch_size", "lr", "centripetal",
+               "seed", "weights", "num_classes", "image_size", "amp", "device")
+DESCRIPTION = ("Plan, train with C-SGD, collapse and merge your own model on your own images (an ImageFolder "
+               "directory, or 'digits'), with resume, a report and plots.")
+
+
+def _options(args) -> Dict[str, Any]:
+    return {k: getattr(args, k) for k in RESUME_KEYS}
+
+
+def _check_out(args) -> None:
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out: {out!r} exists and is not a directory")
+    if args.resume:
+        if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+            raise CLIError(f"--resume: no checkpoint at {os.path.join(out, 'checkpoint.pt')!r}")
+        return
+    if os.path.isdir(out) and os.listdir(out) and not args.force:
+        raise CLIError(f"--out: {out!r} already holds files; pass --resume to continue its run or --force to "
+                       "start over there")
+
+
+def _plan_kwargs(args) -> Dict[str, Any]:
+    if args.keep is not None and args.target_flops is not None:
+        raise CLIError("--keep and --target-flops: give one of them, not both")
+    kw: Dict[str, Any] = {"keep": args.keep if args.keep is not None else 0.625, "seed": args.seed}
+    accepted = inspect.signature(plan_clusters).parameters
+    for key, flag in (("target_flops", "--target-flops"), ("round_to", "--round-to")):
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key not in accepted:
+            raise CLIError(f"{flag}: this version of csgd_ext.plan_clusters does not take {key}")
+        kw[key] = value
+    if args.target_flops is not None:
+        del kw["keep"]
+    return kw
+
+
+def _autocast(args):
+    if not args.amp:
+        return None, None
+    if args.device == "cuda":
+        return torch.float16, torch.amp.GradScaler("cuda")
+    return torch.bfloat16, None
+
+
+def _crash_hook(epoch: int):
+    """Testing: ``CSGD_EXT_FIT_KILL_AT=EPOCH:STEP`` kills this process (SIGKILL, no cleanup) after that step of
+    that epoch (0-based), so a test can check that --resume ends with the uninterrupted run's bits."""
+    at = os.environ.get("CSGD_EXT_FIT_KILL_AT")
+    if not at or int(at.split(":")[0]) != epoch:
+        return ()
+    step = int(at.split(":")[1])
+
+    def hook(state):
+        if state.step >= step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return (hook,)
+
+
+def _say(args, text: str) -> None:
+    if not args.quiet:
+        print(text, flush=True)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available here")
+    _check_out(args)
+    plan_kw = _plan_kwargs(args)
+    resumed = None
+    if args.resume:  # the options must be the checkpoint's, checked before anything else is done
+        from ..checkpoint import read_checkpoint
+
+        try:
+            saved = (read_checkpoint(os.path.join(args.out, "checkpoint.pt")).get("extra") or {}).get("options", {})
+        except (ValueError, OSError) as e:
+            raise CLIError(f"--resume: {e}") from None
+        for k in RESUME_KEYS:
+            if saved.get(k) != getattr(args, k):
+                raise CLIError(f"--resume: the checkpoint was made with --{k.replace('_', '-')} {saved.get(k)!r}, "
+                               f"not {getattr(args, k)!r}")
+    set_determinism(args.seed, args.threads)
+    size = args.image_size or (28 if args.data == "digits" else 224)
+    data = load_data(args.data, size, args.seed, args.workers)
+    model, rebuild = build_model(args.model, data.channels, len(data.classes), args.num_classes, args.weights,
+                                 args.seed)
+    device = torch.device(args.device)
+    model = model.to(device)
+    example = torch.zeros(1, data.channels, size, size, device=device)
+    val_loader = data.val_loader(max(args.batch_size, 64))
+    os.makedirs(args.out, exist_ok=True)
+    ck_path = os.path.join(args.out, "checkpoint.pt")
+    history: Dict[str, list] = {"epoch": [], "train_loss": [], "val_acc": [], "deviation": []}
+    if args.resume:
+        plan = ClusterPlan.load(os.path.join(args.out, "plan.json"), model)
+    else:
+        _say(args, f"data: {data.description}\nmodel: {args.model} ({sum(p.numel() for p in model.parameters()):,} "
+                   f"parameters)\nplanning ...")
+        plan = plan_clusters(model, example, **plan_kw)
+        plan.save(os.path.join(args.out, "plan.json"))
+    base_model = copy.deepcopy(model)
+    sizes = count_flops_params(model, example)
+    opt = make_csgd(plan, args.lr, 1e-4, args.centripetal, 1.0, args.backend)
+    steps_per_epoch = len(data.train_loader(args.batch_size, 0))
+    sched = cosine(opt, args.epochs * steps_per_epoch)
+    dtype, scaler = _autocast(args)
+    start, val_acc_base = 0, None
+    if args.resume:
+        ck = load_checkpoint(ck_path, model=model, optimizer=opt, scheduler=sched, scaler=scaler, restore_rng=False)
+        extra = ck.extra or {}
+        start, val_acc_base, history = int(extra["epoch"]), extra["val_acc_base"], extra["history"]
+        _say(args, f"resuming after epoch {start} of {args.epochs}")
+    else:
+        val_acc_base = 100.0 * evaluate(model, val_loader)
+        _say(args, plan.summary())
+    for epoch in range(start, args.epochs):
+        torch.manual_seed(args.seed * 1000 + epoch)  # dropout and anything else random: from (seed, epoch)
+        model.train()
+        state = train_epoch(model, data.train_loader(args.batch_size, epoch), opt, epochs=1, scheduler=sched,
+                            scaler=scaler, autocast=dtype, progress=not args.quiet, callbacks=_crash_hook(epoch),
+                            desc=f"C-SGD epoch {epoch + 1}/{args.epochs}")
+        acc = 100.0 * evaluate(model, val_loader)
+        dev = float(deviation(model, plan))
+        losses = state.history["loss"]
+        history["epoch"].append(epoch + 1)
+        history["train_loss"].append(float(sum(losses) / max(1, len(losses))))
+        history["val_acc"].append(acc)
+        history["deviation"].append(dev)
+        _say(args, f"epoch {epoch + 1}/{args.epochs}: train loss {history['train_loss'][-1]:.4f}, val acc "
+                   f"{acc:.2f} %, cluster deviation {dev:.3g}, {time.perf_counter() - t0:.0f} s")
+        save_checkpoint(ck_path, model=model, optimizer=opt, plan=plan, scheduler=sched, scaler=scaler,
+                        step=(epoch + 1) * steps_per_epoch, rng=False,
+                        extra={"epoch": epoch + 1, "options": _options(args), "val_acc_base": val_acc_base,
+                               "history": history})
+    val_acc_csgd = history["val_acc"][-1] if history["val_acc"] else 100.0 * evaluate(model, val_loader)
+    deviation_final = float(collapse(model, plan))
+    collapsed_logits = predict(model, val_loader)
+    small = merge(model, plan)
+    merged_logits = predict(small, val_loader)
+    val_acc_merged = 100.0 * evaluate(small, val_loader)
+    after = count_flops_params(small, example)
+    save_checkpoint(os.path.join(args.out, "merged.pt"), model=small, plan=plan, rng=False)
+    report = {
+        "model": args.model, "data": data.description, "classes": data.classes, "epochs": args.epochs,
+        "seed": args.seed, "keep": plan_kw.get("keep"), "target_flops": args.target_flops, "round_to": args.round_to,
+        "params_before": sizes.params, "params_after": after.params,
+        "flops_before": sizes.flops, "flops_after": after.flops,
+        "val_acc_base": val_acc_base, "val_acc_csgd": val_acc_csgd, "val_acc_merged": val_acc_merged,
+        "max_logit_diff": float((collapsed_logits - merged_logits).abs().max()),
+        "deviation_final": deviation_final, "wall_s": time.perf_counter() - t0,
+        "image_size": size, "n_val": len(data.val), "history": history, "reload": rebuild,
+        "versions": {"torch": torch.__version__, "csgd_ext": __import__("csgd_ext").__version__},
+    }
+    write_report(args.out, report, plan, base_model, small)
+    _say(args, f"val accuracy: base {val_acc_base:.2f} %, C-SGD {val_acc_csgd:.2f} %, merged {val_acc_merged:.2f} %; "
+               f"params {sizes.params:,} -> {after.params:,}, FLOPs {sizes.flops:,} -> {after.flops:,}; max logit "
+               f"difference {report['max_logit_diff']:.3g}; {report['wall_s']:.0f} s\nwrote {args.out}/: "
+               f"{', '.join(OUTPUTS)} and plots; reload: {rebuild}")
+    return 0
+
+
+def _fraction(flag: str):
+    return keep_fraction(flag)
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("fit", help="plan + C-SGD training + merge of your own model on your own images",
+                       description=DESCRIPTION, allow_abbrev=False)
+    p.add_argument("--model", required=True, help="a zoo name, torchvision:NAME, timm:NAME or package.module:factory")
+    p.add_argument("--data", required=True, help="an ImageFolder directory (train/ and val/, or class folders), "
+                                                 "or 'digits' (the embedded MNIST digits)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--keep", type=_fraction("--keep"), default=None, help="fraction of channels kept (default 0.625)")
+    p.add_argument("--target-flops", type=_fraction("--target-flops"), default=None,
+                   help="FLOPs of the merged model as a fraction of the original's, instead of --keep")
+    p.add_argument("--round-to", type=positive_int("--round-to"), default=None,
+                   help="every kept width a multiple of N")
+    p.add_argument("--epochs", type=positive_int("--epochs"), default=3)
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--centripetal", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default=None, help="a state dict or csgd_ext checkpoint to start from")
+    p.add_argument("--num-classes", type=positive_int("--num-classes"), default=None,
+                   help="replace the classifier when its classes differ from the data's")
+    p.add_argument("--image-size", type=positive_int("--image-size"), default=None,
+                   help="training and validation image size (default 28 for digits, else 224)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--threads", type=positive_int("--threads"), default=1, help="intra-op CPU threads")
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "triton", "cuda", "reference"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--force", action="store_true", help="start over in an OUT that holds files")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.set_defaults(func=_dispatch)
+    return p
+
+
+def _dispatch(args) -> int:
+    if args.backend == "cuda":
+        args.backend = "native"  # the native extension's CUDA kernel
+    return run_fit(args)

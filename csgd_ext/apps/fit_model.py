@@ -1,0 +1,126 @@
+"""The model of ``python -m csgd_ext fit``: a zoo name, ``torchvision:NAME``, ``timm:NAME`` or
+``package.module:factory``, sized for the data, optionally loaded from ``--weights``.
+
+Its classifier must have as many outputs as the data has classes; ``--num-classes`` replaces it (the zoo and
+the two libraries build the model with that many classes; a factory's model gets its last ``nn.Linear``
+replaced). Every error is one line naming what to fix.
+
+Example::
+
+    model, reload = build_model("resnet20", channels=1, data_classes=10, num_classes=None, weights=None, seed=0)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..models import get_model
+from .args import CLIError, first_line
+from .prune import load_user_model, state_dict_in
+
+__all__ = ["build_model", "classifier"]
+
+
+def classifier(model: nn.Module) -> Optional[Tuple[str, nn.Linear]]:
+    """``(name, module)`` of the model's last ``nn.Linear`` (its classifier), or None."""
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = (name, m)
+    return last
+
+
+def _library_model(lib: str, name: str, channels: int, classes: Optional[int]) -> nn.Module:
+    try:
+        mod = importlib.import_module(lib)
+    except ImportError:
+        raise CLIError(f"--model {lib}:{name} needs the {lib} package, which is not installed "
+                       f"(pip install {lib})") from None
+    try:
+        kw = {} if classes is None else {"num_classes": classes}
+        if lib == "timm":
+            return mod.create_model(name, pretrained=False, in_chans=channels, **kw)
+        return mod.models.get_model(name, **kw)
+    except Exception as e:  # noqa: BLE001 - unknown name or bad arguments: one line
+        raise CLIError(f"--model {lib}:{name}: {type(e).__name__}: {first_line(e)}") from None
+
+
+def _replace_classifier(model: nn.Module, classes: int) -> None:
+    found = classifier(model)
+    if found is None:
+        raise CLIError("--num-classes: the model has no nn.Linear classifier to replace")
+    name, lin = found
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr,
+            nn.Linear(lin.in_features, classes, bias=lin.bias is not None))
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    """``path`` (a state dict, ``{"state_dict"|"model": sd}`` or a csgd_ext checkpoint) into ``model``; a file
+    that does not fit names the first key that is missing, unexpected or of another shape."""
+    if not os.path.isfile(path):
+        raise CLIError(f"--weights: no such file {path!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"--weights: cannot read {path!r} as a file of tensors: {type(e).__name__}: "
+                       f"{first_line(e)}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("payload"), dict):  # a csgd_ext checkpoint file
+        obj = obj["payload"]
+    sd = state_dict_in(obj)
+    if sd is None:
+        raise CLIError(f"--weights: {path!r} holds no state dict (a dict of tensors)")
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in sd:
+            raise CLIError(f"--weights: {path!r} does not fit the model: it has no {k!r}")
+        if sd[k].shape != v.shape:
+            raise CLIError(f"--weights: {path!r} does not fit the model: {k!r} is {tuple(sd[k].shape)} in the "
+                           f"file, {tuple(v.shape)} in the model")
+    extra = [k for k in sd if k not in own]
+    if extra:
+        raise CLIError(f"--weights: {path!r} does not fit the model: unexpected key {extra[0]!r}")
+    model.load_state_dict(sd)
+
+
+def build_model(spec: str, channels: int, data_classes: int, num_classes: Optional[int], weights: Optional[str],
+                seed: int) -> Tuple[nn.Module, str]:
+    """The model (built, ``--weights`` loaded, then its classifier replaced when ``num_classes`` is given) and the
+    Python expression that rebuilds its architecture (for ``csgd_ext.load_merged``)."""
+    if num_classes is not None and num_classes != data_classes:
+        raise CLIError(f"--num-classes {num_classes}: the data has {data_classes} classes")
+    torch.manual_seed(seed)
+    lib, _, name = spec.partition(":")
+    if lib in ("torchvision", "timm") and name:
+        kw = {} if num_classes is not None else {"classes": data_classes}
+        model = _library_model(lib, name, channels, kw.get("classes"))
+        reload = (f"timm.create_model({name!r}, in_chans={channels}" if lib == "timm"
+                  else f"torchvision.models.get_model({name!r}")
+        reload += f", num_classes={data_classes})" if num_classes is None else ")"
+    elif ":" in spec:
+        model = load_user_model(spec, channels, data_classes)
+        reload = f"{spec.split(':')[1]}() from {spec.split(':')[0]}"
+    else:
+        try:
+            model = get_model(spec, in_channels=channels,
+                              **({"num_classes": data_classes} if num_classes is None else {}))
+        except (ValueError, TypeError, KeyError) as e:
+            raise CLIError(f"--model: {spec!r} is not a zoo model, torchvision:NAME, timm:NAME or "
+                           f"package.module:factory ({first_line(e)})") from None
+        reload = f"csgd_ext.models.get_model({spec!r}, in_channels={channels}" + \
+                 (f", num_classes={data_classes})" if num_classes is None else ")")
+    if weights is not None:
+        _load_weights(model, weights)
+    if num_classes is not None:
+        _replace_classifier(model, num_classes)
+        reload += f", its last nn.Linear replaced by one with {num_classes} outputs"
+    head = classifier(model)
+    if head is not None and head[1].out_features != data_classes:
+        raise CLIError(f"the model's classifier {head[0]!r} has {head[1].out_features} outputs but the data has "
+                       f"{data_classes} classes: pass --num-classes {data_classes} to replace it")
+    return model, reload
