@@ -90,6 +90,7 @@ setup(
         "torch-pruning>=1.5,<2",
         "scikit-learn>=1.2",
         "tqdm>=4.60",
+        "Pillow>=9",  # images of `python -m csgd_ext fit --data DIR`
     ],
     extras_require={
         "triton": ["triton>=3.0"],
