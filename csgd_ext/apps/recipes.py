@@ -85,9 +85,9 @@ def train_csgd(model: nn.Module, plan, cfg, train_loader, epochs: Optional[int] 
     """Train ``model`` in place with C-SGD over ``plan`` on ``cfg.backend``; returns the deviation log.
 
     The runs train on the reference backend (:data:`TRAINING_BACKEND`): its numbers are plain PyTorch, so a seed
-    gives the same results whether and however the native extension was built. The native kernel rounds
-    differently (by about one unit in the last place: it multiplies by the reciprocal of the cluster size, and
-    with ``-march=native`` may fuse multiply-adds), and over hundreds of steps that changes test accuracy.
+    gives the same results whether and however the native extension was built. The native kernel rounds cluster
+    means differently (by about one unit in the last place: it multiplies by the reciprocal of the cluster size),
+    and over hundreds of steps that changes test accuracy.
     """
     ep = cfg.epochs if epochs is None else epochs
     opt = make_csgd(plan, cfg.lr, cfg.weight_decay, cfg.centripetal, cfg.vector_centripetal_scale, cfg.backend)
