@@ -20,9 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .budget import allocate, check_round_to, check_target_flops, round_widths
 from .cluster import METHODS, canonical_labels, cluster_channels
+from .flops import count_flops_params
 from .graph import analyze
 from .layers import KERNEL_KINDS, BareParam, targets
+from .merge import merge
 from .plan import ClusterPlan, GroupPlan
 from .progress import progress
 from .verify import inexact_groups
@@ -144,22 +147,34 @@ def _cluster_blocks(feats_fn, n: int, blocks: Optional[List[int]], widths: List[
     return [int(x) for x in canonical_labels(labels)]
 
 
-def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[str, int]] = 0.625,
+def _merged_flops(model: nn.Module, example_inputs, groups, widths: Dict[int, List[int]]) -> int:
+    """FLOPs of ``model`` merged with ``widths[gi]`` channels per block of group ``gi`` (contiguous clusters)."""
+    plans = [_group_plan(g, _cluster_blocks(None, g.width, g.blocks, widths[gi], "even", 0))
+             for gi, g in enumerate(groups)]
+    return count_flops_params(merge(model, ClusterPlan(model, plans, [])), example_inputs).flops
+
+
+def plan_clusters(model: nn.Module, example_inputs, keep: Union[None, float, Mapping[str, int]] = None,
                   method: str = "kmeans", seed: int = 0, ignored_layers: Sequence = (),
-                  verify: bool = True) -> ClusterPlan:
+                  verify: bool = True, *, target_flops: Optional[float] = None,
+                  round_to: Optional[int] = None) -> ClusterPlan:
     """Find the coupled channel groups of ``model`` and cluster each one down to its target width.
 
     Args:
         model: any traceable ``nn.Module`` (groups are found with torch-pruning's ``DependencyGraph``).
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs.
         keep: a fraction in (0, 1] (each group keeps ``max(1, round(keep * n))`` of its ``n`` channels) or a
-            dict ``{producer module name: target width}`` (groups not named keep their width).
+            dict ``{producer module name: target width}`` (groups not named keep their width); 0.625 when
+            neither ``keep`` nor ``target_flops`` is given.
         method: ``"kmeans"`` (seeded scikit-learn KMeans on the producers' flattened kernels) or ``"even"``.
         seed: KMeans seed (``n_init`` is fixed at 10: same inputs, same plan).
         ignored_layers: module names or modules whose channels are not touched (with their submodules).
         verify: run the numeric check of :mod:`csgd_ext.verify` (merge random clusters of a float64 copy and
             compare outputs; one merge and two forward passes when every group is exact). Groups it finds
             inexact are skipped with the reason.
+        target_flops: instead of ``keep``, a fraction F in (0, 1]: per-group widths chosen globally (magnitude
+            per FLOP, :mod:`csgd_ext.budget`) so that the merged model has between F - 0.05 and F of the FLOPs.
+        round_to: every kept width a multiple of this (a group that cannot be keeps its whole width).
 
     Groups that reach the model output (the classifier) or contain an op without an exact merge
     (GroupNorm, a split of channels, a channel shuffle, ...) are not clustered and listed in ``plan.skipped``.
@@ -170,12 +185,21 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[s
 
         plan = plan_clusters(model, torch.randn(1, 3, 32, 32), keep=0.625)
         plan = plan_clusters(model, x, keep={"layer1.0.conv1": 4}, method="even")
+        plan = plan_clusters(model, x, target_flops=0.5, round_to=8)
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    keep = check_keep(keep)
+    round_to = check_round_to(round_to)
+    if target_flops is not None:
+        if keep is not None:
+            raise ValueError("give keep or target_flops, not both")
+        target_flops = check_target_flops(target_flops)
+    elif keep is None:
+        keep = 0.625
+    if keep is not None:
+        keep = check_keep(keep)
     if isinstance(keep, Mapping):
         mods = dict(model.named_modules())
         for k in keep:
@@ -202,8 +226,13 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[s
             skipped.append((tuple(ok[i].modules), f"numeric check: {why}{ops}"))
         ok = [g for i, g in enumerate(ok) if i not in bad]
 
+    mods = targets(model)
     widths: Dict[int, int] = {}
-    if isinstance(keep, Mapping):
+    if target_flops is not None:
+        widths = allocate(model, example_inputs, ok, [_block_sizes(g.width, g.blocks) for g in ok], target_flops,
+                          round_to, importance=lambda gi: _group_features(mods, ok[gi]).norm(dim=1),
+                          exact_flops=lambda w: _merged_flops(model, example_inputs, ok, w))
+    elif isinstance(keep, Mapping):
         owner = {}
         for gi, g in enumerate(ok):
             for p in g.producers:
@@ -231,12 +260,14 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[float, Mapping[s
         widths = {gi: _split_width(name, v, ok[gi].width, ok[gi].blocks) for gi, (name, v) in widths.items()}
     else:
         widths = {gi: _block_widths(keep, g.width, g.blocks) for gi, g in enumerate(ok)}
+    if round_to is not None and target_flops is None:
+        widths = {gi: round_widths(w, _block_sizes(ok[gi].width, ok[gi].blocks), round_to) for gi, w in widths.items()}
 
-    mods = targets(model)
     plans: List[GroupPlan] = []
     for gi, g in enumerate(progress(ok, desc="csgd_ext: clustering groups", enabled=len(ok) >= 16)):
         per_block = widths.get(gi, _block_sizes(g.width, g.blocks))
         labels = _cluster_blocks(lambda: _group_features(mods, g), g.width, g.blocks, per_block, method, seed)
         plans.append(_group_plan(g, labels))
-    meta = {"method": method, "seed": seed, "keep": dict(keep) if isinstance(keep, Mapping) else keep}
+    meta = {"method": method, "seed": seed, "keep": dict(keep) if isinstance(keep, Mapping) else keep,
+            "target_flops": target_flops, "round_to": round_to}
     return ClusterPlan(model, plans, skipped, meta=meta)

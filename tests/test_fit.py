@@ -182,3 +182,14 @@ def test_resume_with_other_options_names_the_option(folder, tmp_path, capsys, mo
                "--resume", "--lr", "0.1"], capsys, cwd=folder, monkeypatch=monkeypatch)
     assert "--lr 0.05" in err
     assert {p: (out / p).stat().st_mtime_ns for p in os.listdir(out)} == before
+
+
+def test_target_flops_and_round_to_reach_the_plan(folder, tmp_path):
+    out = tmp_path / "out"
+    assert run(["--model", "resnet20", "--data", str(folder), "--out", str(out), "--target-flops", "0.5",
+                "--round-to", "8", *FAST, "--epochs", "1"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["target_flops"] == 0.5 and rep["round_to"] == 8 and rep["keep"] is None
+    assert 0.45 <= rep["flops_after"] / rep["flops_before"] <= 0.5
+    plan = json.loads((out / "plan.json").read_text())
+    assert all(g["width_after"] % 8 == 0 for g in plan["groups"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
 import signal
@@ -70,18 +69,7 @@ def _check_out(args) -> None:
 def _plan_kwargs(args) -> Dict[str, Any]:
     if args.keep is not None and args.target_flops is not None:
         raise CLIError("--keep and --target-flops: give one of them, not both")
-    kw: Dict[str, Any] = {"keep": args.keep if args.keep is not None else 0.625, "seed": args.seed}
-    accepted = inspect.signature(plan_clusters).parameters
-    for key, flag in (("target_flops", "--target-flops"), ("round_to", "--round-to")):
-        value = getattr(args, key)
-        if value is None:
-            continue
-        if key not in accepted:
-            raise CLIError(f"{flag}: this version of csgd_ext.plan_clusters does not take {key}")
-        kw[key] = value
-    if args.target_flops is not None:
-        del kw["keep"]
-    return kw
+    return {"keep": args.keep, "seed": args.seed, "target_flops": args.target_flops, "round_to": args.round_to}
 
 
 def _autocast(args):
@@ -138,7 +126,6 @@ def run_fit(args: argparse.Namespace) -> int:
     model = model.to(device)
     example = torch.zeros(1, data.channels, size, size, device=device)
     val_loader = data.val_loader(max(args.batch_size, 64))
-    os.makedirs(args.out, exist_ok=True)
     ck_path = os.path.join(args.out, "checkpoint.pt")
     history: Dict[str, list] = {"epoch": [], "train_loss": [], "val_acc": [], "deviation": []}
     if args.resume:
@@ -146,7 +133,11 @@ def run_fit(args: argparse.Namespace) -> int:
     else:
         _say(args, f"data: {data.description}\nmodel: {args.model} ({sum(p.numel() for p in model.parameters()):,} "
                    f"parameters)\nplanning ...")
-        plan = plan_clusters(model, example, **plan_kw)
+        try:
+            plan = plan_clusters(model, example, **plan_kw)
+        except (ValueError, TypeError) as e:
+            raise CLIError(f"planning failed: {e}") from None
+        os.makedirs(args.out, exist_ok=True)  # the first write: everything before it was checked
         plan.save(os.path.join(args.out, "plan.json"))
     base_model = copy.deepcopy(model)
     sizes = count_flops_params(model, example)
@@ -192,7 +183,8 @@ def run_fit(args: argparse.Namespace) -> int:
     save_checkpoint(os.path.join(args.out, "merged.pt"), model=small, plan=plan, rng=False)
     report = {
         "model": args.model, "data": data.description, "classes": data.classes, "epochs": args.epochs,
-        "seed": args.seed, "keep": plan_kw.get("keep"), "target_flops": args.target_flops, "round_to": args.round_to,
+        "seed": args.seed, "keep": plan.meta.get("keep"), "target_flops": args.target_flops,
+        "round_to": args.round_to,
         "params_before": sizes.params, "params_after": after.params,
         "flops_before": sizes.flops, "flops_after": after.flops,
         "val_acc_base": val_acc_base, "val_acc_csgd": val_acc_csgd, "val_acc_merged": val_acc_merged,

@@ -35,7 +35,7 @@ from ..merge import collapse, merge
 from ..models import available_models, get_model
 from ..plan import ClusterPlan
 from ..planner import plan_clusters
-from .args import CLIError, first_line, keep_fraction
+from .args import CLIError, first_line, keep_fraction, positive_int
 
 __all__ = ["register", "load_user_model", "parse_input_shape", "load_weights", "state_dict_in", "run_prune",
            "DESCRIPTION"]
@@ -139,10 +139,13 @@ def load_weights(model: nn.Module, path: str) -> str:
 
 def _check_request(args) -> None:
     """What to do and where to write it: --keep or --plan, the output files (after the model is checked)."""
-    if args.keep is None and args.plan is None:
-        raise CLIError("give --keep F (plan now) or --plan FILE (a plan written by --plan-out)")
-    if args.keep is not None and args.plan is not None:
-        raise CLIError("give either --keep or --plan, not both")
+    if args.keep is not None and args.target_flops is not None:
+        raise CLIError("--keep and --target-flops: give one of them, not both")
+    planning = args.keep is not None or args.target_flops is not None
+    if not planning and args.plan is None:
+        raise CLIError("give --keep F or --target-flops F (plan now) or --plan FILE (a plan written by --plan-out)")
+    if planning and args.plan is not None:
+        raise CLIError("give either --keep/--target-flops or --plan, not both")
     if args.plan is not None and not os.path.isfile(args.plan):
         raise CLIError(f"--plan: no such file {args.plan!r}")
     if args.plan_out is None and args.out is None:
@@ -170,7 +173,8 @@ def _get_plan(args, model: nn.Module, example: torch.Tensor) -> ClusterPlan:
         except (ValueError, OSError) as e:
             raise CLIError(f"--plan: {first_line(e)}") from None
     try:
-        return plan_clusters(model, example, keep=args.keep, seed=args.seed)
+        return plan_clusters(model, example, keep=args.keep, seed=args.seed, target_flops=args.target_flops,
+                             round_to=args.round_to)
     except (ValueError, TypeError) as e:
         raise CLIError(f"planning failed: {first_line(e)}") from None
 
@@ -224,6 +228,10 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--input-shape", required=True, help="C,H,W of one input, e.g. 3,32,32")
     p.add_argument("--keep", type=keep_fraction("--keep"), default=None,
                    help="fraction of channels kept per group, in (0, 1]")
+    p.add_argument("--target-flops", type=keep_fraction("--target-flops"), default=None,
+                   help="instead of --keep: the merged model's FLOPs as a fraction of the original's, in (0, 1]")
+    p.add_argument("--round-to", type=positive_int("--round-to"), default=None,
+                   help="every kept width a multiple of N")
     p.add_argument("--plan", default=None, help="use this plan (from --plan-out) instead of planning")
     p.add_argument("--plan-out", default=None, help="write the cluster plan here")
     p.add_argument("--checkpoint", default=None, help="weights to load before planning/merging")
