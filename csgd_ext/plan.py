@@ -254,8 +254,9 @@ class ClusterPlan:
     # -- reporting ----------------------------------------------------------------------------------
     def summary(self) -> str:
         """A text table: one line per group (root, producers, consumers, width before -> after), then skips."""
+        opts = "".join(f", {k}={self.meta[k]}" for k in ("target_flops", "round_to") if self.meta.get(k) is not None)
         lines = [f"ClusterPlan: {len(self.groups)} clustered groups, {len(self.skipped)} skipped "
-                 f"(method={self.meta.get('method')}, seed={self.meta.get('seed')})"]
+                 f"(method={self.meta.get('method')}, seed={self.meta.get('seed')}{opts})"]
         for i, g in enumerate(self.groups):
             per = (f" ({g.conv_groups} groups x {g.width_before // g.conv_groups} -> "
                    f"{g.width_after // g.conv_groups})") if g.conv_groups > 1 else ""

@@ -65,6 +65,7 @@ def test_target_flops_lands_in_the_band(target):
     widths = {g.width_after / g.width_before for g in plan.groups}
     assert len(widths) > 1  # layer-adaptive, not one uniform keep
     assert plan.meta["target_flops"] == target and plan.meta["keep"] is None
+    assert f"target_flops={target}" in plan.summary().splitlines()[0]
 
 
 def test_target_flops_with_round_to():
