@@ -26,6 +26,16 @@ def make_net():
                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
 '''
+NET_NOBN = '''
+import torch
+from torch import nn
+
+
+def make_net():  # no BatchNorm: DDP keeps per-rank BN statistics, a single process would not
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+'''
 FAST = ["--epochs", "2", "--batch-size", "8", "--image-size", "16", "--quiet"]
 
 
@@ -50,6 +60,7 @@ def folder(tmp_path_factory):
         pix = (img[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         Image.fromarray(pix, mode="L").save(root / split / str(y) / f"{n}.png")
     (root / "mynet.py").write_text(NET)
+    (root / "mynet_nobn.py").write_text(NET_NOBN)
     return root
 
 
@@ -193,3 +204,24 @@ def test_target_flops_and_round_to_reach_the_plan(folder, tmp_path):
     assert 0.45 <= rep["flops_after"] / rep["flops_before"] <= 0.5
     plan = json.loads((out / "plan.json").read_text())
     assert all(g["width_after"] % 8 == 0 for g in plan["groups"])
+
+
+def test_torchrun_two_gloo_ranks_match_one_process(folder, tmp_path):
+    """Under torchrun (2 processes, gloo on CPU) the global batch is split over the ranks, gradients are averaged
+    by DDP, and only rank 0 writes: the merged model equals a single process's with the same global batch, to
+    float tolerance."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CSGD_EXT_FIT_KILL_AT", "WORLD_SIZE", "RANK")}
+    common = ["-m", "csgd_ext", "fit", "--model", "mynet_nobn:make_net", "--data", str(folder), *FAST]
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], cwd=folder, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *common, "--out", str(tmp_path / "two")], cwd=folder, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    a, b = read_checkpoint(tmp_path / "one" / "merged.pt")["model"], read_checkpoint(tmp_path / "two" / "merged.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    moved = read_checkpoint(tmp_path / "one" / "checkpoint.pt")
+    assert moved["extra"]["epoch"] == 2

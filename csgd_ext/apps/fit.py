@@ -80,6 +80,23 @@ def _autocast(args):
     return torch.bfloat16, None
 
 
+def _distributed(args):
+    """``(rank, world size)``; under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is set up (gloo on CPU,
+    nccl on CUDA) and ``--batch-size`` is the global batch, split evenly over the ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if args.batch_size % world:
+        raise CLIError(f"--batch-size {args.batch_size} is the global batch: it must divide over {world} processes")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), world
+
+
 def _crash_hook(epoch: int):
     """Testing: ``CSGD_EXT_FIT_KILL_AT=EPOCH:STEP`` kills this process (SIGKILL, no cleanup) after that step of
     that epoch (0-based), so a test can check that --resume ends with the uninterrupted run's bits."""
@@ -103,9 +120,9 @@ def run_fit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available here")
+    rank, world = _distributed(args)
     _check_out(args)
     plan_kw = _plan_kwargs(args)
-    resumed = None
     if args.resume:  # the options must be the checkpoint's, checked before anything else is done
         from ..checkpoint import read_checkpoint
 
@@ -117,6 +134,13 @@ def run_fit(args: argparse.Namespace) -> int:
             if saved.get(k) != getattr(args, k):
                 raise CLIError(f"--resume: the checkpoint was made with --{k.replace('_', '-')} {saved.get(k)!r}, "
                                f"not {getattr(args, k)!r}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has checked everything before rank 0 writes
+    lead = rank == 0
+    quiet = args.quiet or not lead
+    args.quiet = quiet
     set_determinism(args.seed, args.threads)
     size = args.image_size or (28 if args.data == "digits" else 224)
     data = load_data(args.data, size, args.seed, args.workers)
@@ -137,12 +161,18 @@ def run_fit(args: argparse.Namespace) -> int:
             plan = plan_clusters(model, example, **plan_kw)
         except (ValueError, TypeError) as e:
             raise CLIError(f"planning failed: {e}") from None
-        os.makedirs(args.out, exist_ok=True)  # the first write: everything before it was checked
-        plan.save(os.path.join(args.out, "plan.json"))
+        if lead:
+            os.makedirs(args.out, exist_ok=True)  # the first write: everything before it was checked
+            plan.save(os.path.join(args.out, "plan.json"))
     base_model = copy.deepcopy(model)
     sizes = count_flops_params(model, example)
     opt = make_csgd(plan, args.lr, 1e-4, args.centripetal, 1.0, args.backend)
-    steps_per_epoch = len(data.train_loader(args.batch_size, 0))
+    steps_per_epoch = len(data.train_loader(args.batch_size, 0, rank, world))
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model)  # gradients averaged over the ranks before each step
     sched = cosine(opt, args.epochs * steps_per_epoch)
     dtype, scaler = _autocast(args)
     start, val_acc_base = 0, None
@@ -152,14 +182,17 @@ def run_fit(args: argparse.Namespace) -> int:
         start, val_acc_base, history = int(extra["epoch"]), extra["val_acc_base"], extra["history"]
         _say(args, f"resuming after epoch {start} of {args.epochs}")
     else:
-        val_acc_base = 100.0 * evaluate(model, val_loader)
+        val_acc_base = 100.0 * evaluate(model, val_loader) if lead else None
         _say(args, plan.summary())
     for epoch in range(start, args.epochs):
         torch.manual_seed(args.seed * 1000 + epoch)  # dropout and anything else random: from (seed, epoch)
         model.train()
-        state = train_epoch(model, data.train_loader(args.batch_size, epoch), opt, epochs=1, scheduler=sched,
+        state = train_epoch(train_model, data.train_loader(args.batch_size, epoch, rank, world), opt, epochs=1,
+                            scheduler=sched,
                             scaler=scaler, autocast=dtype, progress=not args.quiet, callbacks=_crash_hook(epoch),
                             desc=f"C-SGD epoch {epoch + 1}/{args.epochs}")
+        if not lead:  # rank 0 evaluates and writes; the others go on training
+            continue
         acc = 100.0 * evaluate(model, val_loader)
         dev = float(deviation(model, plan))
         losses = state.history["loss"]
@@ -173,6 +206,13 @@ def run_fit(args: argparse.Namespace) -> int:
                         step=(epoch + 1) * steps_per_epoch, rng=False,
                         extra={"epoch": epoch + 1, "options": _options(args), "val_acc_base": val_acc_base,
                                "history": history})
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    if not lead:
+        return 0
     val_acc_csgd = history["val_acc"][-1] if history["val_acc"] else 100.0 * evaluate(model, val_loader)
     deviation_final = float(collapse(model, plan))
     collapsed_logits = predict(model, val_loader)

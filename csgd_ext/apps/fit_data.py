@@ -107,16 +107,30 @@ class _TensorImages(_Images):
 
 
 class EpochSampler(Sampler):
-    """A permutation of ``range(n)`` drawn from ``(seed, epoch)``: the same order whenever the epoch is redone."""
+    """A permutation of ``range(n)`` drawn from ``(seed, epoch)``: the same order whenever the epoch is redone.
 
-    def __init__(self, n: int, seed: int, epoch: int):
-        self.n, self.seed, self.epoch = n, seed, epoch
+    With ``world > 1`` (DistributedDataParallel), rank ``rank`` takes its ``1 / world`` slice of every global batch
+    of ``batch`` samples of that same order (whole global batches only), so the ranks together see exactly the
+    batches of a single-process run."""
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, batch: int = 1):
+        self.n, self.seed, self.epoch, self.rank, self.world, self.batch = n, seed, epoch, rank, world, batch
+
+    def _order(self) -> List[int]:
+        order = torch.randperm(self.n, generator=_generator(self.seed, self.epoch, -1)).tolist()
+        if self.world == 1:
+            return order
+        local = self.batch // self.world
+        out = []
+        for b0 in range(0, self.n - self.batch + 1, self.batch):
+            out += order[b0 + self.rank * local:b0 + (self.rank + 1) * local]
+        return out
 
     def __len__(self) -> int:
-        return self.n
+        return len(self._order())
 
     def __iter__(self):
-        return iter(torch.randperm(self.n, generator=_generator(self.seed, self.epoch, -1)).tolist())
+        return iter(self._order())
 
 
 @dataclass
@@ -128,10 +142,11 @@ class FitData:
     description: str
     workers: int = 0
 
-    def train_loader(self, batch_size: int, epoch: int, sampler: Optional[Sampler] = None) -> DataLoader:
+    def train_loader(self, batch_size: int, epoch: int, rank: int = 0, world: int = 1) -> DataLoader:
+        """Epoch ``epoch``'s batches of ``batch_size`` (global: each of ``world`` ranks gets its share)."""
         self.train.epoch = epoch
-        sampler = sampler if sampler is not None else EpochSampler(len(self.train), self.train.seed, epoch)
-        return DataLoader(self.train, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
+        sampler = EpochSampler(len(self.train), self.train.seed, epoch, rank, world, batch_size)
+        return DataLoader(self.train, batch_size=batch_size // world, sampler=sampler, num_workers=self.workers,
                           drop_last=len(self.train) > batch_size)
 
     def val_loader(self, batch_size: int) -> DataLoader:
