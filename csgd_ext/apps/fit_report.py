@@ -36,6 +36,10 @@ def _plots(out: str, report: Dict[str, Any], plan) -> List[str]:
         a1.set_xlabel("epoch"), a1.set_ylabel("val accuracy (%)"), a1.legend()
         a2.semilogy(h["epoch"], [max(d, 1e-12) for d in h["deviation"]], marker="o", color="C1")
         a2.set_xlabel("epoch"), a2.set_ylabel("cluster deviation")
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in (a1, a2):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.suptitle(f"{report['model']}: C-SGD training")
         fig.tight_layout()
         paths.append(os.path.join(out, "training.png"))
