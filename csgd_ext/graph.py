@@ -41,7 +41,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .layers import CONSUMER_KINDS, ROOT_TYPES, TRACED_TYPES, BareParam, conv_group_of, module_kind, targets
+from .layers import BARE_KIND, BLOCKED_KINDS, CONSUMER_KINDS, GROUPED_CONSUMER_KINDS, ROOT_TYPES, TRACED_TYPES, \
+    BareParam, conv_group_of, module_kind, targets
 
 __all__ = ["Member", "CoupledGroup", "analyze", "resolve_modules"]
 
@@ -284,7 +285,7 @@ def _blocks(grp: CoupledGroup, tmods: Dict[str, object], split_keys: Dict[int, t
     and the chunks of the splits on its path."""
     conv_keys: List[tuple] = [() for _ in range(grp.width)]
     for mem, output in [(p, True) for p in grp.producers] + [(c, False) for c in grp.consumers]:
-        if mem.kind not in ("grouped", "groupnorm"):
+        if mem.kind not in BLOCKED_KINDS:
             continue
         m = tmods[mem.name]
         for r in range(grp.width):
@@ -358,7 +359,7 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
                     reasons.append(f"parameter {pname!r} (shape {tuple(m.shape)}) carries the channels on dim "
                                    f"{dim}, not on its last non-singleton dim {tgt.dim}")
                 else:
-                    kinds[pname] = "scale"
+                    kinds[pname] = BARE_KIND
                     slot = prod.setdefault(pname, {})
                     for i, r in zip(item.idxs, item.root_idxs):
                         slot.setdefault(r, set()).add(int(i))
@@ -413,8 +414,8 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
                                                                  for r in range(n)]))
             for name, slot in cons.items():
                 grp.consumers.append(Member(name, kinds[name], [sorted(set(slot.get(r, []))) for r in range(n)]))
-            if any(-1 in p.index for p in grp.producers if p.kind in ("grouped", "groupnorm")) or \
-                    any(not x for c in grp.consumers if c.kind == "grouped" for x in c.index):
+            if any(-1 in p.index for p in grp.producers if p.kind in BLOCKED_KINDS) or \
+                    any(not x for c in grp.consumers if c.kind in GROUPED_CONSUMER_KINDS for x in c.index):
                 reasons.append("a grouped conv carries only part of the group's channels")
             else:
                 grp.blocks, grp.conv_groups, why = _blocks(grp, tmods, split_keys)

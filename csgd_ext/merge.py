@@ -31,8 +31,8 @@ from torch import nn
 
 from .bake import bake
 from .flops import count_flops_params
-from .layers import CHANNELWISE_KINDS, channel_tensors, cluster_ids, shrink, sum_grouped_inputs, targets, \
-    weighted_norm, widths
+from .layers import CHANNELWISE_KINDS, GROUPED_CONSUMER_KINDS, WEIGHTED_KINDS, channel_tensors, cluster_ids, \
+    shrink, sum_grouped_inputs, targets, weighted_norm, widths
 from .layout import build_layout
 from .ops.reference import cluster_mean
 from .plan import ClusterPlan
@@ -164,7 +164,7 @@ def merge(model: nn.Module, plan) -> nn.Module:
             _replace(small, name, baked)
             mods[name] = baked
     for name, clusters in plan.consumer_clusters().items():
-        if _kind_of(plan, name) == "grouped":
+        if _kind_of(plan, name) in GROUPED_CONSUMER_KINDS:
             sum_grouped_inputs(mods[name], clusters, name)
             continue
         w = mods[name].weight
@@ -187,7 +187,7 @@ def merge(model: nn.Module, plan) -> nn.Module:
         ts = channel_tensors(m, with_buffers=True)
         dev = ts[0][1].device if ts else torch.device("cpu")
         keep_out = _kept(o, out_rm.get(name, set()), dev)
-        if kind in ("layernorm", "groupnorm"):  # counts: the kept channels' cluster sizes (summed when weighted)
+        if kind in WEIGHTED_KINDS:  # counts: the kept channels' cluster sizes (summed when weighted)
             counts = sizes[name].index_select(0, keep_out.cpu())
             _replace(small, name, weighted_norm(m, keep_out, counts))
             continue
@@ -201,7 +201,7 @@ def _cluster_sizes(plan, mods) -> Dict[str, torch.Tensor]:
     clusters; for an already weighted norm, the sum of the members' counts)."""
     out: Dict[str, torch.Tensor] = {}
     for g in plan.groups:
-        names = [n for n in g.producers if g.kinds[n] in ("layernorm", "groupnorm")]
+        names = [n for n in g.producers if g.kinds[n] in WEIGHTED_KINDS]
         for cl in g.cluster_members if names else ():
             for name in names:
                 index, m = g.producers[name], mods[name]

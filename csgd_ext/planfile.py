@@ -22,7 +22,8 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 from torch import nn
 
-from .layers import CONSUMER_KINDS, PRODUCER_KINDS, conv_group_of, index_bounds, module_kind, targets
+from .layers import BLOCKED_KINDS, CONSUMER_KINDS, PRODUCER_KINDS, conv_group_of, index_bounds, module_kind, \
+    targets
 
 __all__ = ["FORMAT", "model_fingerprint", "fingerprint_mismatch", "parse_group", "parse_plan",
            "check_against_model", "read_plan_file"]
@@ -246,7 +247,7 @@ def _check_conv_groups(g, mods) -> None:
     """Clusters stay inside one convolution group of every grouped conv, each group keeping as many."""
     for field, maps in (("producers", g.producers), ("consumers", g.consumers)):
         for name, index in maps.items():
-            if g.kinds[name] not in ("grouped", "groupnorm"):
+            if g.kinds[name] not in BLOCKED_KINDS:
                 continue
             m = mods[name]
             kept: Dict[int, int] = {}

@@ -28,7 +28,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .layers import CHANNELWISE_KINDS, channel_tensors, targets, widths
+from .layers import CHANNELWISE_KINDS, GROUPED_CONSUMER_KINDS, channel_tensors, targets, widths
 from .merge import check_plan
 from .plan import ClusterPlan, GroupPlan
 
@@ -58,7 +58,7 @@ def contiguous_clusters(model: nn.Module, plan: ClusterPlan) -> ClusterPlan:
     groups = []
     for g in plan.groups:
         order = _root_order(g)
-        if order == list(range(len(order))) or "grouped" in g.kinds.values():
+        if order == list(range(len(order))) or any(k in GROUPED_CONSUMER_KINDS for k in g.kinds.values()):
             groups.append(g)  # already contiguous, or through a grouped conv (a move could cross its groups)
             continue
         for name, index in g.producers.items():

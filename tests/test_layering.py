@@ -216,3 +216,30 @@ def test_only_the_layers_module_knows_layer_types_and_widths():
     with open(os.path.join(PKG_DIR, "layers.py"), encoding="utf-8") as f:
         layers_src = f.read()
     assert all(t in layers_src for t in tokens)
+
+
+def kind_literals(src: str, kinds) -> list:
+    """``[(line, kind)]`` of every string constant in ``src`` that is a layer kind's name, docstrings excepted."""
+    tree = ast.parse(src)
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in kinds and id(n) not in docs]
+
+
+def test_no_layer_kind_is_named_outside_the_layers_module():
+    """Every other module asks ``csgd_ext.layers`` about kinds through its named kind groups (BLOCKED_KINDS,
+    WEIGHTED_KINDS, ...), never by writing a kind's name."""
+    from csgd_ext.layers import KINDS
+
+    found = []
+    for root, _, names in os.walk(PKG_DIR):
+        for n in names:
+            path = os.path.join(root, n)
+            if n.endswith(".py") and path != os.path.join(PKG_DIR, "layers.py"):
+                with open(path, encoding="utf-8") as f:
+                    found += [(os.path.relpath(path, PKG_DIR), line, k) for line, k in kind_literals(f.read(), KINDS)]
+    assert found == []
+    assert kind_literals('x = "grouped"\ndef f():\n    "conv"\n    return "norm"\n', KINDS) == [(1, "grouped"),
+                                                                                              (4, "norm")]
