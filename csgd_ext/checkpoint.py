@@ -55,7 +55,7 @@ FORMAT_VERSION = 1
 
 
 # -- content digest ------------------------------------------------------------------------------------
-def _update(h, obj: Any, where: str) -> None:
+def _hash_into(h, obj: Any, where: str) -> None:
     """Feed a canonical encoding of ``obj`` (tensors, numbers, strings, containers) into hash ``h``."""
     if isinstance(obj, torch.Tensor):
         if obj.is_sparse or obj.layout != torch.strided:
@@ -74,12 +74,12 @@ def _update(h, obj: Any, where: str) -> None:
         items = sorted(obj.items(), key=lambda kv: (type(kv[0]).__name__, repr(kv[0])))
         h.update(f"D{len(items)}:".encode())
         for k, v in items:
-            _update(h, k, where)
-            _update(h, v, f"{where}[{k!r}]")
+            _hash_into(h, k, where)
+            _hash_into(h, v, f"{where}[{k!r}]")
     elif isinstance(obj, (list, tuple)):
         h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}:".encode())
         for i, v in enumerate(obj):
-            _update(h, v, f"{where}[{i}]")
+            _hash_into(h, v, f"{where}[{i}]")
     elif obj is None or type(obj) in (bool, int, str):  # exact types: subclasses may not load back safely
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
     elif type(obj) is float:
@@ -93,7 +93,7 @@ def _update(h, obj: Any, where: str) -> None:
 
 def _digest(obj: Any) -> str:
     h = hashlib.sha256()
-    _update(h, obj, "checkpoint")
+    _hash_into(h, obj, "checkpoint")
     return h.hexdigest()
 
 

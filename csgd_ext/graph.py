@@ -1,6 +1,6 @@
 """Coupled-channel analysis: which layers share output channels, and can a merge of them be exact?
 
-:func:`analyze` traces a model once with torch-pruning's ``DependencyGraph`` and turns every pruning
+:func:`coupled_groups` traces a model once with torch-pruning's ``DependencyGraph`` and turns every pruning
 group into a :class:`CoupledGroup`:
 
 * **producers** - layers whose output channels are the group's channels and are clustered: conv/linear
@@ -25,7 +25,7 @@ only when the numeric check of :mod:`csgd_ext.verify` passes.
 
 Example::
 
-    groups, skipped = analyze(model, torch.randn(1, 3, 32, 32))
+    groups, skipped = coupled_groups(model, torch.randn(1, 3, 32, 32))
     for g in groups:
         print(g.root, g.width, [p.name for p in g.producers], [c.name for c in g.consumers])
     for modules, reason in skipped:
@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from .layers import BARE_KIND, BLOCKED_KINDS, CONSUMER_KINDS, GROUPED_CONSUMER_KINDS, ROOT_TYPES, TRACED_TYPES, \
-    BareParam, conv_group_of, module_kind, targets
+    BareParam, conv_group_of, module_kind, named_members
 
-__all__ = ["Member", "CoupledGroup", "analyze", "resolve_modules"]
+__all__ = ["Member", "CoupledGroup", "coupled_groups", "resolve_modules"]
 
 # Ops (autograd node names without the "Backward<N>" suffix) that act on each channel independently:
 # identical input channels give identical output channels, and the channel axis does not move.
@@ -317,7 +317,8 @@ def _split_chunks(node, idxs, root_idxs, split_keys: Dict[int, tuple]) -> None:
         split_keys[r] = split_keys.get(r, ()) + ((node.module.id, chunk),)
 
 
-def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> Tuple[List[CoupledGroup], list]:
+def coupled_groups(model: nn.Module, example_inputs,
+                   ignored_layers: Sequence = ()) -> Tuple[List[CoupledGroup], list]:
     """Trace ``model`` and return ``(groups, skipped)``; ``skipped`` holds ``(module names, reason)`` pairs.
 
     Raises ValueError when the model cannot be traced (naming the module or op) or an ignored layer is unknown.
@@ -328,7 +329,7 @@ def analyze(model: nn.Module, example_inputs, ignored_layers: Sequence = ()) -> 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     ignored = {id(m) for m in resolve_modules(model, ignored_layers)}
     DG, names, reused = _trace(model, example_inputs)
-    tmods = targets(model)
+    tmods = named_members(model)
     pnames = {id(p): n for n, p in model.named_parameters()}
     groups: List[CoupledGroup] = []
     skipped: list = []

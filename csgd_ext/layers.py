@@ -52,7 +52,7 @@ scale       a bare ``nn.Parameter`` (not in a layer:  the parameter, channels on
 * **The PReLU single-slope rule**: a ``PReLU`` with one shared slope carries no channel (the slope applies to
   any number of channels), so it is never clustered, shrunk or bounds-checked.
 * **Bare parameters** are named by their qualified parameter name (``"stages.0.gamma"``) and looked up with
-  :func:`targets`, which also holds every module by name.
+  :func:`named_members`, which also holds every module by name.
 
 Example::
 
@@ -77,7 +77,7 @@ from .norms import WeightedGroupNorm, WeightedLayerNorm, WeightedRMSNorm
 
 __all__ = ["KINDS", "PRODUCER_KINDS", "CONSUMER_KINDS", "CHANNELWISE_KINDS", "KERNEL_KINDS", "BLOCKED_KINDS",
            "GROUPED_CONSUMER_KINDS", "WEIGHTED_KINDS", "BARE_KIND", "TRACED_TYPES",
-           "ROOT_TYPES", "BareParam", "targets", "module_kind", "widths", "index_bounds", "channel_tensors",
+           "ROOT_TYPES", "BareParam", "named_members", "module_kind", "widths", "index_bounds", "channel_tensors",
            "cluster_ids", "conv_group_of", "shrink", "sum_grouped_inputs", "weighted_norm", "layernorm_channel_dim",
            "norm_post"]
 
@@ -127,13 +127,13 @@ class BareParam:
         return f"BareParam({type(self.owner).__name__}.{self.attr}, shape={tuple(self.param.shape)})"
 
 
-def targets(model: nn.Module) -> Dict[str, object]:
+def named_members(model: nn.Module) -> Dict[str, object]:
     """``{name: module}`` for every module and ``{qualified name: BareParam}`` for every parameter held by a
     module that is not a layer of a known kind: everything a plan may name.
 
     Example::
 
-        targets(model)["stages.0.blocks.0.gamma"].param.shape   # torch.Size([96])
+        named_members(model)["stages.0.blocks.0.gamma"].param.shape   # torch.Size([96])
     """
     out: Dict[str, object] = {}
     for name, m in model.named_modules():

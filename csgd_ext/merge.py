@@ -32,7 +32,7 @@ from torch import nn
 from .bake import bake
 from .flops import count_flops_params
 from .layers import CHANNELWISE_KINDS, GROUPED_CONSUMER_KINDS, WEIGHTED_KINDS, channel_tensors, cluster_ids, \
-    shrink, sum_grouped_inputs, targets, weighted_norm, widths
+    shrink, sum_grouped_inputs, named_members, weighted_norm, widths
 from .layout import build_layout
 from .ops.reference import cluster_mean
 from .plan import ClusterPlan
@@ -76,7 +76,7 @@ def snap_to_means(model: nn.Module, plan: ClusterPlan) -> None:
 
         snap_to_means(model, plan)     # csgd_ext.deviation(model, plan) is now ~0
     """
-    mods = targets(model)
+    mods = named_members(model)
     for name, clusters in plan.producer_clusters().items():
         for _, t in channel_tensors(mods[name], with_buffers=True):
             t.copy_(_means(t, clusters).to(t.dtype))
@@ -86,7 +86,7 @@ def snap_to_means(model: nn.Module, plan: ClusterPlan) -> None:
 def deviation(model: nn.Module, plan) -> float:
     """Largest intra-cluster deviation ``max |w_i - mean_{C(i)} w|`` over the plan's clustered parameters."""
     check_plan(model, plan)
-    mods = targets(model)
+    mods = named_members(model)
     worst = 0.0
     for name, clusters in plan.producer_clusters().items():
         for _, t in channel_tensors(mods[name]):
@@ -122,7 +122,7 @@ def _removed(plan) -> Tuple[Dict[str, Set[int]], Dict[str, Set[int]]]:
 def merged_shapes(model: nn.Module, plan) -> Dict[str, tuple]:
     """``{module name: (out channels, in channels)}`` that :func:`merge` will give each touched module."""
     check_plan(model, plan)
-    mods = targets(model)
+    mods = named_members(model)
     out_rm, in_rm = _removed(plan)
     res = {}
     for name in sorted(set(out_rm) | set(in_rm)):
@@ -154,7 +154,7 @@ def merge(model: nn.Module, plan) -> nn.Module:
     """
     check_plan(model, plan)
     small = copy.deepcopy(model)
-    mods = targets(small)
+    mods = named_members(small)
     # 1. values: producers -> cluster means, consumers -> summed slices (all at the original shapes); a consumer
     # whose forward transforms its weight (weight standardization) first becomes the plain layer it computes
     snap_to_means(small, plan)

@@ -66,7 +66,7 @@ _IDS_KEY = "cluster_ids"
 _DIM_KEY = "cluster_dim"  # present (and non-zero) when a parameter's channels are not its dim 0
 
 
-def _split_value(value, name: str):
+def _ids_and_dim(value, name: str):
     """``(ids, dim)`` of a ``clusters`` value: ``ids`` (dim 0) or ``(ids, dim)``."""
     if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], torch.Tensor):
         ids, dim = value
@@ -76,7 +76,7 @@ def _split_value(value, name: str):
     return value, 0
 
 
-def _moved(t: torch.Tensor, dim: int) -> torch.Tensor:
+def _channels_first(t: torch.Tensor, dim: int) -> torch.Tensor:
     """``t`` with its channel dim first (a view; ``t`` itself for dim 0)."""
     return t if dim == 0 else t.movedim(dim, 0)
 
@@ -211,11 +211,11 @@ class CSGD(Optimizer):
             if id(p) in resolved:
                 raise ValueError(f"{name} is clustered twice in clusters")
             check_clusterable(p, name)  # DTensor / FSDP shards: a clear error, not wrong cluster means
-            ids, dim = _split_value(ids, name)
+            ids, dim = _ids_and_dim(ids, name)
             if p.dim() and not -p.dim() <= dim < p.dim():
                 raise ValueError(f"clusters dim {dim} for {name} is out of range for {p.dim()} dims")
             dim = dim % p.dim() if p.dim() else 0
-            resolved[id(p)] = (p, validate_cluster_ids(ids, _moved(p, dim), name), dim)
+            resolved[id(p)] = (p, validate_cluster_ids(ids, _channels_first(p, dim), name), dim)
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
@@ -290,7 +290,8 @@ class CSGD(Optimizer):
                 dim = state[k].get(_DIM_KEY, 0)
                 if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < max(p.dim(), 1):
                     raise ValueError(f"loaded cluster_dim {dim!r} does not fit {self.param_name(p)}")
-                checked_ids[k] = validate_cluster_ids(ids.to(p.device), _moved(p, dim), self.param_name(p)).clone()
+                checked_ids[k] = validate_cluster_ids(ids.to(p.device), _channels_first(p, dim),
+                                                      self.param_name(p)).clone()
         super().load_state_dict({**state_dict, "state": state})
         # saved groups number their params 0..N-1 in order, as torch's state_dict does
         for k, ids in checked_ids.items():

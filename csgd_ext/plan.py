@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .layers import BareParam, channel_tensors, cluster_ids, targets
+from .layers import BareParam, channel_tensors, cluster_ids, named_members
 from .planfile import FORMAT, check_against_model, fingerprint_mismatch, model_fingerprint, parse_group, parse_plan, \
     read_plan_file
 
@@ -150,7 +150,7 @@ class ClusterPlan:
 
     def _clustered(self, model: Optional[nn.Module] = None) -> Dict[str, tuple]:
         model = self.model if model is None else model
-        mods = targets(model)
+        mods = named_members(model)
         out = {}
         for name, clusters in self.producer_clusters().items():
             m = mods[name]

@@ -23,7 +23,7 @@ import numpy as np
 from torch import nn
 
 from .layers import BLOCKED_KINDS, CONSUMER_KINDS, PRODUCER_KINDS, conv_group_of, index_bounds, module_kind, \
-    targets
+    named_members
 
 __all__ = ["FORMAT", "model_fingerprint", "fingerprint_mismatch", "parse_group", "parse_plan",
            "check_against_model", "read_plan_file"]
@@ -266,7 +266,7 @@ def _check_conv_groups(g, mods) -> None:
 
 def _check_plan_against_model(plan, model: nn.Module, parameters) -> None:
     """Group fields against ``model``, channels claimed by two groups, ``skipped`` names, ``parameters``."""
-    mods = targets(model)
+    mods = named_members(model)
     owner: Dict[Tuple[str, str, int], int] = {}
     for i, g in enumerate(plan.groups):
         where = f"group {i} (root {g.root!r})"

@@ -1,7 +1,7 @@
 """The planner: find a model's coupled channel groups and cluster each one down to its kept width.
 
-:func:`plan_clusters` traces the model (:func:`csgd_ext.graph.analyze`), sets each group's target width from
-``keep`` (:func:`check_keep` is the one place ``keep`` is validated: a fraction in (0, 1] or a dict of
+:func:`plan_clusters` traces the model (:func:`csgd_ext.graph.coupled_groups`), sets each group's target width
+from ``keep`` (:func:`check_keep` is the one place ``keep`` is validated: a fraction in (0, 1] or a dict of
 widths), clusters the channels on their producers' kernels (:mod:`csgd_ext.cluster`) and returns a
 :class:`csgd_ext.ClusterPlan`.
 
@@ -23,8 +23,8 @@ from torch import nn
 from .budget import allocate, check_round_to, check_target_flops, round_widths
 from .cluster import METHODS, canonical_labels, cluster_channels
 from .flops import count_flops_params
-from .graph import analyze
-from .layers import KERNEL_KINDS, BareParam, targets
+from .graph import coupled_groups
+from .layers import KERNEL_KINDS, BareParam, named_members
 from .merge import merge
 from .plan import ClusterPlan, GroupPlan
 from .progress import progress
@@ -206,7 +206,7 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[None, float, Map
             if k not in mods:
                 raise ValueError(f"keep names {k!r}, which is not a module of {type(model).__name__}")
 
-    groups, skipped = analyze(model, example_inputs, ignored_layers)
+    groups, skipped = coupled_groups(model, example_inputs, ignored_layers)
     ok = []
     for g in groups:
         partial = [p.name for p in g.producers if -1 in p.index]
@@ -226,7 +226,7 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[None, float, Map
             skipped.append((tuple(ok[i].modules), f"numeric check: {why}{ops}"))
         ok = [g for i, g in enumerate(ok) if i not in bad]
 
-    mods = targets(model)
+    mods = named_members(model)
     widths: Dict[int, int] = {}
     if target_flops is not None:
         widths = allocate(model, example_inputs, ok, [_block_sizes(g.width, g.blocks) for g in ok], target_flops,

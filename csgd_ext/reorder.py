@@ -28,7 +28,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .layers import CHANNELWISE_KINDS, GROUPED_CONSUMER_KINDS, channel_tensors, targets, widths
+from .layers import CHANNELWISE_KINDS, GROUPED_CONSUMER_KINDS, channel_tensors, named_members, widths
 from .merge import check_plan
 from .plan import ClusterPlan, GroupPlan
 
@@ -52,7 +52,7 @@ def contiguous_clusters(model: nn.Module, plan: ClusterPlan) -> ClusterPlan:
     objects (their values are permuted in place).
     """
     check_plan(model, plan)
-    mods = targets(model)
+    mods = named_members(model)
     out_perm: Dict[str, torch.Tensor] = {}  # module -> new index -> old index, along output channels
     in_perm: Dict[str, torch.Tensor] = {}   # module -> new index -> old index, along input features
     groups = []

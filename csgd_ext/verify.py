@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import channel_tensors, targets
+from .layers import channel_tensors, named_members
 from .merge import merge, snap_to_means
 from .plan import ClusterPlan, GroupPlan
 
@@ -105,7 +105,7 @@ class _Probe:
         and restored afterwards (only the clustered tensors are saved: no second copy of the model)."""
         m = self.model
         plan = ClusterPlan(m, groups, [])
-        mods = targets(m)
+        mods = named_members(m)
         saved = [(t, t.detach().clone()) for name in plan.producer_clusters()
                  for _, t in channel_tensors(mods[name], with_buffers=True)]
         try:

@@ -51,7 +51,8 @@ def _resized_crop(img: torch.Tensor, size: int, gen: Optional[torch.Generator]) 
         area = h * w
         for _ in range(10):
             target = area * (0.35 + 0.65 * torch.rand((), generator=gen).item())
-            ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand((), generator=gen).item())
+            u = torch.rand((), generator=gen).item()
+            ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u)
             cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
             if 0 < cw <= w and 0 < ch <= h:
                 top = int(torch.randint(0, h - ch + 1, (), generator=gen))
