@@ -35,7 +35,6 @@ than that. Run::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -48,11 +47,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from csgd_ext.layout import ClusterLayout, build_layout  # noqa: E402
 from csgd_ext.ops import cuda_emulated  # noqa: E402
 
-LATENCY_US = 0.7      # a loaded global-memory round trip
-LAUNCH_US = 2.5       # the first launch of a step: launch latency, ramp-up, tail
-LAUNCH_GAP_US = 1.0   # each further back-to-back launch in the same stream: drain and ramp-up
-SECTOR = 32
-H200 = dict(bandwidth_gbs=4300.0, sms=132)
+from benchmarks.perf_constants import H200, LATENCY_US, LAUNCH_GAP_US, LAUNCH_US, SECTOR  # noqa: E402,F401
 
 
 def _accesses(momentum: bool = True) -> int:

@@ -61,7 +61,7 @@ from csgd_ext.ops import triton_plan as tp
 __all__ = ["triton_rows", "old_tables", "new_tables", "main"]
 
 # shared with the CUDA rows (benchmarks/perf_model.py): memory latency and launch costs
-from benchmarks.perf_model import LATENCY_US, LAUNCH_GAP_US, LAUNCH_US  # noqa: E402
+from benchmarks.perf_constants import LATENCY_US, LAUNCH_GAP_US, LAUNCH_US  # noqa: E402
 
 CLOCK_GHZ = 1.98            # H200 SM boost clock
 L1_WAVEFRONTS_PER_CLK = 1   # per SM: one 128-byte wavefront per clock through the LSU/L1
