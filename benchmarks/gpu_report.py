@@ -140,6 +140,13 @@ def _json(path):
 BITWISE_TEST = "test_cuda_without_clusters_is_fused_sgd_bitwise"
 
 
+def _first_line(case, elem) -> str:
+    """``dtype: first line of the failure message`` of one parametrized testcase."""
+    param = re.sub(r"^.*\[(.*)\]$", r"\1", case.get("name", ""))
+    line = ((elem.get("message") or elem.tag).splitlines() or [elem.tag])[0]
+    return f"{param}: {line.removeprefix('AssertionError: ')[:160]}"
+
+
 def _junit(path):
     try:
         root = ET.parse(path).getroot()
@@ -154,9 +161,30 @@ def _junit(path):
     # issue #20's promise on CUDA: unclustered CSGD = torch's CUDA fused SGD, bit for bit
     bitwise = [c for s in suites for c in s.iter("testcase") if c.get("name", "").startswith(BITWISE_TEST)]
     if bitwise:
-        bad = any(c.find(k) is not None for c in bitwise for k in ("failure", "error", "skipped"))
+        bad = [(c, e) for c in bitwise for k in ("failure", "error", "skipped") for e in c.findall(k)]
         tot["cuda_bitwise_fused_sgd"] = "no" if bad else "yes"
+        # the first line of each failure: which dtype, how many flag combinations differ
+        tot["cuda_bitwise_detail"] = "; ".join(_first_line(c, e) for c, e in bad)
     return tot
+
+
+def _bitwise_from_log(log: str) -> str:
+    """yes/no from ``pytest -v`` lines when the junit XML is missing (pytest was killed at its time limit)."""
+    got = dict(re.findall(BITWISE_TEST + r"\[(\S+)\] (PASSED|FAILED|ERROR|SKIPPED)", log))
+    if any(v != "PASSED" for v in got.values()):
+        return "no"
+    return "yes" if set(got) >= {"torch.float32", "torch.float64"} else "not run"
+
+
+def bitwise_verdict(outdir: str, dry: bool) -> str:
+    """Whether unclustered CUDA CSGD equalled torch's CUDA fused SGD bit for bit in tests_gpu: yes, no (with the
+    first line of each failure), or not run."""
+    if dry:
+        return "not run (dry run)"
+    j = _junit(os.path.join(outdir, "tests_gpu.xml")) or {}
+    if "cuda_bitwise_fused_sgd" in j:
+        return j["cuda_bitwise_fused_sgd"] + (f" ({j['cuda_bitwise_detail']})" if j.get("cuda_bitwise_detail") else "")
+    return _bitwise_from_log(_read(os.path.join(outdir, "tests_gpu.log")))
 
 
 def _pytest_line(log: str) -> str:
@@ -194,8 +222,7 @@ def _key(name: str, outdir: str, log: str, status: str, dry: bool) -> tuple:
         if j:
             d = j
             failed = f"; failed: {', '.join(j['failed_tests'][:4])}" if j["failed_tests"] else ""
-            bitwise = (f"; CUDA bitwise = torch fused SGD: {j['cuda_bitwise_fused_sgd']}"
-                       if "cuda_bitwise_fused_sgd" in j else "")
+            bitwise = f"; CUDA bitwise = torch fused SGD: {bitwise_verdict(outdir, dry)}" if name == "tests_gpu" else ""
             return (f"{j['passed']} passed, {j['failures'] + j['errors']} failed, {j['skipped']} skipped"
                     f"{bitwise}{failed}"), d
         return _pytest_line(log) or "-", d
@@ -271,15 +298,15 @@ def summary(outdir: str) -> int:
     wall = float(os.environ.get("GPU_CHECK_WALL_S") or total)
     facts_ = _json(os.path.join(outdir, "facts.json")) or {}
     final = os.environ.get("GPU_CHECK_FINAL") or outdir  # where gpu_check.sh puts summary, results, archive
+    bitwise = bitwise_verdict(outdir, dry)
     res = {"dry_run": dry, "outdir": os.path.abspath(final), "step_seconds": total, "wall_seconds": wall,
-           "facts": facts_,
-           "steps": rows, "ok": all(r["status"] in ("PASS", "SKIP") for r in rows)}
+           "cuda_bitwise_fused_sgd": bitwise, "facts": facts_, "steps": rows, "ok": all(r["status"] in ("PASS", "SKIP") for r in rows)}
     with open(os.path.join(outdir, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
     title = "GPU check" + (" (DRY RUN on CPU: steps checked, nothing measured on a GPU)" if dry else
                            f" on {facts_.get('device_name', 'no GPU')}")
     md = [f"# {title}", "", f"Output folder: `{res['outdir']}` (every log in `gpu_check.tar.gz`); {wall:.0f} s wall "
-          f"clock (steps {total:.0f} s).", "",
+          f"clock (steps {total:.0f} s).", "", f"CUDA bitwise = torch fused SGD: {bitwise}", "",
           "| step | status | seconds | key numbers | log |", "|---|---|---|---|---|"]
     md += [f"| {r['step']} | {r['status']} | {r['seconds']:.1f} | {r['key'].replace('|', '/')} | {r['log']} |"
            for r in rows]
@@ -292,7 +319,8 @@ def summary(outdir: str) -> int:
     w = max([len(r["step"]) for r in rows] + [4])
     print()
     print(f"=== {title}: {sum(r['status'] == 'PASS' for r in rows)}/{len(rows)} steps passed, "
-          f"{sum(r['status'] == 'SKIP' for r in rows)} skipped, {wall:.0f} s ===")
+          f"{sum(r['status'] == 'SKIP' for r in rows)} skipped, {wall:.0f} s; CUDA bitwise = torch fused SGD: "
+          f"{bitwise[:120]} ===")
     print(f"{'step':<{w}}  {'status':<7}  {'secs':>6}  key numbers")
     for r in rows:
         print(f"{r['step']:<{w}}  {r['status']:<7}  {r['seconds']:6.1f}  {r['key'][:150]}")

@@ -54,6 +54,7 @@ def test_gpu_check_dry_run_reports_every_step(tmp_path):
     assert sorted(os.listdir(out)) == ["gpu_check.tar.gz", "results.json", "summary.md"]
     res = json.loads((out / "results.json").read_text())
     assert res["dry_run"] is True and res["ok"] is True
+    assert res["cuda_bitwise_fused_sgd"] == "not run (dry run)"
     assert [r["step"] for r in res["steps"]] == STEPS
     md = (out / "summary.md").read_text()
     assert "DRY RUN" in md and all(f"| {s} |" in md for s in STEPS)
@@ -146,14 +147,36 @@ def test_gpu_bench_fails_when_a_model_cannot_be_planned(tmp_path):
     assert rows and all("ImportError: hidden by the test" in r.get("error", "") for r in rows)
 
 
-def test_summary_says_whether_cuda_equals_fused_sgd_bitwise(tmp_path):
+def test_summary_says_whether_cuda_equals_fused_sgd_bitwise(tmp_path, capsys):
+    """yes / no (with the first line of each failure) from tests_gpu's junit XML; from ``pytest -v``'s lines when
+    pytest was killed before writing it; "not run" when the test never ran. In results.json, summary.md, the
+    tests_gpu row and the printed table's title."""
     from benchmarks import gpu_report
 
     case = '<testcase classname="tests.test_gpu" name="test_cuda_without_clusters_is_fused_sgd_bitwise[{}]"{}'
-    for fail, want in ((False, "yes"), (True, "no")):
-        xml = tmp_path / f"{want}.xml"
-        xml.write_text('<testsuites><testsuite tests="2" failures="%d" errors="0" skipped="0">' % fail
-                       + case.format("torch.float32", "/>")
-                       + case.format("torch.float64", '><failure message="x"/></testcase>' if fail else "/>")
-                       + "</testsuite></testsuites>")
-        assert gpu_report._junit(str(xml))["cuda_bitwise_fused_sgd"] == want
+    failure = '><failure message="AssertionError: 3/20 flag combinations differ&#10;more">tb</failure></testcase>'
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "steps.tsv").write_text("tests_gpu\tPASS\t12.0\t0\ttests_gpu.log\t\n")
+    for fail, want in ((False, "yes"), (True, "no (torch.float64: 3/20 flag combinations differ)")):
+        (out / "tests_gpu.xml").write_text('<testsuites><testsuite tests="2" failures="%d" errors="0" skipped="0">'
+                                           % fail + case.format("torch.float32", "/>")
+                                           + case.format("torch.float64", failure if fail else "/>")
+                                           + "</testsuite></testsuites>")
+        assert gpu_report._junit(str(out / "tests_gpu.xml"))["cuda_bitwise_fused_sgd"] == want[:3].strip()
+        assert gpu_report.summary(str(out)) == 0
+        assert json.loads((out / "results.json").read_text())["cuda_bitwise_fused_sgd"] == want
+        assert f"CUDA bitwise = torch fused SGD: {want}" in (out / "summary.md").read_text()
+        printed = capsys.readouterr().out
+        assert f"CUDA bitwise = torch fused SGD: {want}" in printed.split("=== GPU check")[1].splitlines()[0]
+        assert f"CUDA bitwise = torch fused SGD: {want}" in [x for x in printed.splitlines()
+                                                             if x.startswith("tests_gpu")][0]
+    # pytest killed at its limit: no XML, the -v lines decide
+    (out / "tests_gpu.xml").unlink()
+    line = "tests/test_gpu.py::test_cuda_without_clusters_is_fused_sgd_bitwise[torch.{}] {}\n"
+    for lines, want in (([("float32", "PASSED"), ("float64", "PASSED")], "yes"),
+                        ([("float32", "PASSED"), ("float64", "FAILED")], "no"),
+                        ([("float32", "PASSED")], "not run"), ([], "not run")):
+        (out / "tests_gpu.log").write_text("".join(line.format(d, v) for d, v in lines))
+        assert gpu_report.bitwise_verdict(str(out), dry=False) == want
+    assert gpu_report.bitwise_verdict(str(out), dry=True) == "not run (dry run)"
