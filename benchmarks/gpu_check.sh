@@ -4,11 +4,12 @@
 #   bash benchmarks/gpu_check.sh [OUTDIR] [--dry-run]
 #
 # OUTDIR defaults to $OUT, else ./gpu_out. Every step logs to its own file in a scratch directory; a failed step
-# is recorded and the later steps still run, so one run yields everything. At the end OUTDIR receives three
-# files only (the device tool brings back a handful): gpu_check.tar.gz (every log, JSON and benchmark table),
-# summary.md and results.json. A time budget (GPU_CHECK_BUDGET_S, default 520 s: one 600 s device command with
-# margin) bounds the whole run: each step gets min(its cap, time left), and a step is skipped when less than its
-# minimum is left.
+# is recorded and the later steps still run, so one run yields everything. OUTDIR receives three files only (the
+# device tool brings back a handful): gpu_check.tar.gz (every log, JSON and benchmark table), summary.md and
+# results.json, refreshed after every step of a GPU run (marked partial until the end), so a run killed from
+# outside still returns the steps it finished. A time budget (GPU_CHECK_BUDGET_S, default 520 s: one 600 s
+# device command with margin; keep it 30 s under the command's timeout) bounds the whole run: each step gets
+# min(its cap, time left), and a step is skipped when less than its minimum is left.
 #
 # Steps (GPU), in the order they run (by value: what the lease is for comes first):
 #   facts          nvidia-smi, versions (torch, triton, nvcc, compute-sanitizer), SMs, capability -> facts.json
@@ -98,6 +99,16 @@ if ! "$PY" -c "import torch_pruning" >/dev/null 2>&1; then
 fi
 
 say() { echo "$*" | tee -a "$MAIN_LOG"; }
+
+# checkpoint: after each step of a GPU run, FINAL gets the summary and archive of the steps done so far (marked
+# partial), so that a run killed from outside (the device command's limit) still brings its results back
+checkpoint() {
+  [ "$DRY" = 1 ] && return 0  # the dry run's lanes run in parallel: one summary at the end
+  GPU_CHECK_PARTIAL=1 GPU_CHECK_WALL_S=$(elapsed) GPU_CHECK_FINAL="$FINAL" "$PY" benchmarks/gpu_report.py summary \
+    "$OUTDIR" >/dev/null 2>&1
+  cp "$OUTDIR/summary.md" "$OUTDIR/results.json" "$FINAL/" 2>/dev/null
+  tar -czf "$OUTDIR.part.tar.gz" -C "$OUTDIR" . 2>/dev/null && mv -f "$OUTDIR.part.tar.gz" "$FINAL/gpu_check.tar.gz"
+}
 elapsed() { echo $(( $(date +%s) - START )); }
 remaining() { echo $(( BUDGET - $(elapsed) )); }
 
@@ -106,6 +117,7 @@ skip_step() {
   printf '%s\tSKIP\t0\t-\t%s.log\t%s\n' "$1" "$1" "$2" >> "$STEPS"
   echo "skipped: $2" > "$OUTDIR/$1.log"
   say "== [$(elapsed)s] $1: SKIP ($2)"
+  checkpoint
 }
 
 # run_step NAME CAP_S MIN_S CMD... : runs CMD with a limit of min(CAP_S, time left) into OUTDIR/NAME.log;
@@ -130,6 +142,7 @@ run_step() {
   printf '%s\t%s\t%s\t%s\t%s.log\t%s\n' "$name" "$status" "$secs" "$rc" "$name" "$note" >> "$STEPS"
   say "== [$(elapsed)s] $name -> $status (rc $rc, ${secs} s)"
   tail -n 4 "$OUTDIR/$name.log" | cut -c1-200 | sed 's/^/      /' | tee -a "$MAIN_LOG"
+  checkpoint
 }
 NOTE=""
 say "$TP_NOTE"
@@ -248,5 +261,5 @@ GPU_CHECK_WALL_S=$(elapsed) GPU_CHECK_FINAL="$FINAL" "$PY" benchmarks/gpu_report
   | tee "$OUTDIR/summary.txt"
 rc=${PIPESTATUS[0]}
 cp "$OUTDIR/summary.md" "$OUTDIR/results.json" "$FINAL/" 2>/dev/null
-tar -czf "$FINAL/gpu_check.tar.gz" -C "$OUTDIR" . && rm -rf "$OUTDIR"
+tar -czf "$OUTDIR.part.tar.gz" -C "$OUTDIR" . && mv -f "$OUTDIR.part.tar.gz" "$FINAL/gpu_check.tar.gz" && rm -rf "$OUTDIR"
 exit "$rc"

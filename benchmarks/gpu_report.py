@@ -293,6 +293,7 @@ def summary(outdir: str) -> int:
             key = f"{note}; {key}" if key != "-" else note
         rows.append({"step": name, "status": status, "seconds": float(secs or 0), "rc": rc, "log": logname,
                      "key": key, "detail": detail})
+    last = rows[-1]["step"] if rows else "-"  # the step that ran last (the table is in ORDER)
     rows.sort(key=lambda r: ORDER.index(r["step"]) if r["step"] in ORDER else len(ORDER))
     total = sum(r["seconds"] for r in rows)
     wall = float(os.environ.get("GPU_CHECK_WALL_S") or total)
@@ -300,11 +301,14 @@ def summary(outdir: str) -> int:
     final = os.environ.get("GPU_CHECK_FINAL") or outdir  # where gpu_check.sh puts summary, results, archive
     bitwise = bitwise_verdict(outdir, dry)
     res = {"dry_run": dry, "outdir": os.path.abspath(final), "step_seconds": total, "wall_seconds": wall,
-           "cuda_bitwise_fused_sgd": bitwise, "facts": facts_, "steps": rows, "ok": all(r["status"] in ("PASS", "SKIP") for r in rows)}
+           "partial": bool(os.environ.get("GPU_CHECK_PARTIAL")), "cuda_bitwise_fused_sgd": bitwise, "facts": facts_,
+           "steps": rows, "ok": all(r["status"] in ("PASS", "SKIP") for r in rows)}
     with open(os.path.join(outdir, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
     title = "GPU check" + (" (DRY RUN on CPU: steps checked, nothing measured on a GPU)" if dry else
                            f" on {facts_.get('device_name', 'no GPU')}")
+    if res["partial"]:
+        title += f" (PARTIAL: written after step {last}; the run did not finish)"
     md = [f"# {title}", "", f"Output folder: `{res['outdir']}` (every log in `gpu_check.tar.gz`); {wall:.0f} s wall "
           f"clock (steps {total:.0f} s).", "", f"CUDA bitwise = torch fused SGD: {bitwise}", "",
           "| step | status | seconds | key numbers | log |", "|---|---|---|---|---|"]

@@ -1,6 +1,7 @@
 """The one-shot GPU check and its scripts, exercised on the CPU so that a broken script fails CI.
 
 * ``bash benchmarks/gpu_check.sh --dry-run OUTDIR`` runs every step in its CPU mode and prints the table last;
+* a GPU run killed from outside still leaves the archive and summary of the steps it finished;
 * ``benchmarks/host_overhead.py`` really routes ``CSGD.step`` through its stub op (calls counted), and its
   figures are positive and finite (no timing assertion);
 * ``benchmarks/gpu_bench.py``'s target verdicts flip at their limits, and its capture falls back on CPU.
@@ -55,6 +56,7 @@ def test_gpu_check_dry_run_reports_every_step(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["dry_run"] is True and res["ok"] is True
     assert res["cuda_bitwise_fused_sgd"] == "not run (dry run)"
+    assert res["partial"] is False
     assert [r["step"] for r in res["steps"]] == STEPS
     md = (out / "summary.md").read_text()
     assert "DRY RUN" in md and all(f"| {s} |" in md for s in STEPS)
@@ -81,6 +83,37 @@ def test_gpu_check_dry_run_reports_every_step(tmp_path):
     assert not any("error" in r for r in bench["train"] + bench["latency"])  # planning ran (the carried wheel)
     host = json.loads((out / "host_overhead.json").read_text())
     assert host["stub_calls"] == host["steps"] and host["finite"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+def test_gpu_run_killed_from_outside_still_leaves_its_results(tmp_path):
+    """A GPU run (no --dry-run; here on the CPU) refreshes OUTDIR after every step: killed with SIGKILL after its
+    first steps, as the device command's limit would, OUTDIR holds the archive of the steps done so far and a
+    summary marked partial."""
+    import signal
+    import time
+
+    out = tmp_path / "gpu_out"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    env.update(PYTHON=sys.executable, TMPDIR=str(tmp_path))  # the scratch directory under tmp_path too
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "gpu_check.tar.gz").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert (out / "gpu_check.tar.gz").exists(), "no archive after 120 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole run, mid-step
+        proc.wait()
+    assert sorted(os.listdir(out)) == ["gpu_check.tar.gz", "results.json", "summary.md"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["partial"] is True and res["dry_run"] is False and res["steps"][0]["step"] == "facts"
+    assert "(PARTIAL: written after step " in (out / "summary.md").read_text()
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./facts.log" in names and "./facts.json" in names and "./steps.tsv" in names
 
 
 @needs_native
