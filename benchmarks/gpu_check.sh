@@ -34,11 +34,11 @@
 # the pure-Python wheel carried in benchmarks/wheels/ is put on PYTHONPATH (imported from the zip, nothing is
 # installed). No test needs it.
 #
-# --dry-run (CPU machine, CI): the device's setup reproduced (the installed torch-pruning hidden), then the same
-# steps, each checked without a GPU, in three parallel lanes: the scripts run in their CPU/tiny modes (native CPU
-# kernel, Triton interpreter), pytest -m gpu --collect-only (once with torch-pruning hidden and no wheel: the
-# count must equal the count with it), setup.py byte-compiled, not built; steps that would repeat another's work
-# are reported as SKIP with the reason.
+# --dry-run (CPU machine, CI): the device's setup reproduced (the installed torch-pruning and mlxtend hidden), then
+# the same steps, each checked without a GPU, in three parallel lanes: the scripts run in their CPU/tiny modes
+# (native CPU kernel, Triton interpreter), pytest -m gpu --collect-only (once with torch-pruning hidden and no
+# wheel: the count must equal the count with it), setup.py byte-compiled, not built; steps that would repeat
+# another's work are reported as SKIP with the reason.
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -80,19 +80,23 @@ export PATH="$PATH:$PYBIN"
 unset CSGD_EXT_NO_NATIVE CSGD_EXT_NO_CUDA TRITON_INTERPRET
 BASE_PYTHONPATH="$PYTHONPATH"
 if [ "$DRY" = 1 ]; then
-  # the lent machine's setup: no torch-pruning (a package that refuses to import hides this machine's)
-  mkdir -p "$OUTDIR/hide_tp/torch_pruning"
-  echo 'raise ImportError("torch_pruning is hidden by gpu_check.sh --dry-run, as on the lent GPU machine")' \
-    > "$OUTDIR/hide_tp/torch_pruning/__init__.py"
-  BASE_PYTHONPATH="$OUTDIR/hide_tp:$PYTHONPATH"
+  # the lent machine's setup: no torch-pruning, no mlxtend (a package that refuses to import hides this machine's)
+  for pkg in torch_pruning mlxtend; do
+    mkdir -p "$OUTDIR/hidden_pkgs/$pkg"
+    echo "raise ImportError('$pkg is hidden by gpu_check.sh --dry-run: the lent GPU machine has none')" \
+      > "$OUTDIR/hidden_pkgs/$pkg/__init__.py"
+  done
+  BASE_PYTHONPATH="$OUTDIR/hidden_pkgs:$PYTHONPATH"
+  HIDDEN=" (hidden, with mlxtend, as on the lent machine)"
   export PYTHONPATH="$BASE_PYTHONPATH"
 fi
 TP_NOTE="torch-pruning: installed"
+[ "$DRY" = 1 ] && "$PY" -c "import mlxtend" >/dev/null 2>&1 && { echo "gpu_check.sh: mlxtend not hidden" >&2; exit 2; }
 if ! "$PY" -c "import torch_pruning" >/dev/null 2>&1; then
   WHEEL=$(ls "$ROOT"/benchmarks/wheels/torch_pruning-*-py3-none-any.whl 2>/dev/null | tail -n 1)
   if [ -n "$WHEEL" ]; then
     export PYTHONPATH="$WHEEL:$PYTHONPATH"
-    TP_NOTE="torch-pruning: not installed; using the carried wheel $(basename "$WHEEL") (zip import)"
+    TP_NOTE="torch-pruning: not installed${HIDDEN:-}; using the carried wheel $(basename "$WHEEL") (zip import)"
   else
     TP_NOTE="torch-pruning: not installed and no wheel in benchmarks/wheels/ (planning steps will fail)"
   fi
@@ -256,10 +260,11 @@ fi
 
 # ---- g. summary: the table last; OUTDIR -> one archive in FINAL ------------------------------------------
 say "== [$(elapsed)s] summary (steps done in $(elapsed) s of the ${BUDGET} s budget)"
-rm -rf "$OUTDIR/hide_tp"
+rm -rf "$OUTDIR/hidden_pkgs"
 GPU_CHECK_WALL_S=$(elapsed) GPU_CHECK_FINAL="$FINAL" "$PY" benchmarks/gpu_report.py summary "$OUTDIR" \
   | tee "$OUTDIR/summary.txt"
 rc=${PIPESTATUS[0]}
 cp "$OUTDIR/summary.md" "$OUTDIR/results.json" "$FINAL/" 2>/dev/null
-tar -czf "$OUTDIR.part.tar.gz" -C "$OUTDIR" . && mv -f "$OUTDIR.part.tar.gz" "$FINAL/gpu_check.tar.gz" && rm -rf "$OUTDIR"
+tar -czf "$OUTDIR.part.tar.gz" -C "$OUTDIR" . && mv -f "$OUTDIR.part.tar.gz" "$FINAL/gpu_check.tar.gz" \
+  && rm -rf "$OUTDIR"
 exit "$rc"

@@ -348,7 +348,7 @@ def collect_gpu_tests(outdir: str) -> int:
     print(f"without torch-pruning: {line}")
     env = dict(os.environ)
     wheels = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "wheels", "torch_pruning-*.whl")))
-    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and "hide_tp" not in p]
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and "hidden_pkgs" not in p]
     env["PYTHONPATH"] = os.pathsep.join(wheels[-1:] + parts)
     n_all, line_all, rc_all = _collect(env)
     print(f"with torch-pruning: {line_all}")
