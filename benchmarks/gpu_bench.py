@@ -259,8 +259,10 @@ def _make_opt(kind: str, ws):
 LABEL = {"sgd-fused": "SGD fused", "csgd-native": "C-SGD native", "csgd-triton": "C-SGD triton"}
 
 
-def step_section(args, timer, bw: float, l2_bytes: int, log, res_meta: Optional[dict] = None) -> List[dict]:
-    """One interleaved pool per (net, clustering); rows per contender and mode. When a contender leaves CUDA
+def step_section(args, timer, bw: float, l2_bytes: int, log, res_meta: Optional[dict] = None,
+                 on_pool: Optional[Callable[[List[dict]], object]] = None) -> List[dict]:
+    """One interleaved pool per (net, clustering); rows per contender and mode, passed to ``on_pool`` after each
+    pool (saved: a step killed at its time limit keeps the pools it finished). When a contender leaves CUDA
     unusable (a sticky error), the rest is reported as not run and ``res_meta["broken_by"]`` names it."""
     res_meta = {} if res_meta is None else res_meta
     import torch
@@ -379,6 +381,8 @@ def step_section(args, timer, bw: float, l2_bytes: int, log, res_meta: Optional[
             else:
                 log(f"  {r['contender']:<13} {r['mode']:<5} error: {r['error']}")
         del holders, cands, times
+        if on_pool is not None:
+            on_pool(rows)
         gc.collect()
         if args.device.startswith("cuda") and not broken:
             torch.cuda.empty_cache()
@@ -593,7 +597,11 @@ def main(argv=None) -> int:
             f.write(build_markdown(res) + "\n")
 
     rc = 0
-    for section, fn in (("step", lambda: step_section(args, timer, bw, meta["l2_bytes"], log, meta)),
+    def pool_done(rows):
+        res.update(step=rows, targets=targets(rows))
+        save()
+
+    for section, fn in (("step", lambda: step_section(args, timer, bw, meta["l2_bytes"], log, meta, pool_done)),
                         ("train", lambda: train_section(args, timer, log)),
                         ("latency", lambda: latency_section(args, timer, log))):
         if section not in args.sections:

@@ -164,6 +164,21 @@ def test_gpu_bench_capture_and_prediction_never_raise():
 
 
 @needs_native
+def test_gpu_bench_hands_over_its_rows_after_every_pool(one_thread):
+    """main() saves bench.json after every pool of the step section, so a bench step killed at its limit keeps
+    the pools it finished."""
+    from benchmarks import gpu_bench
+
+    args = gpu_bench.parse_args(["--dry-run", "--contenders", "sgd-fused,csgd-native", "--rounds", "2"])
+    args.keeps = [0.625, 1.0]  # two pools
+    seen = []
+    rows = gpu_bench.step_section(args, gpu_bench.StepTimer("cpu"), 50.0, 1 << 20, lambda msg: None, {},
+                                  on_pool=lambda r: seen.append([x["clusters"] for x in r]))
+    assert seen == [["5/8"] * 4, ["5/8"] * 4 + ["singletons"] * 4]
+    assert len(rows) == 8 and all("median_us" in r for r in rows)
+
+
+@needs_native
 def test_gpu_bench_fails_when_a_model_cannot_be_planned(tmp_path):
     """Without torch-pruning (and without the carried wheel) the latency section cannot plan: the benchmark
     reports the error rows and exits non-zero, instead of passing with them."""
