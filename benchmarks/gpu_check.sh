@@ -16,7 +16,8 @@
 #   build          TORCH_CUDA_ARCH_LIST from the device's capability (sm_90 on an H200), MAX_JOBS=nproc,
 #                  python3 setup.py build_ext --inplace (no pip, no network; pip -e --no-index fallback only
 #                  when setup.py fails before compiling anything)
-#   build_check    csgd_ext.available_backends("cuda")["native"] is None; cubin architectures (cuobjdump)
+#   build_check    csgd_ext.available_backends("cuda")["native"] is None; the cubins (cuobjdump) are for the
+#                  device's architecture alone (sm_90 on an H200), else FAIL
 #   tests_gpu      python3 -m pytest -m gpu tests (native CUDA and compiled Triton) -> tests_gpu.xml
 #   bench          benchmarks/gpu_bench.py: fused SGD vs native vs Triton, eager and CUDA graph, copy BW
 #                  (bench_retry: the same without a contender that left CUDA unusable, if one did)

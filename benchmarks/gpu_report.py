@@ -112,12 +112,17 @@ def build_check(outdir: str) -> int:
     if dev == "cuda" and cuobjdump and res["extension"]:
         elf = _run([cuobjdump, "--list-elf", res["extension"][-1]], timeout=60)
         res["cubins"] = sorted(set(re.findall(r"sm_\d+a?", elf)))
+        res["device_arch"] = "sm_{}{}".format(*torch.cuda.get_device_capability(0))
+        res["only_device_arch"] = res["cubins"] == [res["device_arch"]]  # built for this GPU alone (sm_90)
     with open(os.path.join(outdir, "build_check.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res, indent=1))
     print(f"native backend on {dev}: " + ("available" if res["native_ok"] else
                                          f"UNAVAILABLE: {res['available_backends'][dev]['native']}"))
-    return 0 if res["native_ok"] else 1
+    if "only_device_arch" in res:
+        print(f"cubins {res['cubins']}: " + ("the device's architecture only" if res["only_device_arch"] else
+                                             f"NOT only the device's {res['device_arch']}"))
+    return 0 if res["native_ok"] and res.get("only_device_arch", True) else 1
 
 
 # ------------------------------------------------------------------------------------------ summary ----
@@ -215,7 +220,9 @@ def _key(name: str, outdir: str, log: str, status: str, dry: bool) -> tuple:
         if not b:
             return "no build_check.json", d
         why = b["available_backends"][b["device"]]["native"]
-        cub = f", cubins {','.join(b.get('cubins', []))}" if b.get("cubins") else ""
+        cub = (f", cubins {','.join(b.get('cubins', []))}" + ("" if b.get("only_device_arch", True) else
+                                                              f" (NOT only {b.get('device_arch')})")
+               if b.get("cubins") else "")
         return f"native on {b['device']}: {'available' if why is None else 'UNAVAILABLE'}{cub}", d
     if name.startswith("tests") or name == "triton_suite":
         j = _junit(os.path.join(outdir, f"{name}.xml"))

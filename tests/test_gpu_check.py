@@ -7,6 +7,7 @@
 * ``benchmarks/gpu_bench.py``'s target verdicts flip at their limits, and its capture falls back on CPU.
 """
 
+import glob
 import json
 import math
 import os
@@ -114,6 +115,25 @@ def test_gpu_run_killed_from_outside_still_leaves_its_results(tmp_path):
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names = tar.getnames()
     assert "./facts.log" in names and "./facts.json" in names and "./steps.tsv" in names
+
+
+@pytest.mark.parametrize("elf, rc", [("ELF file 1: _C.1.sm_90.cubin", 0),
+                                      ("ELF file 1: _C.1.sm_80.cubin\nELF file 2: _C.2.sm_90.cubin", 1)])
+def test_build_check_fails_unless_built_for_the_device_alone(tmp_path, monkeypatch, elf, rc):
+    """On the GPU, build_check reads the extension's cubins (cuobjdump) and fails unless they are the device's
+    architecture alone (sm_90 on an H200): CUDA, cuobjdump and the extension are stood in for here."""
+    from benchmarks import gpu_report
+
+    if not glob.glob(os.path.join(ROOT, "csgd_ext", "_C*.so")):
+        monkeypatch.setattr(gpu_report.glob, "glob", lambda pattern: ["/x/_C.so"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(csgd_ext, "available_backends", lambda device=None: {"native": None, "triton": None})
+    monkeypatch.setattr(gpu_report, "find_tool", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(gpu_report, "_run", lambda cmd, timeout=30: elf if cmd[1] == "--list-elf" else "")
+    assert gpu_report.build_check(str(tmp_path)) == rc
+    res = json.loads((tmp_path / "build_check.json").read_text())
+    assert res["device_arch"] == "sm_90" and res["only_device_arch"] is (rc == 0)
 
 
 @needs_native
