@@ -136,6 +136,26 @@ def test_build_check_fails_unless_built_for_the_device_alone(tmp_path, monkeypat
     assert res["device_arch"] == "sm_90" and res["only_device_arch"] is (rc == 0)
 
 
+def test_gpu_run_orders_steps_by_value_within_one_device_command():
+    """The GPU branch of gpu_check.sh runs build, tests, the step benchmark and host overhead before the small
+    step and the sanitizers, then the optional steps; its default budget, plus a step's 10 s kill grace and the
+    summary, fits one 600 s device command."""
+    import re
+
+    text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")).read()
+    gpu = text[text.index('\nelse\n  say "gpu_check.sh: output in'):text.index("# ---- g. summary")]
+    order = []
+    for name in re.findall(r"(?:run_step|skip_step) (\w+)", gpu):
+        if name not in order:
+            order.append(name)
+    assert order == ["facts", "build", "build_pip", "build_check", "tests_gpu", "bench", "bench_retry",
+                     "host_overhead", "small_step", "memcheck_native", "racecheck_native", "memcheck_triton",
+                     "bench_extra", "triton_suite"]
+    assert '"$PY" benchmarks/gpu_small_step.py --backend native,triton\n' in gpu  # no sanitizer, both backends
+    budget = int(re.search(r'BUDGET="\$\{GPU_CHECK_BUDGET_S:-(\d+)\}"', text).group(1))
+    assert 400 <= budget <= 600 - 60
+
+
 @needs_native
 def test_host_overhead_stub_is_called_and_numbers_are_finite(one_thread):
     from benchmarks import host_overhead
