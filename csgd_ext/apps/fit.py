@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import signal
+import sys
 import time
 from typing import Any, Dict
 
 import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..flops import count_flops_params
-from ..merge import collapse, deviation, merge
+from ..merge import collapse, deviation, merge, merge_report
 from ..plan import ClusterPlan
 from ..planner import plan_clusters
-from ..train import evaluate, fit as train_epoch, predict
-from .args import CLIError, keep_fraction, positive_int
+from ..progress import progress
+from ..train import fit as train_epoch, predict
+from .args import CLIError, first_line, keep_fraction, positive_int
 from .fit_data import load_data
 from .fit_model import build_model
 from .fit_report import write_report
@@ -42,6 +42,7 @@ from .recipes import cosine, make_csgd, set_determinism
 __all__ = ["register", "run_fit", "OUTPUTS"]
 
 OUTPUTS = ("merged.pt", "plan.json", "checkpoint.pt", "report.json", "report.md")
+PLOTS = ("training.png", "widths.png")
 #: the options a checkpoint must share with a --resume run (everything that changes the result)
 RESUME_KEYS = ("model", "data", "keep", "target_flops", "round_to", "epochs", "batch_size", "lr", "centripetal",
                "seed", "weights", "num_classes", "image_size", "amp", "device")
@@ -111,9 +112,54 @@ def _crash_hook(epoch: int):
     return (hook,)
 
 
+def _sizes_line(s: dict) -> str:
+    return (f"params {s['params_before']:,} -> {s['params_after']:,}, "
+            f"FLOPs {s['flops_before']:,} -> {s['flops_after']:,} "
+            f"(-{100 * (1 - s['flops_after'] / s['flops_before']):.1f} %)")
+
+
 def _say(args, text: str) -> None:
     if not args.quiet:
         print(text, flush=True)
+
+
+def _resume_options(args) -> dict:
+    """The checkpoint of ``--resume`` read, its options checked against this run's (the first that differs is
+    named); returns the checkpoint's payload."""
+    from ..checkpoint import read_checkpoint
+
+    try:
+        payload = read_checkpoint(os.path.join(args.out, "checkpoint.pt"))
+    except (ValueError, OSError) as e:
+        raise CLIError(f"--resume: {first_line(e)}") from None
+    saved = (payload.get("extra") or {}).get("options", {})
+    for k in RESUME_KEYS:
+        if saved.get(k) != getattr(args, k):
+            raise CLIError(f"--resume: the checkpoint was made with --{k.replace('_', '-')} {saved.get(k)!r}, "
+                           f"not {getattr(args, k)!r}")
+    return payload
+
+
+def _start_out(out: str) -> None:
+    """The run's first write: ``out`` created, and the outputs of an earlier run there (``--force``) removed, so
+    none of them can be taken for this run's."""
+    os.makedirs(out, exist_ok=True)
+    for name in OUTPUTS + PLOTS:
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+
+
+class _Validation:
+    """Validation accuracy (%) and logits of a model, one pass over the val images with a progress bar."""
+
+    def __init__(self, data, batch_size: int, show: bool):
+        self.loader = data.val_loader(batch_size)
+        self.show = show and sys.stderr.isatty()  # in a log the epoch line says it all
+        self.targets = torch.tensor([label for _, label in data.val.items])
+
+    def __call__(self, model, desc: str):
+        logits = predict(model, progress(self.loader, desc=desc, enabled=self.show))
+        return 100.0 * float((logits.argmax(1) == self.targets).float().mean()), logits
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -123,24 +169,14 @@ def run_fit(args: argparse.Namespace) -> int:
     rank, world = _distributed(args)
     _check_out(args)
     plan_kw = _plan_kwargs(args)
-    if args.resume:  # the options must be the checkpoint's, checked before anything else is done
-        from ..checkpoint import read_checkpoint
-
-        try:
-            saved = (read_checkpoint(os.path.join(args.out, "checkpoint.pt")).get("extra") or {}).get("options", {})
-        except (ValueError, OSError) as e:
-            raise CLIError(f"--resume: {e}") from None
-        for k in RESUME_KEYS:
-            if saved.get(k) != getattr(args, k):
-                raise CLIError(f"--resume: the checkpoint was made with --{k.replace('_', '-')} {saved.get(k)!r}, "
-                               f"not {getattr(args, k)!r}")
+    payload = _resume_options(args) if args.resume else None  # checked before anything else is done
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()  # every rank has checked everything before rank 0 writes
     lead = rank == 0
-    quiet = args.quiet or not lead
-    args.quiet = quiet
+    args.quiet = args.quiet or not lead
+    show = not args.quiet
     set_determinism(args.seed, args.threads)
     size = args.image_size or (28 if args.data == "digits" else 224)
     data = load_data(args.data, size, args.seed, args.workers)
@@ -149,24 +185,28 @@ def run_fit(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     model = model.to(device)
     example = torch.zeros(1, data.channels, size, size, device=device)
-    val_loader = data.val_loader(max(args.batch_size, 64))
-    ck_path = os.path.join(args.out, "checkpoint.pt")
+    validate = _Validation(data, max(args.batch_size, 64), show)
+    ck_path, plan_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "plan.json")
     history: Dict[str, list] = {"epoch": [], "train_loss": [], "val_acc": [], "deviation": []}
-    if args.resume:
-        plan = ClusterPlan.load(os.path.join(args.out, "plan.json"), model)
+    if payload is not None:  # the plan the run was trained with, embedded in its checkpoint
+        plan = ClusterPlan.from_dict(payload["plan"], model, source=f"file {ck_path!r}")
     else:
         _say(args, f"data: {data.description}\nmodel: {args.model} ({sum(p.numel() for p in model.parameters()):,} "
-                   f"parameters)\nplanning ...")
+                   "parameters)")
+        bar = progress(total=1, desc="plan", enabled=show)
         try:
             plan = plan_clusters(model, example, **plan_kw)
-        except (ValueError, TypeError) as e:
-            raise CLIError(f"planning failed: {e}") from None
-        if lead:
-            os.makedirs(args.out, exist_ok=True)  # the first write: everything before it was checked
-            plan.save(os.path.join(args.out, "plan.json"))
+        except Exception as e:  # noqa: BLE001 - a model the planner cannot take, an unreachable target: one line
+            bar.close()
+            raise CLIError(f"planning failed: {type(e).__name__}: {first_line(e)}") from None
+        bar.update(1)
+        bar.close()
     base_model = copy.deepcopy(model)
-    sizes = count_flops_params(model, example)
-    opt = make_csgd(plan, args.lr, 1e-4, args.centripetal, 1.0, args.backend)
+    sizes = merge_report(model, plan, example)  # params and FLOPs before and after the merge
+    try:
+        opt = make_csgd(plan, args.lr, 1e-4, args.centripetal, 1.0, args.backend)
+    except (ValueError, RuntimeError) as e:  # an unknown or unavailable backend
+        raise CLIError(f"--backend {args.backend}: {first_line(e)}") from None
     steps_per_epoch = len(data.train_loader(args.batch_size, 0, rank, world))
     train_model = model
     if world > 1:
@@ -175,37 +215,48 @@ def run_fit(args: argparse.Namespace) -> int:
         train_model = DistributedDataParallel(model)  # gradients averaged over the ranks before each step
     sched = cosine(opt, args.epochs * steps_per_epoch)
     dtype, scaler = _autocast(args)
-    start, val_acc_base = 0, None
-    if args.resume:
+
+    def checkpoint(epoch: int) -> None:  # atomic; the plan is embedded, plan.json is for the user
+        save_checkpoint(ck_path, model=model, optimizer=opt, plan=plan, scheduler=sched, scaler=scaler,
+                        step=epoch * steps_per_epoch, rng=False,
+                        extra={"epoch": epoch, "options": _options(args), "val_acc_base": val_acc_base,
+                               "history": history})
+
+    if payload is not None:
         ck = load_checkpoint(ck_path, model=model, optimizer=opt, scheduler=sched, scaler=scaler, restore_rng=False)
         extra = ck.extra or {}
         start, val_acc_base, history = int(extra["epoch"]), extra["val_acc_base"], extra["history"]
+        if lead and not os.path.isfile(plan_path):  # killed between the checkpoint and plan.json
+            plan.save(plan_path)
         _say(args, f"resuming after epoch {start} of {args.epochs}")
     else:
-        val_acc_base = 100.0 * evaluate(model, val_loader) if lead else None
-        _say(args, plan.summary())
+        start = 0
+        _say(args, f"{plan.summary()}\n{_sizes_line(sizes)}")
+        val_acc_base = validate(model, "val: starting model")[0] if lead else None
+        if lead:  # the first write: everything before it was checked
+            _start_out(args.out)
+            checkpoint(0)  # a run killed in its first epoch resumes from here
+            plan.save(plan_path)
+    t_train = time.perf_counter()
     for epoch in range(start, args.epochs):
         torch.manual_seed(args.seed * 1000 + epoch)  # dropout and anything else random: from (seed, epoch)
         model.train()
         state = train_epoch(train_model, data.train_loader(args.batch_size, epoch, rank, world), opt, epochs=1,
-                            scheduler=sched,
-                            scaler=scaler, autocast=dtype, progress=not args.quiet, callbacks=_crash_hook(epoch),
-                            desc=f"C-SGD epoch {epoch + 1}/{args.epochs}")
+                            scheduler=sched, scaler=scaler, autocast=dtype, progress=show,
+                            callbacks=_crash_hook(epoch), desc=f"C-SGD epoch {epoch + 1}/{args.epochs}")
         if not lead:  # rank 0 evaluates and writes; the others go on training
             continue
-        acc = 100.0 * evaluate(model, val_loader)
+        acc = validate(model, f"val: epoch {epoch + 1}")[0]
         dev = float(deviation(model, plan))
         losses = state.history["loss"]
         history["epoch"].append(epoch + 1)
         history["train_loss"].append(float(sum(losses) / max(1, len(losses))))
         history["val_acc"].append(acc)
         history["deviation"].append(dev)
+        checkpoint(epoch + 1)
+        eta = (time.perf_counter() - t_train) / (epoch + 1 - start) * (args.epochs - epoch - 1)
         _say(args, f"epoch {epoch + 1}/{args.epochs}: train loss {history['train_loss'][-1]:.4f}, val acc "
-                   f"{acc:.2f} %, cluster deviation {dev:.3g}, {time.perf_counter() - t0:.0f} s")
-        save_checkpoint(ck_path, model=model, optimizer=opt, plan=plan, scheduler=sched, scaler=scaler,
-                        step=(epoch + 1) * steps_per_epoch, rng=False,
-                        extra={"epoch": epoch + 1, "options": _options(args), "val_acc_base": val_acc_base,
-                               "history": history})
+                   f"{acc:.2f} %, cluster deviation {dev:.3g}, {time.perf_counter() - t0:.0f} s, ETA {eta:.0f} s")
     if world > 1:
         import torch.distributed as dist
 
@@ -213,20 +264,21 @@ def run_fit(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
     if not lead:
         return 0
-    val_acc_csgd = history["val_acc"][-1] if history["val_acc"] else 100.0 * evaluate(model, val_loader)
+    val_acc_csgd = history["val_acc"][-1]
+    bar = progress(total=2, desc="collapse + merge", enabled=show)
     deviation_final = float(collapse(model, plan))
-    collapsed_logits = predict(model, val_loader)
+    bar.update(1)
     small = merge(model, plan)
-    merged_logits = predict(small, val_loader)
-    val_acc_merged = 100.0 * evaluate(small, val_loader)
-    after = count_flops_params(small, example)
+    bar.update(1)
+    bar.close()
+    collapsed_logits = validate(model, "val: collapsed model")[1]
+    val_acc_merged, merged_logits = validate(small, "val: merged model")
     save_checkpoint(os.path.join(args.out, "merged.pt"), model=small, plan=plan, rng=False)
     report = {
         "model": args.model, "data": data.description, "classes": data.classes, "epochs": args.epochs,
         "seed": args.seed, "keep": plan.meta.get("keep"), "target_flops": args.target_flops,
         "round_to": args.round_to,
-        "params_before": sizes.params, "params_after": after.params,
-        "flops_before": sizes.flops, "flops_after": after.flops,
+        **{k: sizes[k] for k in ("params_before", "params_after", "flops_before", "flops_after")},
         "val_acc_base": val_acc_base, "val_acc_csgd": val_acc_csgd, "val_acc_merged": val_acc_merged,
         "max_logit_diff": float((collapsed_logits - merged_logits).abs().max()),
         "deviation_final": deviation_final, "wall_s": time.perf_counter() - t0,
@@ -235,14 +287,10 @@ def run_fit(args: argparse.Namespace) -> int:
     }
     write_report(args.out, report, plan, base_model, small)
     _say(args, f"val accuracy: base {val_acc_base:.2f} %, C-SGD {val_acc_csgd:.2f} %, merged {val_acc_merged:.2f} %; "
-               f"params {sizes.params:,} -> {after.params:,}, FLOPs {sizes.flops:,} -> {after.flops:,}; max logit "
+               f"{_sizes_line(sizes)}; max logit "
                f"difference {report['max_logit_diff']:.3g}; {report['wall_s']:.0f} s\nwrote {args.out}/: "
                f"{', '.join(OUTPUTS)} and plots; reload: {rebuild}")
     return 0
-
-
-def _fraction(flag: str):
-    return keep_fraction(flag)
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -252,8 +300,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="an ImageFolder directory (train/ and val/, or class folders), "
                                                  "or 'digits' (the embedded MNIST digits)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--keep", type=_fraction("--keep"), default=None, help="fraction of channels kept (default 0.625)")
-    p.add_argument("--target-flops", type=_fraction("--target-flops"), default=None,
+    p.add_argument("--keep", type=keep_fraction("--keep"), default=None, help="fraction of channels kept (default 0.625)")
+    p.add_argument("--target-flops", type=keep_fraction("--target-flops"), default=None,
                    help="FLOPs of the merged model as a fraction of the original's, instead of --keep")
     p.add_argument("--round-to", type=positive_int("--round-to"), default=None,
                    help="every kept width a multiple of N")

@@ -25,11 +25,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .args import CLIError
 
-__all__ = ["FitData", "load_data", "IMAGE_EXTENSIONS"]
+__all__ = ["FitData", "load_data", "epoch_sampler", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 _RGB_MEAN, _RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -107,31 +107,15 @@ class _TensorImages(_Images):
         return self.items[i][0]
 
 
-class EpochSampler(Sampler):
-    """A permutation of ``range(n)`` drawn from ``(seed, epoch)``: the same order whenever the epoch is redone.
-
-    With ``world > 1`` (DistributedDataParallel), rank ``rank`` takes its ``1 / world`` slice of every global batch
-    of ``batch`` samples of that same order (whole global batches only), so the ranks together see exactly the
-    batches of a single-process run."""
-
-    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, batch: int = 1):
-        self.n, self.seed, self.epoch, self.rank, self.world, self.batch = n, seed, epoch, rank, world, batch
-
-    def _order(self) -> List[int]:
-        order = torch.randperm(self.n, generator=_generator(self.seed, self.epoch, -1)).tolist()
-        if self.world == 1:
-            return order
-        local = self.batch // self.world
-        out = []
-        for b0 in range(0, self.n - self.batch + 1, self.batch):
-            out += order[b0 + self.rank * local:b0 + (self.rank + 1) * local]
-        return out
-
-    def __len__(self) -> int:
-        return len(self._order())
-
-    def __iter__(self):
-        return iter(self._order())
+def epoch_sampler(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> DistributedSampler:
+    """Epoch ``epoch``'s order: a ``DistributedSampler`` over ``n`` samples whose permutation is drawn from
+    ``(seed, epoch)`` only, so a redone epoch has the same order. Rank ``rank`` of ``world`` takes every
+    ``world``-th index of that order, so with local batches of ``batch / world`` the ranks' batches together are
+    exactly the global batches of a single process (``world=1``) with batch ``batch``."""
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=(seed * 1_000_003) % 2 ** 62, drop_last=True)
+    sampler.set_epoch(epoch)
+    return sampler
 
 
 @dataclass
@@ -146,7 +130,7 @@ class FitData:
     def train_loader(self, batch_size: int, epoch: int, rank: int = 0, world: int = 1) -> DataLoader:
         """Epoch ``epoch``'s batches of ``batch_size`` (global: each of ``world`` ranks gets its share)."""
         self.train.epoch = epoch
-        sampler = EpochSampler(len(self.train), self.train.seed, epoch, rank, world, batch_size)
+        sampler = epoch_sampler(len(self.train), self.train.seed, epoch, rank, world)
         return DataLoader(self.train, batch_size=batch_size // world, sampler=sampler, num_workers=self.workers,
                           drop_last=len(self.train) > batch_size)
 
