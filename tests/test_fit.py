@@ -113,27 +113,36 @@ def test_factory_net_and_weights(folder, tmp_path, monkeypatch):
         code = run(["--model", "mynet:make_net", "--data", str(folder), "--out", str(out), "--weights", str(w),
                     "--keep", "0.5", *FAST], cwd=folder, monkeypatch=monkeypatch)
         assert code == 0
-        check_outputs(out, mynet.make_net())
+        rep, small = check_outputs(out, mynet.make_net())
+        from csgd_ext.apps.fit_data import load_data
+
+        acc = 100.0 * csgd_ext.evaluate(small, load_data(str(folder), 16, 0).val_loader(64))
+        assert acc == pytest.approx(rep["val_acc_merged"])
+        # --force starts over in that OUT: the earlier run's outputs are replaced
+        stale = (out / "merged.pt").stat().st_mtime_ns
+        assert run(["--model", "mynet:make_net", "--data", str(folder), "--out", str(out), "--keep", "0.75",
+                    "--force", *FAST, "--epochs", "1"], cwd=folder, monkeypatch=monkeypatch) == 0
+        assert (out / "merged.pt").stat().st_mtime_ns != stale
+        assert json.loads((out / "report.json").read_text())["keep"] == 0.75
     finally:
         sys.path.remove(str(folder))
         sys.modules.pop("mynet", None)
 
 
-def test_killed_mid_epoch_then_resumed_gives_the_same_bits(folder, tmp_path):
+def test_killed_mid_epoch_then_resumed_gives_the_same_bits(folder, tmp_path, monkeypatch):
+    """Killed (SIGKILL) in the middle of the first epoch, resumed, killed again in the middle of the second,
+    resumed again: the merged weights are the uninterrupted run's, bit for bit."""
     env = {k: v for k, v in os.environ.items() if k != "CSGD_EXT_FIT_KILL_AT"}
-    args = [sys.executable, "-m", "csgd_ext", "fit", "--model", "mynet:make_net", "--data", str(folder), *FAST,
-            "--epochs", "3"]
-    whole = subprocess.run(args + ["--out", str(tmp_path / "whole")], cwd=folder, env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    args = [sys.executable, "-m", "csgd_ext", "fit", "--model", "mynet:make_net", "--data", str(folder), *FAST]
+    assert run([*args[4:], "--out", str(tmp_path / "whole")], cwd=folder, monkeypatch=monkeypatch) == 0
     out = tmp_path / "killed"
-    killed = subprocess.run(args + ["--out", str(out)], cwd=folder, env={**env, "CSGD_EXT_FIT_KILL_AT": "1:3"},
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9  # SIGKILL in the middle of the second epoch, after epoch 1's checkpoint
-    assert not (out / "merged.pt").exists() and (out / "checkpoint.pt").exists()
-    resumed = subprocess.run(args + ["--out", str(out), "--resume"], cwd=folder, env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for resume, at, epoch_saved in (([], "0:3", 0), (["--resume"], "1:3", 1)):
+        killed = subprocess.run(args + ["--out", str(out), *resume], cwd=folder,
+                                env={**env, "CSGD_EXT_FIT_KILL_AT": at}, capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL mid-epoch
+        assert not (out / "merged.pt").exists()
+        assert read_checkpoint(out / "checkpoint.pt")["extra"]["epoch"] == epoch_saved
+    assert run([*args[4:], "--out", str(out), "--resume"], cwd=folder, monkeypatch=monkeypatch) == 0
     a, b = read_checkpoint(tmp_path / "whole" / "merged.pt")["model"], read_checkpoint(out / "merged.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -167,11 +176,16 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(folder, tmp_path, caps
          "give one of them, not both"),
         (["--model", "resnet1234", "--data", str(folder)], "is not a zoo model"),
         (["--model", "timm:resnet18", "--data", str(folder)], "needs the timm package"),
+        (["--model", "torchvision:resnet18", "--data", str(folder)], "needs the torchvision package"),
+        (["--model", "resnet20", "--data", str(folder), "--backend", "triton"], "--backend triton"),
         (["--model", "resnet20", "--data", str(folder), "--num-classes", "7"], "the data has 10 classes"),
     ]
     for args, match in cases:
-        if args[1].startswith("timm") and __import__("importlib").util.find_spec("timm") is not None:
-            continue  # timm is installed here: that error cannot happen
+        lib = args[1].partition(":")[0]
+        if lib in ("timm", "torchvision") and __import__("importlib").util.find_spec(lib) is not None:
+            continue  # installed here: that error cannot happen
+        if "triton" in args and csgd_ext.available_backends()["triton"] is None:
+            continue  # Triton runs on the CPU here (its interpreter)
         err = bad(args + base, capsys)
         assert match in err, (args, err)
         assert str(broken / "train" / "a" / "x.png") in err if "decode" in match else True
@@ -206,15 +220,13 @@ def test_target_flops_and_round_to_reach_the_plan(folder, tmp_path):
     assert all(g["width_after"] % 8 == 0 for g in plan["groups"])
 
 
-def test_torchrun_two_gloo_ranks_match_one_process(folder, tmp_path):
+def test_torchrun_two_gloo_ranks_match_one_process(folder, tmp_path, monkeypatch):
     """Under torchrun (2 processes, gloo on CPU) the global batch is split over the ranks, gradients are averaged
     by DDP, and only rank 0 writes: the merged model equals a single process's with the same global batch, to
     float tolerance."""
     env = {k: v for k, v in os.environ.items() if k not in ("CSGD_EXT_FIT_KILL_AT", "WORLD_SIZE", "RANK")}
     common = ["-m", "csgd_ext", "fit", "--model", "mynet_nobn:make_net", "--data", str(folder), *FAST]
-    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], cwd=folder, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    assert run([*common[3:], "--out", str(tmp_path / "one")], cwd=folder, monkeypatch=monkeypatch) == 0
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           *common, "--out", str(tmp_path / "two")], cwd=folder, env=env, capture_output=True,
                          text=True, timeout=300)

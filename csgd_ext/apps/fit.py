@@ -29,6 +29,7 @@ import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..merge import collapse, deviation, merge, merge_report
+from ..ops import resolve as resolve_backend
 from ..plan import ClusterPlan
 from ..planner import plan_clusters
 from ..progress import progress
@@ -166,6 +167,11 @@ def run_fit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available here")
+    if args.backend != "auto":
+        try:
+            resolve_backend(args.backend, torch.device(args.device))
+        except (ValueError, RuntimeError) as e:  # unavailable here: say why
+            raise CLIError(f"--backend {args.backend}: {first_line(e)}") from None
     rank, world = _distributed(args)
     _check_out(args)
     plan_kw = _plan_kwargs(args)
@@ -203,10 +209,7 @@ def run_fit(args: argparse.Namespace) -> int:
         bar.close()
     base_model = copy.deepcopy(model)
     sizes = merge_report(model, plan, example)  # params and FLOPs before and after the merge
-    try:
-        opt = make_csgd(plan, args.lr, 1e-4, args.centripetal, 1.0, args.backend)
-    except (ValueError, RuntimeError) as e:  # an unknown or unavailable backend
-        raise CLIError(f"--backend {args.backend}: {first_line(e)}") from None
+    opt = make_csgd(plan, args.lr, 1e-4, args.centripetal, 1.0, args.backend)
     steps_per_epoch = len(data.train_loader(args.batch_size, 0, rank, world))
     train_model = model
     if world > 1:

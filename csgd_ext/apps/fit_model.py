@@ -41,6 +41,9 @@ def _library_model(lib: str, name: str, channels: int, classes: Optional[int]) -
     except ImportError:
         raise CLIError(f"--model {lib}:{name} needs the {lib} package, which is not installed "
                        f"(pip install {lib})") from None
+    except Exception as e:  # noqa: BLE001 - e.g. a torchvision built for another torch
+        raise CLIError(f"--model {lib}:{name}: the {lib} package does not import: {type(e).__name__}: "
+                       f"{first_line(e)}") from None
     try:
         kw = {} if classes is None else {"num_classes": classes}
         if lib == "timm":
