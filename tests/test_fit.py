@@ -60,6 +60,7 @@ def folder(tmp_path_factory):
         pix = (img[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         Image.fromarray(pix, mode="L").save(root / split / str(y) / f"{n}.png")
     (root / "mynet.py").write_text(NET)
+    (root / "mynet7.py").write_text(NET.replace("nn.Linear(8, 10)", "nn.Linear(8, 7)"))
     (root / "mynet_nobn.py").write_text(NET_NOBN)
     return root
 
@@ -196,6 +197,31 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(folder, tmp_path, caps
     (out / "keep.txt").write_text("mine")
     assert "already holds files" in bad(["--model", "resnet20", "--data", str(folder)] + base, capsys)
     assert os.listdir(out) == ["keep.txt"]
+
+
+def test_classifier_for_other_classes_is_an_error_or_replaced(folder, tmp_path, capsys, monkeypatch):
+    args = ["--model", "mynet7:make_net", "--data", str(folder), *FAST, "--epochs", "1"]
+    err = bad(args + ["--out", str(tmp_path / "no")], capsys, cwd=folder, monkeypatch=monkeypatch)
+    assert "has 7 outputs but the data has 10 classes" in err and not (tmp_path / "no").exists()
+    out = tmp_path / "out"
+    assert run(args + ["--out", str(out), "--num-classes", "10"], cwd=folder, monkeypatch=monkeypatch) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["classes"]) == 10 and "replaced" in rep["reload"]
+
+
+def test_a_folder_without_val_is_split_by_the_seed(folder, tmp_path):
+    import shutil
+
+    from csgd_ext.apps.fit_data import load_data
+
+    flat = tmp_path / "flat"
+    shutil.copytree(folder / "train", flat)
+    a, b, c = (load_data(str(flat), 16, seed) for seed in (0, 0, 1))
+    assert len(a.train) + len(a.val) == 60 and len(a.val) == 10  # 1 of the 6 images of each class
+    assert sorted(y for _, y in a.val.items) == list(range(10))
+    assert a.val.items == b.val.items and a.val.items != c.val.items
+    assert not set(p for p, _ in a.val.items) & set(p for p, _ in a.train.items)
+    assert "split by the seed" in a.description
 
 
 def test_resume_with_other_options_names_the_option(folder, tmp_path, capsys, monkeypatch):
