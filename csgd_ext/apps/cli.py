@@ -1,4 +1,4 @@
-"""The command line: ``python -m csgd_ext {info, demo, squeeze, prune}`` (also installed as ``csgd-ext``).
+"""The command line: ``python -m csgd_ext {info, demo, squeeze, prune, fit}`` (also installed as ``csgd-ext``).
 
 Every error a user can cause is one line on stderr (``error: ...``) and a non-zero exit status, never a
 traceback (``CSGD_EXT_DEBUG=1`` shows it); a mistyped option names the ``--help`` of its command.
