@@ -119,6 +119,19 @@ def _sizes_line(s: dict) -> str:
             f"(-{100 * (1 - s['flops_after'] / s['flops_before']):.1f} %)")
 
 
+def _versions() -> Dict[str, Any]:
+    import platform
+
+    from .. import __version__
+
+    try:
+        import PIL
+    except ImportError:  # --data digits needs no Pillow
+        PIL = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "csgd_ext": __version__,
+            "pillow": getattr(PIL, "__version__", None)}
+
+
 def _say(args, text: str) -> None:
     if not args.quiet:
         print(text, flush=True)
@@ -286,7 +299,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "max_logit_diff": float((collapsed_logits - merged_logits).abs().max()),
         "deviation_final": deviation_final, "wall_s": time.perf_counter() - t0,
         "image_size": size, "n_val": len(data.val), "history": history, "reload": rebuild,
-        "versions": {"torch": torch.__version__, "csgd_ext": __import__("csgd_ext").__version__},
+        "versions": _versions(),
     }
     write_report(args.out, report, plan, base_model, small)
     _say(args, f"val accuracy: base {val_acc_base:.2f} %, C-SGD {val_acc_csgd:.2f} %, merged {val_acc_merged:.2f} %; "
