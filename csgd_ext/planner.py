@@ -2,7 +2,8 @@
 
 :func:`plan_clusters` traces the model (:func:`csgd_ext.graph.coupled_groups`), sets each group's target width
 from ``keep`` (:func:`check_keep` is the one place ``keep`` is validated: a fraction in (0, 1] or a dict of
-widths), clusters the channels on their producers' kernels (:mod:`csgd_ext.cluster`) and returns a
+widths) or from a FLOPs budget ``target_flops`` (:mod:`csgd_ext.budget`), optionally rounded to multiples of
+``round_to``, clusters the channels on their producers' kernels (:mod:`csgd_ext.cluster`) and returns a
 :class:`csgd_ext.ClusterPlan`.
 
 Example::
@@ -78,23 +79,27 @@ def _group_plan(g, labels: List[int]) -> GroupPlan:
                      kinds={m.name: m.kind for m in g.producers + g.consumers}, conv_groups=g.conv_groups)
 
 
-def _group_features(model_mods: Dict[str, nn.Module], g) -> torch.Tensor:
+def _producer_features(model_mods: Dict[str, nn.Module], g) -> List[torch.Tensor]:
+    """One ``(width, d)`` matrix per producer of ``g`` with a kernel (conv/linear), its channels' flattened filters;
+    without one, the producers' other per-channel parameters."""
     feats = []
-    n = g.width
     for mem in g.producers:
         if mem.kind not in KERNEL_KINDS:
             continue
-        w = model_mods[mem.name].weight.detach().float().reshape(
-            model_mods[mem.name].weight.shape[0], -1).cpu()
-        idx = torch.tensor(mem.index)
-        feats.append(w[idx])
+        w = model_mods[mem.name].weight.detach().float().cpu()
+        feats.append(w.reshape(w.shape[0], -1)[torch.tensor(mem.index)])
     if not feats:
         for mem in g.producers:
             t = model_mods[mem.name]
             w = t.param if isinstance(t, BareParam) else getattr(t, "weight", None)
             if w is not None and w.dim() >= 1:
                 feats.append(w.detach().float().reshape(w.shape[0], -1).cpu()[torch.tensor(mem.index)])
-    return torch.cat(feats, 1) if feats else torch.zeros(n, 1)
+    return feats
+
+
+def _group_features(model_mods: Dict[str, nn.Module], g) -> torch.Tensor:
+    feats = _producer_features(model_mods, g)
+    return torch.cat(feats, 1) if feats else torch.zeros(g.width, 1)
 
 
 def _reads_whole_blocks(index: List[List[int]], blocks: Optional[List[int]]) -> bool:
@@ -172,9 +177,17 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[None, float, Map
         verify: run the numeric check of :mod:`csgd_ext.verify` (merge random clusters of a float64 copy and
             compare outputs; one merge and two forward passes when every group is exact). Groups it finds
             inexact are skipped with the reason.
-        target_flops: instead of ``keep``, a fraction F in (0, 1]: per-group widths chosen globally (magnitude
-            per FLOP, :mod:`csgd_ext.budget`) so that the merged model has between F - 0.05 and F of the FLOPs.
-        round_to: every kept width a multiple of this (a group that cannot be keeps its whole width).
+        target_flops: instead of ``keep``, a fraction F in (0, 1]: per-group widths chosen globally so that the
+            merged model has between F - 0.05 and F of the original's FLOPs (:mod:`csgd_ext.flops`). Criterion:
+            share of filter magnitude lost per FLOP saved (a channel's L2 norm over its layer's total, summed
+            over the group's producer layers; the greedy narrows whichever group loses least per FLOP, no group
+            below a tenth of its width unless the target needs it); see :mod:`csgd_ext.budget`.
+        round_to: every kept width a multiple of this int >= 1 (the nearest to what ``keep`` asks, ties down;
+            with blocks, the multiple must split over them in proportion). A group with no such multiple (e.g.
+            narrower than ``round_to``) keeps its whole width. With ``target_flops``, the steps are multiples.
+
+    Raises ValueError for ``keep`` and ``target_flops`` both given, a fraction outside (0, 1], a ``round_to``
+    below 1, and a ``target_flops`` the model cannot reach (the message gives the smallest reachable fraction).
 
     Groups that reach the model output (the classifier) or contain an op without an exact merge
     (GroupNorm, a split of channels, a channel shuffle, ...) are not clustered and listed in ``plan.skipped``.
@@ -230,7 +243,7 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[None, float, Map
     widths: Dict[int, int] = {}
     if target_flops is not None:
         widths = allocate(model, example_inputs, ok, [_block_sizes(g.width, g.blocks) for g in ok], target_flops,
-                          round_to, importance=lambda gi: _group_features(mods, ok[gi]).norm(dim=1),
+                          round_to, importance=lambda gi: [f.norm(dim=1) for f in _producer_features(mods, ok[gi])],
                           exact_flops=lambda w: _merged_flops(model, example_inputs, ok, w))
     elif isinstance(keep, Mapping):
         owner = {}
