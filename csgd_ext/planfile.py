@@ -22,6 +22,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 from torch import nn
 
+from .budget import check_round_to, check_target_flops
 from .layers import BLOCKED_KINDS, CONSUMER_KINDS, PRODUCER_KINDS, conv_group_of, index_bounds, module_kind, \
     named_members
 
@@ -302,6 +303,31 @@ def _check_plan_against_model(plan, model: nn.Module, parameters) -> None:
         raise _FieldError("parameters", f"lacks {missing[:4]}, which 'groups' cluster")
 
 
+def _meta_options(meta: Optional[Mapping]) -> Optional[dict]:
+    """``meta`` with the planning options ``target_flops`` and ``round_to`` checked (None when a file written
+    before they existed lacks them)."""
+    if meta is None:
+        return None
+    meta = dict(meta)
+    for key, check in (("target_flops", check_target_flops), ("round_to", check_round_to)):
+        meta.setdefault(key, None)
+        if meta[key] is not None:
+            try:
+                check(meta[key])
+            except ValueError as e:
+                raise _FieldError(f"meta[{key!r}]", str(e)) from None
+    return meta
+
+
+def _check_round_to_widths(groups: List[dict], meta: Optional[Mapping]) -> None:
+    """With ``meta['round_to']``, every group's kept width is a multiple of it or its whole width."""
+    n = (meta or {}).get("round_to")
+    for i, g in enumerate(groups if n else ()):
+        if g["width_after"] % n and g["width_after"] != g["width_before"]:
+            raise _FieldError("width_after", f"{g['width_after']} is not a multiple of meta round_to={n} (nor the "
+                              f"whole width {g['width_before']})").at(f"group {i} (root {g['root']!r})")
+
+
 # -- entry points ---------------------------------------------------------------------------------------
 def parse_group(d) -> dict:
     """The checked fields of one group dict (``GroupPlan`` keyword arguments); ValueError naming the field."""
@@ -325,6 +351,7 @@ def parse_plan(d, source: Optional[str] = None) -> Tuple[List[dict], list, dict,
         meta = d.get("meta")
         if meta is not None and not isinstance(meta, Mapping):
             raise _FieldError("meta", f"must be a dict, got {type(meta).__name__}")
+        meta = _meta_options(meta)
         skipped = _skipped_from(_field(d, "skipped", list))
         groups = []
         for i, gd in enumerate(_field(d, "groups", list)):
@@ -334,6 +361,7 @@ def parse_plan(d, source: Optional[str] = None) -> Tuple[List[dict], list, dict,
                 groups.append(_group_fields(gd))
             except _FieldError as e:
                 raise e.at(ctx) from None
+        _check_round_to_widths(groups, meta)
     except _FieldError as e:
         raise ValueError(f"malformed {where}: {e}") from None
     return groups, skipped, dict(fingerprint), meta
