@@ -11,6 +11,10 @@ Typical workflow::
     python -m csgd_ext prune --model mypkg.nets:make_net --input-shape 3,32,32 --plan plan.json \\
         --checkpoint csgd_trained.pt --out merged.pt
 
+Instead of ``--keep F`` (every group keeps that fraction), ``--target-flops F`` chooses each group's width so the
+merged model has between F - 0.05 and F of the FLOPs; ``--round-to N`` makes every kept width a multiple of N (see
+:func:`csgd_ext.plan_clusters`). Both are stored in the plan file.
+
 ``--model`` is ``package.module:factory`` (a zero-argument callable returning an ``nn.Module``) or a zoo
 name (``resnet20``, ``resnet56``, ``vgg16``, ...; ``--num-classes`` and the ``C`` of ``--input-shape`` are
 passed to it). ``--checkpoint`` reads a csgd_ext checkpoint, a plain ``state_dict`` file, or a dict holding
