@@ -101,11 +101,13 @@ def _steps(sizes: Sequence[int], n: Optional[int]) -> Tuple[List[List[int]], int
 class _Estimate:
     """The model's MACs as a function of each group's kept fraction (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, base: Dict[str, int], groups):
+    def __init__(self, model: nn.Module, base: Dict[str, int], groups, owner: Dict[int, int]):
         mods = dict(model.named_modules())
-        # per module: [(group, channels of it, "out"/"in")], and its output/input channel totals
+        # per module: [(group, channels of it, "out"/"in")], and its output/input channel totals; a group that
+        # follows another (``owner``: attention heads tied to their stream) counts as that one
         self.parts: Dict[str, List[Tuple[int, int, str]]] = {}
         for gi, g in enumerate(groups):
+            gi = owner.get(gi, gi)
             for p in g.producers:
                 if p.name in base:
                     self.parts.setdefault(p.name, []).append((gi, len(p.index), "out"))
@@ -194,26 +196,39 @@ def _greedy_path(est: _Estimate, options, lasts, shares, caps: Dict[int, int]) -
 
 
 def allocate(model: nn.Module, example_inputs, groups, sizes: List[List[int]], target: float, round_to: Optional[int],
-             importance: Callable[[int], List[torch.Tensor]], exact_flops: Callable[[Dict[int, List[int]]], int]
-             ) -> Dict[int, List[int]]:
+             importance: Callable[[int], List[torch.Tensor]], exact_flops: Callable[[Dict[int, List[int]]], int],
+             follow: Optional[Dict[int, Tuple[int, int]]] = None) -> Dict[int, List[int]]:
     """Per-group block widths for ``target`` (see the module docstring). ``groups`` are the planner's coupled
     groups (their producers, consumers and kinds), ``sizes[gi]`` their block sizes, ``importance(gi)`` one
     tensor per producer layer of group ``gi`` with a magnitude for each of its channels (a channel's importance
     is the sum over the layers of its share of the layer's magnitude), ``exact_flops(widths)`` the merged
-    model's FLOPs."""
+    model's FLOPs. ``follow[gi] = (leader, d)``: group ``gi`` (attention heads, one per block) keeps the
+    leader's width over ``d`` (the leader, their stream, steps by multiples of ``d``); attention head groups
+    (``groups[gi].heads``) step one head at a time whatever ``round_to`` is."""
+    follow = follow or {}
     report = count_flops_params(model, example_inputs)
     total0 = report.flops
     if not total0:
         raise ValueError("target_flops: the model has no conv/linear FLOPs to reduce")
-    est = _Estimate(model, {n: s.macs for n, s in report.per_module.items() if s.macs}, groups)
-    steps = [_steps(s, round_to) for s in sizes]
+    est = _Estimate(model, {n: s.macs for n, s in report.per_module.items() if s.macs}, groups,
+                    {gi: lead for gi, (lead, _) in follow.items()})
+    step_of = {lead: math.lcm(round_to or 1, d) for lead, d in follow.values()}
+    steps = [([list(s)], 0) if gi in follow else
+             _steps(s, None if getattr(groups[gi], "heads", None) else step_of.get(gi, round_to))
+             for gi, s in enumerate(sizes)]
     options, lasts = [o for o, _ in steps], [last for _, last in steps]
     shares = [_shares(importance(gi), sum(sizes[gi])) for gi in range(len(groups))]
     exact: Dict[Tuple[int, ...], float] = {}
 
+    def widths_at(pos: Tuple[int, ...]) -> Dict[int, List[int]]:
+        out = {gi: options[gi][p] for gi, p in enumerate(pos)}
+        for gi, (lead, d) in follow.items():
+            out[gi] = [sum(out[lead]) // d] * len(sizes[gi])
+        return out
+
     def frac(pos: Tuple[int, ...]) -> float:
         if pos not in exact:
-            exact[pos] = exact_flops({gi: options[gi][p] for gi, p in enumerate(pos)}) / total0
+            exact[pos] = exact_flops(widths_at(pos)) / total0
         return exact[pos]
 
     caps: Dict[int, int] = {}
@@ -235,7 +250,7 @@ def allocate(model: nn.Module, example_inputs, groups, sizes: List[List[int]], t
                 break
             t = _first_within(lambda i: frac(states(i)) <= target, end)  # bisect on the exact count
         if frac(states(t)) >= low:
-            return {gi: options[gi][p] for gi, p in enumerate(states(t))}
+            return widths_at(states(t))
         if t == 0:  # round_to alone (every width down to a multiple of it) is below the band
             why = why or f"every width rounded down to a multiple of round_to={round_to} gives {frac(states(0)):.3f}"
             break

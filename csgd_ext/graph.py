@@ -35,14 +35,15 @@ Example::
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .layers import BARE_KIND, BLOCKED_KINDS, CONSUMER_KINDS, GROUPED_CONSUMER_KINDS, ROOT_TYPES, TRACED_TYPES, \
-    BareParam, conv_group_of, module_kind, named_members
+from .coupled import CoupledGroup, Member
+from .head_groups import add_head_groups
+from .layers import BARE_KIND, BLOCKED_KINDS, CONSUMER_KINDS, GROUPED_CONSUMER_KINDS, ROOT_TYPES, \
+    LINEAR_KIND, STREAM_SPLIT_KINDS, TRACED_TYPES, BareParam, conv_group_of, module_kind, named_members
 
 __all__ = ["Member", "CoupledGroup", "coupled_groups", "resolve_modules"]
 
@@ -64,36 +65,6 @@ _BATCHNORM_OPS = {"NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "Nativ
 _REDUCTIONS = {"Mean", "Sum", "Amax", "Amin", "Max", "Min", "Std", "Var", "Logsumexp"}
 # the matrix products inside an nn.Linear called on an N-D (e.g. channels-last) input
 _LINEAR_INTERNALS = {"Addmm", "Mm", "Bmm", "UnsafeView"}
-
-
-@dataclass
-class Member:
-    """One layer of a coupled group. ``index``: see the module docstring."""
-
-    name: str
-    kind: str
-    index: list
-
-
-@dataclass
-class CoupledGroup:
-    """A set of coupled channels: ``width`` root channels shared by ``producers`` and read by ``consumers``."""
-
-    root: str
-    width: int
-    producers: List[Member] = field(default_factory=list)
-    consumers: List[Member] = field(default_factory=list)
-    #: ``blocks[r]``: the block of root channel ``r``: its convolution group in the group's grouped convs and
-    #: its chunk of the splits on the path (clusters stay inside one block); None when there are neither
-    blocks: Optional[List[int]] = None
-    #: the number of convolution groups (of equal size, each keeping as many channels); 1 without grouped convs
-    conv_groups: int = 1
-    #: ops on the group's path whose exactness depends on how they move the channel dim (numeric check)
-    unverified: List[str] = field(default_factory=list)
-
-    @property
-    def modules(self) -> List[str]:
-        return [m.name for m in self.producers] + [m.name for m in self.consumers]
 
 
 def resolve_modules(model: nn.Module, items: Iterable, what: str = "ignored_layers") -> List[nn.Module]:
@@ -387,8 +358,16 @@ def coupled_groups(model: nn.Module, example_inputs,
             if kind is None:
                 reasons.append(f"{name!r} is a {why}")
                 continue
-            kinds[name] = kind
             is_out = DG.is_out_channel_pruning_fn(dep.handler)
+            if kind in STREAM_SPLIT_KINDS and is_out:
+                # nn.MultiheadAttention: torch-pruning couples its input and output widths (one embed_dim); its
+                # packed in-projection reads the channels, its out_proj produces them
+                kinds[name] = kind
+                slot = cons.setdefault(name, {})
+                for i, r in zip(item.idxs, item.root_idxs):
+                    slot.setdefault(r, []).append(int(i))
+                name, kind = f"{name}.out_proj", LINEAR_KIND
+            kinds[name] = kind
             if (is_out or kind not in CONSUMER_KINDS) and not dep.target.outputs:
                 reasons.append(f"{name!r} produces a model output (an output layer's channels are never pruned)")
             if kind in CONSUMER_KINDS and not is_out:
@@ -426,4 +405,4 @@ def coupled_groups(model: nn.Module, example_inputs,
             skipped.append((tuple(involved), "; ".join(dict.fromkeys(reasons))))
             continue
         groups.append(grp)
-    return groups, skipped
+    return add_head_groups(model, example_inputs, groups, skipped, ignored, reused)

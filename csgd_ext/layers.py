@@ -22,6 +22,7 @@ prelu       ``PReLU``                                ``weight``, one slope per c
 scale       a bare ``nn.Parameter`` (not in a layer:  the parameter, channels on its last   = out width
             layer scale, position embedding,        non-singleton dim
             class token)
+mha         ``MultiheadAttention`` (packed q/k/v)    ``in_proj_weight`` (axis 0), its bias  ``embed_dim``
 ==========  =======================================  =====================================  ==============
 
 * A **producer** of a coupled group is a layer of any kind whose output channels are the group's channels; a
@@ -51,6 +52,10 @@ scale       a bare ``nn.Parameter`` (not in a layer:  the parameter, channels on
   (:func:`csgd_ext.bake.bake`), so that summing their input slices stays exact.
 * **The PReLU single-slope rule**: a ``PReLU`` with one shared slope carries no channel (the slope applies to
   any number of channels), so it is never clustered, shrunk or bounds-checked.
+* **nn.MultiheadAttention** is two members: its packed ``in_proj_weight`` reads the stream (a consumer, axis 1)
+  and produces q, k, v (a producer in its head group, :mod:`csgd_ext.attention`); its ``out_proj`` (a plain
+  ``linear``) produces the stream (``STREAM_SPLIT_KINDS``). After a merge its attributes are refreshed from
+  its shapes (:func:`csgd_ext.attention.refresh_heads`).
 * **Bare parameters** are named by their qualified parameter name (``"stages.0.gamma"``) and looked up with
   :func:`named_members`, which also holds every module by name.
 
@@ -76,31 +81,36 @@ from .norm_forms import groupnorm_form, layernorm_channel_dim, layernorm_form, n
 from .norms import WeightedGroupNorm, WeightedLayerNorm, WeightedRMSNorm
 
 __all__ = ["KINDS", "PRODUCER_KINDS", "CONSUMER_KINDS", "CHANNELWISE_KINDS", "KERNEL_KINDS", "BLOCKED_KINDS",
-           "GROUPED_CONSUMER_KINDS", "WEIGHTED_KINDS", "BARE_KIND", "TRACED_TYPES",
+           "GROUPED_CONSUMER_KINDS", "WEIGHTED_KINDS", "BARE_KIND", "STREAM_SPLIT_KINDS", "LINEAR_KIND", "MHA_KIND", "weight_of", "TRACED_TYPES",
            "ROOT_TYPES", "BareParam", "named_members", "module_kind", "widths", "index_bounds", "channel_tensors",
            "cluster_ids", "conv_group_of", "shrink", "sum_grouped_inputs", "weighted_norm", "layernorm_channel_dim",
            "norm_post"]
 
-KINDS = ("conv", "grouped", "linear", "depthwise", "norm", "layernorm", "groupnorm", "prelu", "scale")
+KINDS = ("conv", "grouped", "linear", "depthwise", "norm", "layernorm", "groupnorm", "prelu", "scale", "mha")
 #: kinds whose output channels a group may carry (and cluster)
 PRODUCER_KINDS = KINDS
 #: kinds that read a group's channels through their weight's axis 1
-CONSUMER_KINDS = ("conv", "grouped", "linear")
+CONSUMER_KINDS = ("conv", "grouped", "linear", "mha")
 #: kinds whose every channel tensor has the channel on axis 0, for input and output alike
 CHANNELWISE_KINDS = ("depthwise", "norm", "layernorm", "groupnorm", "prelu", "scale")
 #: kinds whose flattened weight rows are the clustering features of a group
-KERNEL_KINDS = ("conv", "grouped", "linear", "depthwise")
+KERNEL_KINDS = ("conv", "grouped", "linear", "depthwise", "mha")
 #: kinds whose channels fall into blocks a cluster never crosses (convolution groups, normalization groups)
 BLOCKED_KINDS = ("grouped", "groupnorm")
 #: consumer kinds whose input slices are summed per convolution group (:func:`sum_grouped_inputs`)
 GROUPED_CONSUMER_KINDS = ("grouped",)
 #: kinds a merge replaces by a multiplicity-weighted module (:func:`weighted_norm`) instead of shrinking them
 WEIGHTED_KINDS = ("layernorm", "groupnorm")
+#: the kind of an ``nn.Linear`` (an attention's q/k/v and output projections) and of an ``nn.MultiheadAttention``
+LINEAR_KIND, MHA_KIND = "linear", "mha"
+#: kinds whose output reaches a group through a child (``nn.MultiheadAttention``'s ``out_proj``, a ``linear``)
+STREAM_SPLIT_KINDS = (MHA_KIND,)
 #: the kind of a bare parameter (:class:`BareParam`)
 BARE_KIND = "scale"
 #: module types whose calls graph analysis watches (the known kinds and the norms without an exact merge)
 TRACED_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.PReLU, nn.GroupNorm,
-                nn.LayerNorm, nn.RMSNorm, WeightedLayerNorm, WeightedRMSNorm, WeightedGroupNorm)
+                nn.LayerNorm, nn.RMSNorm, WeightedLayerNorm, WeightedRMSNorm, WeightedGroupNorm,
+                nn.MultiheadAttention)
 #: module types that root a coupled group
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 _LAYERNORMS = (nn.LayerNorm, nn.RMSNorm, WeightedLayerNorm, WeightedRMSNorm)
@@ -166,6 +176,10 @@ def _layer_kind(m) -> Tuple[Optional[str], Optional[str]]:
         return "layernorm", None
     if isinstance(m, (nn.GroupNorm, WeightedGroupNorm)):
         return "groupnorm", None
+    if isinstance(m, nn.MultiheadAttention):
+        if not m._qkv_same_embed_dim or m.bias_k is not None:
+            return None, f"{type(m).__name__} with separate k/v input widths or add_bias_kv (no exact merge rule)"
+        return "mha", None
     return None, f"{type(m).__name__} (no exact merge rule for this layer)"
 
 
@@ -204,6 +218,8 @@ def widths(m, kind: str) -> Tuple[int, int]:
         return n, n
     if kind == "scale":
         return m.param.shape[m.dim], m.param.shape[m.dim]
+    if kind == "mha":
+        return tuple(m.in_proj_weight.shape)
     raise ValueError(f"unknown layer kind {kind!r}; the kinds are {KINDS}")
 
 
@@ -252,6 +268,11 @@ def cluster_ids(clusters: Sequence[Sequence[int]], n: int, device=None) -> torch
     return torch.unique(ids, return_inverse=True)[1].to(device)
 
 
+def weight_of(m: nn.Module) -> torch.Tensor:
+    """A conv/linear-like layer's weight: axis 0 its outputs, axis 1 its inputs (``in_proj_weight`` for ``mha``)."""
+    return m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
+
+
 def _set_tensor(m: nn.Module, key: str, value: torch.Tensor) -> None:
     old = getattr(m, key)
     if isinstance(old, nn.Parameter):
@@ -292,8 +313,13 @@ def shrink(m, kind: str, keep_out: torch.Tensor, keep_in: Optional[torch.Tensor]
         else:
             m.num_parameters = n
         return
-    w = m.weight
+    w = weight_of(m)
     keep_out, keep_in = keep_out.to(w.device), keep_in.to(w.device)
+    if kind == "mha":  # the attributes follow in csgd_ext.attention.refresh_heads
+        _set_tensor(m, "in_proj_weight", w.index_select(0, keep_out).index_select(1, keep_in))
+        if m.in_proj_bias is not None:
+            _set_tensor(m, "in_proj_bias", m.in_proj_bias.index_select(0, keep_out))
+        return
     if kind == "grouped":
         outs = _per_group(keep_out, m.out_channels, m.groups, "output channels", name)
         ins = _per_group(keep_in, m.in_channels, m.groups, "input channels", name)

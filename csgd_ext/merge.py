@@ -31,8 +31,9 @@ from torch import nn
 
 from .bake import bake
 from .flops import count_flops_params
+from .attention import head_dims, refresh_heads
 from .layers import CHANNELWISE_KINDS, GROUPED_CONSUMER_KINDS, WEIGHTED_KINDS, channel_tensors, cluster_ids, \
-    shrink, sum_grouped_inputs, named_members, weighted_norm, widths
+    weight_of, shrink, sum_grouped_inputs, named_members, weighted_norm, widths
 from .layout import build_layout
 from .ops.reference import cluster_mean
 from .plan import ClusterPlan
@@ -154,6 +155,7 @@ def merge(model: nn.Module, plan) -> nn.Module:
     """
     check_plan(model, plan)
     small = copy.deepcopy(model)
+    dims = head_dims(small)
     mods = named_members(small)
     # 1. values: producers -> cluster means, consumers -> summed slices (all at the original shapes); a consumer
     # whose forward transforms its weight (weight standardization) first becomes the plain layer it computes
@@ -167,7 +169,7 @@ def merge(model: nn.Module, plan) -> nn.Module:
         if _kind_of(plan, name) in GROUPED_CONSUMER_KINDS:
             sum_grouped_inputs(mods[name], clusters, name)
             continue
-        w = mods[name].weight
+        w = weight_of(mods[name])
         target = torch.arange(w.shape[1], dtype=torch.long)
         for cl in clusters:
             for member in cl[1:]:
@@ -193,6 +195,7 @@ def merge(model: nn.Module, plan) -> nn.Module:
             continue
         keep_in = None if kind in CHANNELWISE_KINDS else _kept(i, in_rm.get(name, set()), dev)
         shrink(m, kind, keep_out, keep_in, name)
+    refresh_heads(small, dims)  # 3. attention attributes (head counts, widths) from the new shapes
     return small
 
 

@@ -45,6 +45,8 @@ class GroupPlan:
     ``kinds`` gives each module's kind (see :mod:`csgd_ext.layers`; a bare parameter is named by its qualified
     parameter name). ``conv_groups`` > 1 when the group passes through grouped convs: each convolution group
     holds ``width_before / conv_groups`` channels and keeps ``width_after / conv_groups`` clusters.
+    ``heads`` is set on an attention head group (:mod:`csgd_ext.attention`): its root channels are the rows of a
+    ``(3, heads, head_dim)`` q/k/v projection, its clusters join whole heads, and its consumers read the v rows.
     """
 
     root: str
@@ -55,6 +57,7 @@ class GroupPlan:
     consumers: Dict[str, List[List[int]]] = field(default_factory=dict)
     kinds: Dict[str, str] = field(default_factory=dict)
     conv_groups: int = 1
+    heads: Optional[int] = None
 
     @property
     def modules(self) -> List[str]:
@@ -73,7 +76,7 @@ class GroupPlan:
                 "labels": list(map(int, self.labels)), "kinds": dict(self.kinds),
                 "producers": {k: list(map(int, v)) for k, v in self.producers.items()},
                 "consumers": {k: [list(map(int, x)) for x in v] for k, v in self.consumers.items()},
-                "conv_groups": int(self.conv_groups)}
+                "conv_groups": int(self.conv_groups), **({"heads": int(self.heads)} if self.heads else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "GroupPlan":

@@ -22,7 +22,9 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 from torch import nn
 
+from .attention import lift_head_labels
 from .budget import check_round_to, check_target_flops
+from .cluster import canonical_labels
 from .layers import BLOCKED_KINDS, CONSUMER_KINDS, PRODUCER_KINDS, conv_group_of, index_bounds, module_kind, \
     named_members
 
@@ -150,6 +152,16 @@ def _group_fields(d) -> dict:
                 raise _FieldError(fname, f"channel {c} is mapped from root channels {seen[c]} and {r}")
             seen[c] = r
         producers[name] = idx
+    heads = d.get("heads")
+    if heads is not None:
+        if not _is_int(heads) or heads < 1 or wb % (3 * heads):
+            raise _FieldError("heads", f"must be an int >= 1 with width_before ({wb}) a multiple of 3 x heads, "
+                              f"got {heads!r}")
+        hd = wb // (3 * heads)
+        tied = lift_head_labels([labels[h * hd] for h in range(heads)], heads, hd, wb)
+        if canonical_labels(labels).tolist() != tied:
+            raise _FieldError("labels", "of a head group must join whole heads: row (slot, head, dim) in the "
+                              "cluster (slot, cluster of head, dim)")
     consumers: Dict[str, List[List[int]]] = {}
     for name, index in cons_d.items():
         fname = f"consumers[{name!r}]"
@@ -164,9 +176,13 @@ def _group_fields(d) -> dict:
         for r, feats in enumerate(index):
             row = _int_list(f"{fname}[{r}]", feats, len(feats) if isinstance(feats, list) else -1,
                             "input features of the root channel")
-            if not row or len(row) != len(index[0]):
-                raise _FieldError(fname, f"entry {r} lists {len(row)} input features, entry 0 lists "
-                                  f"{len(index[0])}: every root channel needs the same (non-zero) number")
+            if heads is not None and r < 2 * wb // 3 and not row:
+                rows.append(row)  # a head group's q and k rows feed no consumer
+                continue
+            ref = wb - 1 if heads is not None else 0  # (a head group's last row is a v row)
+            if not row or len(row) != len(index[ref]):
+                raise _FieldError(fname, f"entry {r} lists {len(row)} input features, entry {ref} lists "
+                                  f"{len(index[ref])}: every root channel needs the same (non-zero) number")
             for c in row:
                 if c < 0:
                     raise _FieldError(fname, f"entry {r} holds {c}: feature indices must be >= 0")
@@ -196,7 +212,7 @@ def _group_fields(d) -> dict:
         raise _FieldError("conv_groups", f"must be an int >= 1 dividing width_before ({wb}) and width_after "
                           f"({wa}), got {ng!r}")
     return dict(root=root, width_before=wb, width_after=wa, labels=labels, producers=producers,
-                consumers=consumers, kinds=kinds, conv_groups=int(ng))
+                consumers=consumers, kinds=kinds, conv_groups=int(ng), heads=None if heads is None else int(heads))
 
 
 def _check_fingerprint(fp: Mapping) -> Mapping:

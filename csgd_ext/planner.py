@@ -24,8 +24,10 @@ from torch import nn
 from .budget import allocate, check_round_to, check_target_flops, round_widths
 from .cluster import METHODS, canonical_labels, cluster_channels
 from .flops import count_flops_params
+from .attention import lift_head_labels
 from .graph import coupled_groups
-from .layers import KERNEL_KINDS, BareParam, named_members
+from .head_groups import bundles, head_features, lockstep, probe_overrides, stream_ties, untied_orphans
+from .layers import KERNEL_KINDS, BareParam, weight_of, named_members
 from .merge import merge
 from .plan import ClusterPlan, GroupPlan
 from .progress import progress
@@ -76,7 +78,19 @@ def _group_plan(g, labels: List[int]) -> GroupPlan:
     return GroupPlan(root=g.root, width_before=g.width, width_after=int(max(labels)) + 1, labels=list(labels),
                      producers={p.name: list(p.index) for p in g.producers},
                      consumers={c.name: [list(x) for x in c.index] for c in g.consumers},
-                     kinds={m.name: m.kind for m in g.producers + g.consumers}, conv_groups=g.conv_groups)
+                     kinds={m.name: m.kind for m in g.producers + g.consumers}, conv_groups=g.conv_groups,
+                     heads=g.heads[0] if g.heads else None)
+
+
+def _cluster_heads(mods, g, kept: int, method: str, seed: int) -> List[int]:
+    """Row labels of attention head group ``g`` keeping ``kept`` heads (clusters of whole heads, on each head's
+    q, k and v rows)."""
+    h, d = g.heads
+    if kept >= h:
+        return list(range(g.width))
+    w = weight_of(mods[g.producers[0].name]).detach().float().cpu()
+    feats = head_features(w, h, d) if method == "kmeans" else torch.zeros(h, 1)
+    return lift_head_labels(cluster_channels(feats, kept, method, seed=seed), h, d, g.width)
 
 
 def _producer_features(model_mods: Dict[str, nn.Module], g) -> List[torch.Tensor]:
@@ -86,7 +100,7 @@ def _producer_features(model_mods: Dict[str, nn.Module], g) -> List[torch.Tensor
     for mem in g.producers:
         if mem.kind not in KERNEL_KINDS:
             continue
-        w = model_mods[mem.name].weight.detach().float().cpu()
+        w = weight_of(model_mods[mem.name]).detach().float().cpu()
         feats.append(w.reshape(w.shape[0], -1)[torch.tensor(mem.index)])
     if not feats:
         for mem in g.producers:
@@ -231,20 +245,28 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[None, float, Map
             skipped.append((tuple(g.modules), f"consumers {bad_cons} do not read every channel of the group"))
         else:
             ok.append(g)
+    for gi in sorted(untied_orphans(ok), reverse=True):
+        skipped.append((tuple(ok[gi].modules), "attention heads: its forward ties the stream's width to heads x "
+                        "head_dim, and that stream is not clustered"))
+        del ok[gi]
     if verify and ok:
+        ties = stream_ties(ok)
         bad = inexact_groups(model, [_group_plan(g, list(range(g.width))) for g in ok], example_inputs,
-                             blocks=[g.blocks for g in ok], required=[i for i, g in enumerate(ok) if g.unverified])
+                             blocks=[g.blocks for g in ok], required=[i for i, g in enumerate(ok) if g.unverified],
+                             labels=probe_overrides(ok, ties, seed), units=bundles(len(ok), ties))
         for i, why in sorted(bad.items()):
             ops = f"; ops on its path: {', '.join(ok[i].unverified)}" if ok[i].unverified else ""
             skipped.append((tuple(ok[i].modules), f"numeric check: {why}{ops}"))
         ok = [g for i, g in enumerate(ok) if i not in bad]
 
     mods = named_members(model)
+    ties = stream_ties(ok)
     widths: Dict[int, int] = {}
     if target_flops is not None:
         widths = allocate(model, example_inputs, ok, [_block_sizes(g.width, g.blocks) for g in ok], target_flops,
                           round_to, importance=lambda gi: [f.norm(dim=1) for f in _producer_features(mods, ok[gi])],
-                          exact_flops=lambda w: _merged_flops(model, example_inputs, ok, w))
+                          exact_flops=lambda w: _merged_flops(model, example_inputs, ok, w),
+                          follow={h: (s, ok[h].heads[1]) for h, s in ties.items()})
     elif isinstance(keep, Mapping):
         owner = {}
         for gi, g in enumerate(ok):
@@ -274,12 +296,24 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[None, float, Map
     else:
         widths = {gi: _block_widths(keep, g.width, g.blocks) for gi, g in enumerate(ok)}
     if round_to is not None and target_flops is None:
-        widths = {gi: round_widths(w, _block_sizes(ok[gi].width, ok[gi].blocks), round_to) for gi, w in widths.items()}
+        widths = {gi: w if ok[gi].heads else round_widths(w, _block_sizes(ok[gi].width, ok[gi].blocks), round_to)
+                  for gi, w in widths.items()}
+    asked = {gi: sum(w) for gi, w in widths.items()}
+    lockstep(ok, widths, ties)
+    if isinstance(keep, Mapping):
+        for gi in sorted(set(ties.values()) & set(asked)):
+            if sum(widths[gi]) != asked[gi]:
+                raise ValueError(f"keep gives the stream of {ok[gi].root!r} {asked[gi]} channels, but attention that "
+                                 f"reads it needs heads x head_dim channels: give a multiple of "
+                                 f"{ok[next(h for h, s in ties.items() if s == gi)].heads[1]}")
 
     plans: List[GroupPlan] = []
     for gi, g in enumerate(progress(ok, desc="csgd_ext: clustering groups", enabled=len(ok) >= 16)):
         per_block = widths.get(gi, _block_sizes(g.width, g.blocks))
-        labels = _cluster_blocks(lambda: _group_features(mods, g), g.width, g.blocks, per_block, method, seed)
+        if g.heads:
+            labels = _cluster_heads(mods, g, per_block[0], method, seed)
+        else:
+            labels = _cluster_blocks(lambda: _group_features(mods, g), g.width, g.blocks, per_block, method, seed)
         plans.append(_group_plan(g, labels))
     meta = {"method": method, "seed": seed, "keep": dict(keep) if isinstance(keep, Mapping) else keep,
             "target_flops": target_flops, "round_to": round_to}

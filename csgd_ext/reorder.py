@@ -28,7 +28,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .layers import CHANNELWISE_KINDS, GROUPED_CONSUMER_KINDS, channel_tensors, named_members, widths
+from .layers import CHANNELWISE_KINDS, GROUPED_CONSUMER_KINDS, channel_tensors, weight_of, named_members, widths
 from .merge import check_plan
 from .plan import ClusterPlan, GroupPlan
 
@@ -58,9 +58,9 @@ def contiguous_clusters(model: nn.Module, plan: ClusterPlan) -> ClusterPlan:
     groups = []
     for g in plan.groups:
         order = _root_order(g)
-        if order == list(range(len(order))) or any(k in GROUPED_CONSUMER_KINDS for k in g.kinds.values()):
-            groups.append(g)  # already contiguous, or through a grouped conv (a move could cross its groups)
-            continue
+        if order == list(range(len(order))) or g.heads or any(k in GROUPED_CONSUMER_KINDS for k in g.kinds.values()):
+            groups.append(g)  # already contiguous, through a grouped conv (a move could cross its groups), or an
+            continue          # attention head group (its rows keep their (slot, head, dim) layout)
         for name, index in g.producers.items():
             perm = out_perm.setdefault(name, torch.arange(widths(mods[name], g.kinds[name])[0]))
             for k, r in enumerate(order):
@@ -68,7 +68,7 @@ def contiguous_clusters(model: nn.Module, plan: ClusterPlan) -> ClusterPlan:
         for name, feats in g.consumers.items():
             if g.kinds[name] in CHANNELWISE_KINDS:
                 continue  # its channel tensors move with its output channels (it is a producer too)
-            perm = in_perm.setdefault(name, torch.arange(mods[name].weight.shape[1]))
+            perm = in_perm.setdefault(name, torch.arange(weight_of(mods[name]).shape[1]))
             for k, r in enumerate(order):
                 if len(feats[k]) != len(feats[r]):
                     raise ValueError(f"cannot permute {name}: root channels {k} and {r} of group {g.root!r} "
@@ -79,7 +79,7 @@ def contiguous_clusters(model: nn.Module, plan: ClusterPlan) -> ClusterPlan:
         for _, t in channel_tensors(mods[name], with_buffers=True, with_counts=True):
             t.copy_(t.index_select(0, perm.to(t.device)))
     for name, perm in in_perm.items():
-        w = mods[name].weight
+        w = weight_of(mods[name])
         w.copy_(w.index_select(1, perm.to(w.device)))
     meta = dict(plan.meta)
     meta["contiguous_clusters"] = True

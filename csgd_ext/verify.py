@@ -37,18 +37,19 @@ RTOL_FP64 = 1e-9
 RTOL_FP32 = 1e-4
 
 
-def probe_labels(width: int, blocks: Optional[Sequence[int]], rng: np.random.Generator) -> List[int]:
-    """Random cluster labels for ``width`` channels: about half as many clusters as channels, none crossing a
-    block (convolution group), the same number in every block."""
+def probe_labels(width: int, blocks: Optional[Sequence[int]], rng: np.random.Generator,
+                 k: Optional[int] = None) -> List[int]:
+    """Random cluster labels for ``width`` channels: about half as many clusters as channels (``k`` per block when
+    given), none crossing a block (convolution group), the same number in every block."""
     blocks = list(blocks) if blocks is not None else [0] * width
     labels = np.empty(width, dtype=np.int64)
     nxt = 0
     for b in sorted(set(blocks)):
         members = np.flatnonzero(np.asarray(blocks) == b)
-        k = max(1, len(members) // 2)
-        lab = np.concatenate([np.arange(k), rng.integers(0, k, len(members) - k)])
+        kb = max(1, len(members) // 2) if k is None else min(k, len(members))
+        lab = np.concatenate([np.arange(kb), rng.integers(0, kb, len(members) - kb)])
         labels[rng.permutation(members)] = lab + nxt
-        nxt += k
+        nxt += kb
     return labels.tolist()
 
 
@@ -128,10 +129,13 @@ class _Probe:
 
 def inexact_groups(model: nn.Module, groups: Sequence[GroupPlan], example_inputs, seed: int = 0,
                    blocks: Optional[Sequence[Optional[Sequence[int]]]] = None,
-                   required: Optional[Sequence[int]] = None) -> Dict[int, str]:
+                   required: Optional[Sequence[int]] = None, labels: Optional[Dict[int, List[int]]] = None,
+                   units: Optional[List[List[int]]] = None) -> Dict[int, str]:
     """``{index: reason}`` for the groups of ``groups`` whose merge is not exact (see the module docstring).
 
-    ``groups`` are :class:`GroupPlan` s of ``model`` (their labels are replaced by random probe clusters);
+    ``groups`` are :class:`GroupPlan` s of ``model`` (their labels are replaced by random probe clusters, or by
+    ``labels[i]`` where given: an attention head group's clusters join whole heads); ``units`` are lists of
+    group indices checked and reported together (a stream with the attention head groups tied to its width);
     ``blocks[i]`` is group ``i``'s block partition (:attr:`csgd_ext.graph.CoupledGroup.blocks`). When the model
     cannot be copied or run in eval mode, the groups in ``required`` (default: all) are reported: those whose
     exactness only the check can establish.
@@ -141,9 +145,11 @@ def inexact_groups(model: nn.Module, groups: Sequence[GroupPlan], example_inputs
     rng = np.random.default_rng(seed)
     probes = []
     for i, g in enumerate(groups):
-        labels = probe_labels(g.width_before, blocks[i] if blocks is not None else None, rng)
-        probes.append(GroupPlan(root=g.root, width_before=g.width_before, width_after=max(labels) + 1,
-                                labels=labels, producers=g.producers, consumers=g.consumers, kinds=g.kinds))
+        lab = probe_labels(g.width_before, blocks[i] if blocks is not None else None, rng)
+        lab = (labels or {}).get(i, lab)
+        probes.append(GroupPlan(root=g.root, width_before=g.width_before, width_after=max(lab) + 1,
+                                labels=lab, producers=g.producers, consumers=g.consumers, kinds=g.kinds,
+                                heads=g.heads))
     try:
         probe = _Probe(model, example_inputs)
     except Exception as e:  # noqa: BLE001 - e.g. a model holding non-leaf tensors cannot be deep-copied
@@ -151,19 +157,21 @@ def inexact_groups(model: nn.Module, groups: Sequence[GroupPlan], example_inputs
         return {i: why for i in (range(len(groups)) if required is None else required)}
     bad: Dict[int, str] = {}
 
+    units = units if units is not None else [[i] for i in range(len(probes))]
+
     def bisect(idx: List[int]) -> None:
-        why = probe.check([probes[i] for i in idx])
+        why = probe.check([probes[i] for u in idx for i in units[u]])
         if why is None:
             return
         if len(idx) == 1:
-            bad[idx[0]] = why
+            bad.update({i: why for i in units[idx[0]]})
             return
         found = len(bad)
         half = len(idx) // 2
         bisect(idx[:half])
         bisect(idx[half:])
         if len(bad) == found:  # each half merges exactly, together they do not: keep none of them
-            bad.update({i: f"{why} (merged together with {len(idx) - 1} other groups)" for i in idx})
+            bad.update({i: f"{why} (merged together with {len(idx) - 1} other groups)" for u in idx for i in units[u]})
 
-    bisect(list(range(len(probes))))
+    bisect(list(range(len(units))))
     return bad

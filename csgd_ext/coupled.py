@@ -1,0 +1,44 @@
+"""The result records of coupled-channel analysis (:mod:`csgd_ext.graph`, :mod:`csgd_ext.head_groups`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+__all__ = ["Member", "CoupledGroup"]
+
+
+@dataclass
+class Member:
+    """One layer of a coupled group. ``index``: see the module docstring."""
+
+    name: str
+    kind: str
+    index: list
+
+
+@dataclass
+class CoupledGroup:
+    """A set of coupled channels: ``width`` root channels shared by ``producers`` and read by ``consumers``."""
+
+    root: str
+    width: int
+    producers: List[Member] = field(default_factory=list)
+    consumers: List[Member] = field(default_factory=list)
+    #: ``blocks[r]``: the block of root channel ``r``: its convolution group in the group's grouped convs and
+    #: its chunk of the splits on the path (clusters stay inside one block); None when there are neither
+    blocks: Optional[List[int]] = None
+    #: the number of convolution groups (of equal size, each keeping as many channels); 1 without grouped convs
+    conv_groups: int = 1
+    #: ops on the group's path whose exactness depends on how they move the channel dim (numeric check)
+    unverified: List[str] = field(default_factory=list)
+    #: ``(heads, head_dim)`` for an attention head group (:mod:`csgd_ext.attention`): its root channels are the
+    #: rows of a ``(slot, head, dim)``-ordered q/k/v projection and its clusters join whole heads
+    heads: Optional[Tuple[int, int]] = None
+    #: a head group whose attention needs the stream to keep ``heads * head_dim`` channels: the name of the
+    #: layer reading that stream (the stream group is the group with this consumer)
+    tied: Optional[str] = None
+
+    @property
+    def modules(self) -> List[str]:
+        return [m.name for m in self.producers] + [m.name for m in self.consumers]
