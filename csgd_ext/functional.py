@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from . import ops
-from .hparams import check_hparams
+from .hparams import HParams, check_hparams
 from .layout import ClusterLayout, build_layout, validate_cluster_ids
 
 __all__ = ["csgd"]
@@ -45,10 +45,10 @@ def _layout(p: torch.Tensor, lay: Layout, i: int) -> Optional[ClusterLayout]:
 
 
 def run(mod: ModuleType, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
-        layouts: Sequence[Optional[ClusterLayout]], hp: Dict[str, object]) -> None:
+        layouts: Sequence[Optional[ClusterLayout]], hp: HParams) -> None:
     """The step on one device through the backend module ``mod``, arguments already checked: what
     :func:`csgd` and :meth:`csgd_ext.CSGD.step` both run."""
-    mod.step(params, grads, momentum_buffers, layouts, **hp)
+    mod.step(params, grads, momentum_buffers, layouts, hp)
 
 
 @torch.no_grad()
@@ -74,10 +74,10 @@ def csgd(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
     for what, seq in (("grads", grads), ("momentum_buffers", momentum_buffers), ("layouts", layouts)):
         if len(seq) != n:
             raise ValueError(f"{what} has {len(seq)} entries for {n} params")
-    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-              maximize=maximize, centripetal=centripetal)
-    check_hparams(hp)
-    hp = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in hp.items()}
+    group = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                 maximize=maximize, centripetal=centripetal)
+    check_hparams(group)
+    hp = HParams.of(group)
     if backend != "auto":
         ops.get_module(backend)  # ValueError for an unknown name
     by_device: Dict[torch.device, List[int]] = {}
@@ -94,6 +94,6 @@ def csgd(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
         bufs = [momentum_buffers[i] for i in idx]
         run(ops.resolve(backend, device), [params[i] for i in idx], [grads[i] for i in idx], bufs,
             [lays[i] for i in idx], hp)
-        if momentum != 0:
+        if hp.use_momentum:
             for i, b in zip(idx, bufs):
                 momentum_buffers[i] = b

@@ -1,19 +1,67 @@
-"""The hyperparameters of a C-SGD step and their one validation (used by :class:`csgd_ext.CSGD` and
-:func:`csgd_ext.csgd`)."""
+"""The hyperparameters of a C-SGD step: :class:`HParams`, the one record every layer passes on
+(:class:`csgd_ext.CSGD` -> :func:`csgd_ext.csgd` -> a backend's ``step`` -> the kernel), and their one validation.
+
+Example::
+
+    hp = HParams(lr=0.1, momentum=0.9, nesterov=True, centripetal=3e-3)
+    backend.step(params, grads, bufs, layouts, hp)   # a backend module of csgd_ext.ops
+"""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 import torch
 
-__all__ = ["HPARAMS", "check_hparams"]
-
-#: the hyperparameters every param group carries and every backend's ``step`` takes
-HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "centripetal")
+__all__ = ["HPARAMS", "HParams", "as_hparams", "check_hparams"]
 
 
-def _check_number(group: Dict[str, Any], key: str, where: str) -> None:
+class HParams(NamedTuple):
+    """One step's hyperparameters, plain Python numbers (``torch.optim.SGD``'s plus ``centripetal``)."""
+
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+    centripetal: float = 0.0
+
+    @classmethod
+    def of(cls, group: Mapping[str, Any]) -> "HParams":
+        """The record of a param group (or any mapping holding the seven keys); 1-element tensors become
+        numbers. Not validated: :func:`check_hparams` checks a group once, when it is set."""
+        lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
+        cen = group["centripetal"]
+        return cls(float(lr), float(mom), float(damp), float(wd), bool(group["nesterov"]), bool(group["maximize"]),
+                   float(cen))
+
+    @property
+    def use_momentum(self) -> bool:
+        return self.momentum != 0
+
+
+#: the hyperparameters every param group carries (the fields of :class:`HParams`)
+HPARAMS = HParams._fields
+
+
+def as_hparams(hp: Optional[HParams], keywords: Dict[str, Any]) -> HParams:
+    """A backend ``step``'s hyperparameters: the record ``hp``, or the seven keywords (``lr=..., ...``)."""
+    if hp is None:
+        for k in keywords:
+            if k not in HPARAMS:
+                raise TypeError(f"unknown hyperparameter {k!r}; the hyperparameters are {HPARAMS}")
+        if "lr" not in keywords:
+            raise TypeError("the hyperparameter lr is required")
+        return HParams.of({**HParams._field_defaults, **keywords})
+    if keywords:
+        raise TypeError(f"pass the hyperparameters as one HParams or as keywords, not both ({sorted(keywords)})")
+    if not isinstance(hp, HParams):
+        raise TypeError(f"hp must be a csgd_ext.hparams.HParams, got {type(hp).__name__}")
+    return hp
+
+
+def _check_number(group: Mapping[str, Any], key: str, where: str) -> None:
     v = group[key]
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
@@ -25,7 +73,7 @@ def _check_number(group: Dict[str, Any], key: str, where: str) -> None:
         raise ValueError(f"Invalid {key}: {v}{where} (must be >= 0)")
 
 
-def check_hparams(group: Dict[str, Any], where: str = "") -> None:
+def check_hparams(group: Mapping[str, Any], where: str = "") -> None:
     """Validate one param group's hyperparameters; raises ValueError/TypeError naming the bad one."""
     for key in ("lr", "momentum", "dampening", "weight_decay", "centripetal"):
         _check_number(group, key, where)

@@ -80,3 +80,31 @@ def test_bad_arguments_are_refused_before_any_write():
         with pytest.raises(exc, match=match):
             csgd_ext.csgd(ps, kw["grads"], bufs, kw["layouts"], backend=kw["backend"], **kw["hp"])
         assert all(torch.equal(p, q) for p, q in zip(ps, before)) and bufs == [None] * len(ps)
+
+
+def test_backend_step_takes_one_hparams_record_or_the_keywords(backend):
+    """Every backend's ``step`` takes the hyperparameters as one :class:`HParams` (what ``CSGD`` and ``csgd`` pass)
+    or as keywords (scripts, tests): the same bits; mixing both, an unknown name or a missing lr is a TypeError."""
+    from csgd_ext import ops
+    from csgd_ext.hparams import HParams
+
+    mod = ops.resolve(backend, torch.device("cpu"))
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 5, 5])
+    lays = [build_layout(ids), None, None, None]
+    a, b = tensors(3), tensors(3)
+    ba, bb = [None] * 4, [None] * 4
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        gs = [torch.randn(p.shape, generator=gen) for p in a]
+        mod.step(a, gs, ba, lays, HParams(**HP))
+        mod.step(b, gs, bb, lays, **HP)
+    assert all(torch.equal(x, y) for x, y in zip(a + ba, b + bb))
+    assert HParams.of(dict(HP, lr=torch.tensor(0.5))).lr == 0.5
+    for kw, match in ((dict(HP, lr_typo=1.0), "unknown hyperparameter 'lr_typo'"),
+                      ({k: v for k, v in HP.items() if k != "lr"}, "lr is required")):
+        with pytest.raises(TypeError, match=match):
+            mod.step(a, gs, ba, lays, **kw)
+    with pytest.raises(TypeError, match="not both"):
+        mod.step(a, gs, ba, lays, HParams(**HP), lr=0.1)
+    with pytest.raises(TypeError, match="must be a csgd_ext.hparams.HParams"):
+        mod.step(a, gs, ba, lays, HP)

@@ -2,12 +2,13 @@
 
 Every backend module exposes ``NAME``, ``unavailable_reason(device) -> None | str`` and::
 
-    step(params, grads, momentum_buffers, layouts, *, lr, weight_decay, momentum, dampening,
-         nesterov, maximize, centripetal) -> None
+    step(params, grads, momentum_buffers, layouts, hp) -> None
 
-updating ``params`` (and the momentum buffers) in place; a ``None`` buffer is a first step and the new
-buffer is stored back into the list when ``momentum != 0``. ``layouts[i]`` is a
-:class:`csgd_ext.layout.ClusterLayout` or ``None`` (plain SGD). The ``reference`` backend is the spec.
+updating ``params`` (and the momentum buffers) in place; ``hp`` is the step's
+:class:`csgd_ext.hparams.HParams` (``step(..., lr=0.1, momentum=0.9)`` with the hyperparameters as keywords
+works too). A ``None`` buffer is a first step and the new buffer is stored back into the list when
+``momentum != 0``. ``layouts[i]`` is a :class:`csgd_ext.layout.ClusterLayout` or ``None`` (plain SGD). The
+``reference`` backend is the spec.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..hparams import HParams, as_hparams
 from ..layout import ClusterLayout
 from . import native
 from .staging import kernel_layout
@@ -44,12 +45,9 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
 
 
 def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
-         layouts: Sequence[Optional[ClusterLayout]], *, lr: float, weight_decay: float, momentum: float,
-         dampening: float, nesterov: bool, maximize: bool, centripetal: float) -> None:
+         layouts: Sequence[Optional[ClusterLayout]], hp: Optional[HParams] = None, **hparams) -> None:
     """One C-SGD step through the emulated CUDA kernel (same contract as :func:`csgd_ext.ops.reference.step`)."""
-    native.run_op(NAME, OP_NAME, params, grads, momentum_buffers, layouts, lr=lr, weight_decay=weight_decay,
-                  momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize,
-                  centripetal=centripetal)
+    native.run_op(NAME, OP_NAME, params, grads, momentum_buffers, layouts, as_hparams(hp, hparams))
 
 
 def plan_stats(params: Sequence[torch.Tensor], layouts: Sequence[Optional[ClusterLayout]], *, sm_count: int = 132,

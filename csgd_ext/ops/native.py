@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..hparams import HParams, as_hparams
 from ..layout import ClusterLayout
 from .staging import copy_back, layout_forms, stage
 
@@ -114,9 +115,9 @@ _STAGED: dict = {}  # id(layouts list) -> the list, for step lists whose tensors
 
 
 def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
-         layouts: Sequence[Optional[ClusterLayout]], *, lr: float, weight_decay: float, momentum: float,
-         dampening: float, nesterov: bool, maximize: bool, centripetal: float) -> None:
-    """One fused C-SGD step over lists of tensors, in place (the signature of every backend's ``step``).
+         layouts: Sequence[Optional[ClusterLayout]], hp: Optional[HParams] = None, **hparams) -> None:
+    """One fused C-SGD step over lists of tensors, in place (the signature of every backend's ``step``:
+    the hyperparameters ``hp``, or the keywords ``lr=..., momentum=...``).
 
     All tensors go through one ``torch.ops.csgd_ext.csgd_step_`` call per dtype (two when some momentum
     buffers do not exist yet: those are allocated here and filled by the kernel's first step).
@@ -127,27 +128,23 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
 
     Example::
 
+        from csgd_ext.hparams import HParams
         from csgd_ext.layout import build_layout
         w = torch.randn(4, 3); g = torch.randn(4, 3); bufs = [None]
-        step([w], [g], bufs, [build_layout(torch.tensor([0, 0, 1, 1]))], lr=0.1, weight_decay=0.0,
-             momentum=0.9, dampening=0.0, nesterov=True, maximize=False, centripetal=0.01)
+        step([w], [g], bufs, [build_layout(torch.tensor([0, 0, 1, 1]))],
+             HParams(lr=0.1, momentum=0.9, nesterov=True, centripetal=0.01))
     """
-    run_op(NAME, "csgd_step_", params, grads, momentum_buffers, layouts, lr=lr, weight_decay=weight_decay,
-           momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize, centripetal=centripetal)
+    run_op(NAME, "csgd_step_", params, grads, momentum_buffers, layouts, as_hparams(hp, hparams))
 
 
-def run_op(backend: str, op_name: str, params, grads, momentum_buffers: list, layouts, *, lr: float,
-           weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-           centripetal: float) -> None:
+def run_op(backend: str, op_name: str, params, grads, momentum_buffers: list, layouts, hp: HParams) -> None:
     """:func:`step` through ``torch.ops.csgd_ext.<op_name>`` (an op with ``csgd_step_``'s schema), for the
     backend named ``backend`` (named in errors; ``unavailable_reason`` of that backend's module is asked)."""
     if len(params) == 0:
         return
     if torch.is_grad_enabled():  # in-place updates of leaf parameters (CSGD.step already runs without grad)
         with torch.no_grad():
-            return run_op(backend, op_name, params, grads, momentum_buffers, layouts, lr=lr,
-                          weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                          maximize=maximize, centripetal=centripetal)
+            return run_op(backend, op_name, params, grads, momentum_buffers, layouts, hp)
     dev_type = params[0].device.type
     if (op_name, dev_type) not in _READY and not torch.compiler.is_compiling():  # checked eagerly; not traced
         from . import get_module
@@ -158,20 +155,20 @@ def run_op(backend: str, op_name: str, params, grads, momentum_buffers: list, la
         _register_fake()
         _READY.add((op_name, dev_type))
     op = getattr(torch.ops.csgd_ext, op_name)
-    hp = (float(lr), float(weight_decay), float(momentum), float(dampening), bool(nesterov), bool(maximize),
-          float(centripetal))
-    bufs = momentum_buffers if momentum != 0 else []
+    args = (float(hp.lr), float(hp.weight_decay), float(hp.momentum), float(hp.dampening), bool(hp.nesterov),
+            bool(hp.maximize), float(hp.centripetal))  # the op's order
+    bufs = momentum_buffers if hp.momentum != 0 else []
     if id(layouts) not in _STAGED and not any(map(operator.is_, bufs, repeat(None))):
         # the common case, without a Python pass per tensor: every buffer exists, so one call does it when the
         # op accepts the tensors as they are (it checks dtypes, shapes and memory orders before any write)
         try:
-            op(params, grads, bufs, layout_forms(layouts, native_layout), *hp, False)
+            op(params, grads, bufs, layout_forms(layouts, native_layout), *args, False)
             return
         except (ValueError, TypeError):  # mixed dtypes on the CPU, a layout that needs a copy, or a real error
             _STAGED[id(layouts)] = layouts  # staged from now on (kept: its id stays its own)
             if len(_STAGED) > 64:
                 _STAGED.pop(next(iter(_STAGED)))
-    calls, staged = stage(params, grads, momentum_buffers, layouts, momentum != 0, native_layout)
+    calls, staged = stage(params, grads, momentum_buffers, layouts, hp.momentum != 0, native_layout)
     for (_, first), (ps, gs, bs, ls) in calls.items():
-        op(ps, gs, bs, ls, *hp, first)
+        op(ps, gs, bs, ls, *args, first)
     copy_back(staged)

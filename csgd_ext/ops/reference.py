@@ -44,6 +44,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..hparams import HParams, as_hparams
 from ..layout import ClusterLayout
 
 NAME = "reference"
@@ -83,32 +84,33 @@ def direction(w: torch.Tensor, g: torch.Tensor, layout: Optional[ClusterLayout],
 
 
 @torch.no_grad()
-def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-         momentum_buffers: list, layouts: Sequence[Optional[ClusterLayout]], *,
-         lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
-         maximize: bool, centripetal: float) -> None:
-    """One C-SGD step over a list of tensors, in place.
+def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
+         layouts: Sequence[Optional[ClusterLayout]], hp: Optional[HParams] = None, **hparams) -> None:
+    """One C-SGD step over a list of tensors, in place, with the hyperparameters ``hp`` (or given as the
+    keywords ``lr=..., momentum=...``: see :class:`csgd_ext.hparams.HParams`).
 
     ``momentum_buffers[i]`` is ``None`` on a parameter's first step; when ``momentum != 0`` the new buffer
     is stored back into the list (as ``torch.optim.SGD``'s functional form does). ``layouts[i]`` is
     ``None`` for an unclustered parameter.
     """
+    hp = as_hparams(hp, hparams)
+    momentum, dampening = hp.momentum, hp.dampening
     for i, p in enumerate(params):
         cdt = compute_dtype(p.dtype)
         w = p.to(cdt)
         g = grads[i].to(cdt)
-        if maximize:
+        if hp.maximize:
             g = -g
-        d = direction(w, g, layouts[i], weight_decay, centripetal)
+        d = direction(w, g, layouts[i], hp.weight_decay, hp.centripetal)
         if momentum != 0:
             buf = momentum_buffers[i]
             if buf is None:
                 b = d.clone()
             else:
                 b = buf.to(cdt).mul(momentum).add_(d, alpha=1 - dampening)
-            d = d.add(b, alpha=momentum) if nesterov else b
+            d = d.add(b, alpha=momentum) if hp.nesterov else b
             if buf is None:
                 momentum_buffers[i] = b.to(p.dtype).detach()
             else:
                 buf.copy_(b)
-        p.copy_(w.add(d, alpha=-lr))
+        p.copy_(w.add(d, alpha=-hp.lr))

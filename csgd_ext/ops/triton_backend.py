@@ -47,6 +47,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..hparams import HParams, as_hparams
 from ..layout import ClusterLayout, is_dense, rows_dense, same_order
 from .staging import conform, copy_back, first_step_buffer, kernel_layout
 from .triton_plan import ALIGN_BYTES, LayoutLike, align_elems, build_plan
@@ -148,17 +149,14 @@ def _layout_key(lay: Optional[LayoutLike]):
 # -- the step ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum_buffers: list,
-         layouts: Sequence[Optional[ClusterLayout]], *, lr: float, weight_decay: float, momentum: float,
-         dampening: float, nesterov: bool, maximize: bool, centripetal: float) -> None:
+         layouts: Sequence[Optional[ClusterLayout]], hp: Optional[HParams] = None, **hparams) -> None:
     """One C-SGD step over ``params`` in place, same contract as :func:`csgd_ext.ops.reference.step`.
 
     Under ``torch.compile`` it is one call of the custom op ``torch.ops.csgd_ext.triton_step`` (first-step
     momentum buffers allocated in the graph), so a compiled training step traces without graph breaks."""
     if len(params) == 0:
         return
-    hp = dict(lr=float(lr), weight_decay=float(weight_decay), momentum=float(momentum),
-              dampening=float(dampening), nesterov=bool(nesterov), maximize=bool(maximize),
-              centripetal=float(centripetal))
+    hp = as_hparams(hp, hparams)
     if torch.compiler.is_compiling():
         return _compiled_step(params, grads, momentum_buffers, layouts, hp)
     device = params[0].device
@@ -189,10 +187,10 @@ def _check(params, device):
                              "one step runs on one device")
 
 
-def _compiled_step(params, grads, momentum_buffers, layouts, hp):
+def _compiled_step(params, grads, momentum_buffers, layouts, hp: HParams):
     _check(params, params[0].device)
     bufs, first = [], []
-    if hp["momentum"] != 0:
+    if hp.momentum != 0:
         for i, p in enumerate(params):
             buf = momentum_buffers[i]
             if buf is None:
@@ -205,18 +203,19 @@ def _compiled_step(params, grads, momentum_buffers, layouts, hp):
     torch.ops.csgd_ext.triton_step(
         list(params), list(grads), bufs, first, [None if lay is None else lay.perm for lay in lays],
         [None if lay is None else lay.offsets for lay in lays], [0 if lay is None else lay.max_size for lay in lays],
-        **hp)
+        float(hp.lr), float(hp.weight_decay), float(hp.momentum), float(hp.dampening), bool(hp.nesterov),
+        bool(hp.maximize), float(hp.centripetal))  # the op's order
 
 
 def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]], lays: List[Optional[LayoutLike]],
-         keys: list, hp: dict) -> None:
+         keys: list, hp: HParams) -> None:
     """The eager step: stage odd layouts, build/fetch the plan, meta and hyperparameter tables, launch.
     ``momentum_buffers[i] is None`` allocates a buffer (first step) unless ``first_flags`` is given (the op);
     ``keys[i]`` is :func:`_layout_key` of ``lays[i]``."""
     from .triton_kernels import flat_kernel, interpreting, tile_kernel
 
     device = params[0].device
-    use_mom = hp["momentum"] != 0
+    use_mom = hp.momentum != 0
     staged: List[tuple] = []  # (destination, temporary) pairs copied back after the launch
     groups = {}  # dtype -> [(layout, m, numel, key, w, g, b, first, (w, g, b addresses))]
     for i, p in enumerate(params):
@@ -250,10 +249,11 @@ def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]
 
     interpret = interpreting()
     tile, flat_k = tile_kernel(), flat_kernel()
-    hp_key = (device, hp["lr"], hp["weight_decay"], hp["momentum"], 1.0 - hp["dampening"], hp["centripetal"])
+    hp_key = (device, float(hp.lr), float(hp.weight_decay), float(hp.momentum), 1.0 - hp.dampening,
+              float(hp.centripetal))
     hp_t = _HP.get_or(hp_key, lambda: _upload(hp_key[1:], torch.float64, device))
-    flags = dict(HAS_WD=hp["weight_decay"] != 0, USE_MOMENTUM=use_mom, NESTEROV=bool(hp["nesterov"] and use_mom),
-                 MAXIMIZE=hp["maximize"])
+    flags = dict(HAS_WD=hp.weight_decay != 0, USE_MOMENTUM=use_mom, NESTEROV=bool(hp.nesterov and use_mom),
+                 MAXIMIZE=bool(hp.maximize))
     for dtype, items in groups.items():
         plan_key = (device, dtype) + tuple((key, m, n) for lay, m, n, key, *_ in items)
         plan = _PLANS.get_or(plan_key, lambda: build_plan([(lay, m, n) for lay, m, n, *_ in items], dtype, device))
@@ -276,12 +276,12 @@ def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]
             for li, ln in enumerate(plan.launches):
                 align = align_elems(dtype) if ok[li] else 1
                 if ln.cls == "flat":
-                    has_c = hp["centripetal"] != 0 and any(items[t][0] is not None for t in ln.tensors)
+                    has_c = hp.centripetal != 0 and any(items[t][0] is not None for t in ln.tensors)
                     flat_k[(ln.n_items,)](plan.work, ln.item0, meta, hp_t, W, G, B, BLOCK=ln.C, ALIGN=align,
                                           HAS_C=has_c, num_warps=ln.num_warps, **common)
                 else:
                     tile[(ln.programs,)](plan.work, ln.item0, ln.n_items, meta, plan.rows, hp_t, W, G, B,
-                                         R=ln.R, C=ln.C, ALIGN=align, HAS_C=hp["centripetal"] != 0,
+                                         R=ln.R, C=ln.C, ALIGN=align, HAS_C=hp.centripetal != 0,
                                          num_warps=ln.num_warps, **common)
     copy_back(staged)
 
@@ -316,8 +316,7 @@ def triton_step(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_
     _check(params, device)
     lays = [None if perm is None else _as_plan_layout(LayoutLike(perm, off, off.numel() - 1, int(ms)))
             for perm, off, ms in zip(perms, offsets, max_sizes)]
-    hp = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
-              maximize=maximize, centripetal=centripetal)
+    hp = HParams(lr, momentum, dampening, weight_decay, nesterov, maximize, centripetal)
     bufs = list(momentum_buffers) if momentum != 0 else [None] * len(params)
     _run(params, grads, bufs, list(first) if momentum != 0 else None, lays, [_layout_key(l) for l in lays], hp)
 
