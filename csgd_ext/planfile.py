@@ -253,7 +253,7 @@ def _check_group_against_model(g, mods: Mapping[str, nn.Module]) -> None:
                               f"{n_out} output channels")
     for name, rows in g.consumers.items():
         _, n_in = index_bounds(mods[name], g.kinds[name])
-        top = max(max(r) for r in rows)
+        top = max((max(r) for r in rows if r), default=-1)
         if n_in is not None and top >= n_in:
             raise _FieldError(f"consumers[{name!r}]", f"input feature {top} is out of range: {name!r} has "
                               f"{n_in} input features")
