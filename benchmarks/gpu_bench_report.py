@@ -1,11 +1,14 @@
 """The report of ``benchmarks/gpu_bench.py``: target verdicts, ``bench.md`` and the short table printed last.
 
-Reads only the result dicts that ``gpu_bench.py`` builds (no torch), so it is imported before torch is.
+Reads only the result dicts that ``gpu_bench.py`` builds (no torch), so it is imported before torch is; the
+markdown tables are :func:`benchmarks.report.table`'s, as in the CPU report.
 """
 
 from __future__ import annotations
 
 from typing import List
+
+from benchmarks.report import table as md_table
 
 TARGETS = {"ratio_5_8": 1.10, "pct_copy_5_8": 80.0, "ratio_singletons": 1.03}
 
@@ -39,12 +42,6 @@ def _fmt(v, spec, empty="-"):
     return empty if v is None or (isinstance(v, float) and v != v) else format(v, spec)
 
 
-def md_table(headers, rows) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def step_table(rows) -> str:
     out = []
     for r in rows:
@@ -67,7 +64,7 @@ def build_markdown(res) -> str:
         if meta.get(k) is not None:
             md.append(f"- {k}: {meta[k]}")
     md.append(f"- copy bandwidth: **{meta['copy_gbs']:.1f} GB/s** (`dst.copy_(src)`, fp32, "
-              f"{meta['copy_numel']:,} elements, 2 x 4 bytes per element, median)")
+              f"{meta['copy_numel']:,} elements, {meta.get('copy_bytes_per_element', 8)} bytes per element, median)")
     md.append(f"- run time: {res['seconds']:.1f} s")
     md += ["", "## Optimizer step", "", step_table(res["step"]), "",
            "`x fused SGD` compares with `torch.optim.SGD(fused=True)` in the same mode and pool. `host µs/call`: "
@@ -85,8 +82,8 @@ def build_markdown(res) -> str:
     if res.get("latency"):
         lrows = []
         for r in res["latency"]:
-            if "batch" not in r:
-                lrows.append([r["net"], r["keep"], "-", "error: " + r.get("error", "")[:100], "", "", "", "", "", ""])
+            if "error" in r:
+                lrows.append([r["net"], r["keep"], r.get("batch", "-"), "error: " + r["error"][:100]] + [""] * 6)
                 continue
             lrows.append([r["net"], r["keep"], r["batch"], _fmt(r.get("eager_unmerged_ms"), ".3f"),
                           _fmt(r.get("eager_merged_ms"), ".3f"), _fmt(r.get("eager_speedup"), ".2f"),

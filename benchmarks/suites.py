@@ -12,6 +12,7 @@ True
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 import csgd_ext
 
 from . import machine, nets
-from .timing import interleave
+from .timing import capture_step, interleave
 from .workloads import (CENTRIPETAL, CONTIGUOUS, HP, csgd_backends, keep_label, kind_label, make_ids, make_optimizer, param_set,
                         state_bytes, sweep_set)
 
@@ -239,30 +240,69 @@ def cluster_model(model: nn.Module, keep: float, seed: int = 0) -> Dict[nn.Param
     return out
 
 
-def train_section(cfg: Config, device="cpu", net: Optional[str] = None, keep: float = 0.625) -> List[dict]:
-    """Forward + backward + step of ``net`` at ``cfg.train_batch``, interleaved: torch SGD (default, fused)
-    against C-SGD (every available backend) at ``keep``, all on the same model, batch and loss."""
+def _train_optimizer(label: str, params, clusters):
+    if label == "SGD (torch default)":
+        return torch.optim.SGD(params, **HP)
+    if label == "SGD fused":
+        return torch.optim.SGD(params, fused=True, **HP)
+    if label.startswith("C-SGD "):
+        return csgd_ext.CSGD(params, centripetal=CENTRIPETAL, clusters=clusters, backend=label[6:], **HP)
+    raise ValueError(f"unknown training-step candidate {label!r}")
+
+
+def _failed(errors: Optional[Dict[str, str]], name: str, e: Exception) -> None:
+    """Record ``e`` for ``name`` in ``errors`` (the caller's choice to report instead of raising), else raise."""
+    if errors is None:
+        raise e
+    errors[name] = f"{type(e).__name__}: {e}"
+
+
+def train_section(cfg: Optional[Config] = None, device="cpu", net: Optional[str] = None, keep: float = 0.625, *,
+                  batch: Optional[int] = None, candidates: Optional[List[str]] = None,
+                  rounds: Optional[int] = None, min_rounds: Optional[int] = None, budget_s: float = 5.0,
+                  min_sample_s: float = 2e-3, errors: Optional[Dict[str, str]] = None) -> List[dict]:
+    """Forward + backward + step of ``net`` (default ``cfg.train_net``) at ``batch`` (``cfg.train_batch``),
+    interleaved: torch SGD (default, fused) against C-SGD (every available backend) at ``keep``, all on the
+    same model, batch and loss. ``candidates``: other labels ("SGD fused", "C-SGD native", ...). With
+    ``errors`` (a dict) a candidate that fails is an error row (its reason also in ``errors``), not a raise."""
     net = net or cfg.train_net
+    batch = batch or cfg.train_batch
+    rounds = rounds or cfg.train_rounds
     torch.manual_seed(0)
     model = nets.resnet(net).to(device).train()
-    x = torch.randn(nets.input_shape(net, cfg.train_batch), device=device)
-    y = torch.randint(0, 1000 if net == "resnet50" else 10, (cfg.train_batch,), device=device)
+    x = torch.randn(nets.input_shape(net, batch), device=device)
+    y = torch.randint(0, 1000 if net == "resnet50" else 10, (batch,), device=device)
     clusters = cluster_model(model, keep)
     clusters = {p: ids.to(device) for p, ids in clusters.items()}
     params = list(model.parameters())
-    opts = {"SGD (torch default)": torch.optim.SGD(params, **HP),
-            "SGD fused": torch.optim.SGD(params, fused=True, **HP)}
-    for b in csgd_backends(device):
-        if b == "reference" and not cfg.reference_everywhere:
+    if candidates is None:
+        candidates = ["SGD (torch default)", "SGD fused"] + [
+            f"C-SGD {b}" for b in csgd_backends(device) if b != "reference" or cfg.reference_everywhere]
+    cands = {}
+    for c in candidates:
+        try:
+            cands[c] = train_step(model, x, y, _train_optimizer(c, params, clusters))
+            if errors is not None:  # warm-up calls that may fail (a backend that cannot run here)
+                cands[c](), cands[c]()
+        except Exception as e:  # noqa: BLE001 - raised again unless errors is given
+            cands.pop(c, None)
+            _failed(errors, c, e)
+    times = interleave(cands, min_rounds=rounds if min_rounds is None else min_rounds, max_rounds=rounds,
+                       warmup=1, device=torch.device(device), budget_s=budget_s, min_sample_s=min_sample_s,
+                       errors=errors)
+    ref = {k: times[k].median if k in times else float("nan") for k in ("SGD (torch default)", "SGD fused")}
+    rows = []
+    for k in candidates:
+        if k not in times or not times[k].samples:
+            rows.append({"candidate": k, "net": net, "batch": batch, "error": (errors or {}).get(k, "not measured")})
             continue
-        opts[f"C-SGD {b}"] = csgd_ext.CSGD(params, centripetal=CENTRIPETAL, clusters=clusters, backend=b, **HP)
-
-    times = interleave({k: train_step(model, x, y, o) for k, o in opts.items()}, min_rounds=cfg.train_rounds,
-                       max_rounds=cfg.train_rounds, warmup=1, device=torch.device(device))
-    base = times["SGD (torch default)"].median
-    fused = times["SGD fused"].median
-    return [{"candidate": k, "net": net, "batch": cfg.train_batch, "median_s": t.median, "samples": len(t.samples),
-             "vs_default": t.median / base, "vs_fused": t.median / fused} for k, t in times.items()]
+        t = times[k]
+        row = {"candidate": k, "net": net, "batch": batch, "median_s": t.median, "samples": len(t.samples),
+               "vs_fused": t.median / ref["SGD fused"]}
+        if ref["SGD (torch default)"] == ref["SGD (torch default)"]:
+            row["vs_default"] = t.median / ref["SGD (torch default)"]
+        rows.append(row)
+    return rows
 
 
 def _latency_keep(model: nn.Module, net: str, keep: float):
@@ -287,35 +327,80 @@ def merged_model(model: nn.Module, net: str, keep: float):
     return csgd_ext.merge(model, plan), f"plan_clusters(even, {what} at {keep:g}) + collapse + merge"
 
 
-def latency_section(cfg: Config, device="cpu", progress: bool = True) -> List[dict]:
-    """Inference latency (eval mode, ``torch.inference_mode``) of each unmerged model against its merged
-    (physically smaller) form, interleaved, medians over ``cfg.latency_rounds`` repeats."""
+def _latency_row(model: nn.Module, merged: nn.Module, row: dict, device, modes, channels_last: bool,
+                 errors: Optional[Dict[str, str]], **timing) -> dict:
+    """Times ``model`` against ``merged`` at ``row["batch"]``, eval under ``torch.inference_mode``, in each of
+    ``modes`` ("eager", "graph": :func:`capture_step`), interleaved: ``{mode}_unmerged_s``, ``{mode}_merged_s``,
+    ``{mode}_speedup`` (or ``{mode}_error``), ``max_abs_diff``, ``max_rel_diff``, ``samples``."""
+    net, batch = row["net"], row["batch"]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(nets.input_shape(net, batch), device=device).contiguous(memory_format=fmt)
+    errs: Dict[str, str] = {} if errors is None else errors
+    with torch.inference_mode():
+        ref, out = model(x), merged(x)
+        diff = (ref - out).abs().max()
+        row["max_abs_diff"] = diff.item()
+        row["max_rel_diff"] = (diff / ref.abs().max().clamp_min(1e-12)).item()
+        cands = {}
+        for name, m in (("unmerged", model), ("merged", merged)):
+            fn = (lambda m=m: m(x))
+            for mode in modes:
+                try:
+                    cands[f"{name} | {mode}"] = fn if mode == "eager" else capture_step(fn, device)
+                except Exception as e:  # noqa: BLE001
+                    _failed(errors, f"{name} | {mode}", e)
+        times = interleave(cands, warmup=1, device=torch.device(device), errors=errors, **timing)
+    for mode in modes:
+        u, m = (times.get(f"{k} | {mode}") for k in ("unmerged", "merged"))
+        if u is not None and m is not None and u.samples and m.samples:
+            row.update({f"{mode}_unmerged_s": u.median, f"{mode}_merged_s": m.median,
+                        f"{mode}_speedup": u.median / m.median, "samples": len(m.samples)})
+        else:
+            row[f"{mode}_error"] = errs.get(f"merged | {mode}") or errs.get(f"unmerged | {mode}") or "-"
+    return row
+
+
+def latency_section(cfg: Optional[Config] = None, device="cpu", progress: bool = True, *, cases=None,
+                    modes=("eager",), channels_last: bool = False, rounds: Optional[int] = None,
+                    min_rounds: Optional[int] = None, budget_s: float = 5.0, min_sample_s: float = 2e-3,
+                    errors: Optional[Dict[str, str]] = None, log=None) -> List[dict]:
+    """Inference latency of each unmerged model against its merged (physically smaller) form, interleaved,
+    medians over ``rounds`` (``cfg.latency_rounds``) repeats. ``cases``: ``[(net, keep, batches)]`` (default
+    ``cfg.latency``, one batch each); ``modes``: "eager" and/or "graph"; ``channels_last``: models and inputs
+    in that memory format. With ``errors`` (a dict), a model that cannot be planned or merged is a row with
+    its ``error``, a mode that fails a ``{mode}_error``, instead of a raise."""
+    cases = cases if cases is not None else [(net, keep, (batch,)) for net, keep, batch in cfg.latency]
+    rounds = rounds or cfg.latency_rounds
+    timing = dict(min_rounds=rounds if min_rounds is None else min_rounds, max_rounds=rounds, budget_s=budget_s,
+                  min_sample_s=min_sample_s)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     rows = []
-    for net, keep, batch in tqdm(cfg.latency, desc="inference latency", disable=not progress):
+    for net, keep, batches in tqdm(cases, desc="inference latency", disable=not progress):
         torch.manual_seed(0)
         model = nets.resnet(net).eval()
-        merged, how = merged_model(model, net, keep)
-        row = {"net": net, "keep": keep, "batch": batch, "how": how,
-               "params_before": sum(p.numel() for p in model.parameters())}
+        params_before = sum(p.numel() for p in model.parameters())
+        t0 = time.perf_counter()
+        try:
+            merged, how = merged_model(model, net, keep)
+        except Exception as e:  # noqa: BLE001 - raised again unless errors is given
+            _failed(errors, f"{net} merge", e)
+            merged, how = None, f"merge failed: {type(e).__name__}: {e}"
         if merged is None:
-            rows.append(row)
+            rows += [{"net": net, "keep": keep, "batch": b, "how": how, "error": how, "params_before": params_before}
+                     for b in batches]
             continue
-        model, merged = model.to(device), merged.to(device).eval()
-        x = torch.randn(nets.input_shape(net, batch), device=device)
-
-        def fwd(m):
-            def run():
-                with torch.inference_mode():
-                    m(x)
-            return run
-
-        times = interleave({"unmerged": fwd(model), "merged": fwd(merged)}, min_rounds=cfg.latency_rounds,
-                           max_rounds=cfg.latency_rounds, warmup=1, device=torch.device(device))
-        with torch.inference_mode():
-            err = (model(x) - merged(x)).abs().max().item()
-        row.update(params_after=sum(p.numel() for p in merged.parameters()),
-                   unmerged_s=times["unmerged"].median, merged_s=times["merged"].median,
-                   speedup=times["unmerged"].median / times["merged"].median, max_abs_diff=err,
-                   samples=len(times["merged"].samples))
-        rows.append(row)
+        if log is not None:
+            log(f"[latency] {net}: {how} in {time.perf_counter() - t0:.1f} s")
+        model = model.to(device, memory_format=fmt)
+        merged = merged.to(device, memory_format=fmt).eval()
+        for batch in batches:
+            row = {"net": net, "keep": keep, "batch": batch, "how": how, "params_before": params_before,
+                   "params_after": sum(p.numel() for p in merged.parameters()),
+                   "memory_format": "channels_last" if channels_last else "contiguous"}
+            rows.append(_latency_row(model, merged, row, device, modes, channels_last, errors, **timing))
+            if log is not None:
+                log(f"[latency] {net} batch {batch}: " + ", ".join(
+                    f"{k}={v:.3g}" for k, v in row.items() if isinstance(v, float)))
+        del model, merged
+        gc.collect()
     return rows

@@ -108,7 +108,7 @@ def _rows(native_vs_fused, dense_over_native, train_ratio, speedup):
              "median_s": native_vs_fused * dense_over_native, "vs_fused": 0.0}]
     train = [{"candidate": "SGD fused", "median_s": 1.0, "batch": 64},
              {"candidate": "C-SGD native", "median_s": train_ratio, "batch": 64}]
-    lat = [{"net": "resnet56", "keep": 0.625, "batch": 64, "speedup": speedup, "how": "x"}]
+    lat = [{"net": "resnet56", "keep": 0.625, "batch": 64, "eager_speedup": speedup, "how": "x"}]
     return step, train, lat
 
 

@@ -192,13 +192,13 @@ def test_gpu_bench_target_verdicts_flip_at_the_limits():
 
 
 def test_gpu_bench_capture_and_prediction_never_raise():
-    from benchmarks import gpu_bench
+    from benchmarks import gpu_step, timing
 
     calls = []
-    replay = gpu_bench.capture_step(lambda: calls.append(1), "cpu", warmup=2)
+    replay = timing.capture_step(lambda: calls.append(1), "cpu", warmup=2)
     replay()
     assert len(calls) == 3  # CPU: graph mode emulated by plain calls
-    us, detail = gpu_bench.predict([torch.zeros(3, 2)], [None], "native", 100.0)
+    us, detail = gpu_step.predict([torch.zeros(3, 2)], [None], "native", 100.0)
     assert us is None or us > 0
     assert isinstance(detail, dict)
 
@@ -207,13 +207,13 @@ def test_gpu_bench_capture_and_prediction_never_raise():
 def test_gpu_bench_hands_over_its_rows_after_every_pool(one_thread):
     """main() saves bench.json after every pool of the step section, so a bench step killed at its limit keeps
     the pools it finished."""
-    from benchmarks import gpu_bench
+    from benchmarks import gpu_bench, gpu_step
 
     args = gpu_bench.parse_args(["--dry-run", "--contenders", "sgd-fused,csgd-native", "--rounds", "2"])
     args.keeps = [0.625, 1.0]  # two pools
     seen = []
-    rows = gpu_bench.step_section(args, gpu_bench.StepTimer("cpu"), 50.0, 1 << 20, lambda msg: None, {},
-                                  on_pool=lambda r: seen.append([x["clusters"] for x in r]))
+    rows = gpu_step.step_section(args, 50.0, 1 << 20, lambda msg: None, {},
+                                 on_pool=lambda r: seen.append([x["clusters"] for x in r]))
     assert seen == [["5/8"] * 4, ["5/8"] * 4 + ["singletons"] * 4]
     assert len(rows) == 8 and all("median_us" in r for r in rows)
 
