@@ -1,6 +1,8 @@
 """benchmarks/zoo_sweep.py on tiny in-repo nets (no torchvision/timm needed): a merge is exact and smaller,
-torch-pruning's count is beside it, and a model that fails to build or to run gets a one-line reason in its row
-instead of stopping the sweep; the markdown names every model."""
+torch-pruning's count is beside it (a ViT-like net with its head options), the round_to and target_flops plans
+and the planning time are in each row (a planner's ValueError as its one-line reason), and a model that fails
+to build or to run gets a one-line reason in its row instead of stopping the sweep; the markdown names every
+model."""
 
 import os
 import sys
@@ -63,6 +65,11 @@ def test_sweep_rows_and_markdown():
     assert "output" in ok["main_skip_reason"]
     assert ok["params_tp"] is not None and ok["params_tp"] < ok["params"], ok["tp_error"]
     assert ok["ratio"] == pytest.approx(ok["params_merged"] / ok["params_tp"])
+    assert ok["plan_s"] > 0 and ok["seconds"]["plan"] == ok["plan_s"]
+    rt, tf = ok["round_to"], ok["target_flops"]
+    assert rt["round_to"] == 8 and rt["keep"] == 0.5 and rt["exact"] is True and rt["error"] is None
+    assert ok["params_merged"] <= rt["params"] < ok["params"]  # widths rounded up to multiples of 8 (or kept)
+    assert tf["target_flops"] == 0.5 and tf["exact"] is True and 0.4 <= tf["flops_frac"] <= 0.5 + 1e-9
 
     for name, words in (("broken_build", "ValueError: no such model"),
                         ("broken_forward", "RuntimeError: this forward always fails")):
@@ -77,8 +84,62 @@ def test_sweep_rows_and_markdown():
         assert f"| {name} | test |" in table
     assert "python benchmarks/zoo_sweep.py --only x" in md and "keep: 0.5" in md
     assert len(table.splitlines()) == 2 + len(models)  # header, separator, one line per model
+    assert "| round_to: params after (exact?) | target_flops: FLOPs reached (exact?) |" in table
+    assert f"| {ok['plan_s']:.2f} | {ok['round_to']['params'] / 1e6:.2f}M, yes | " in table
     s = zoo_sweep.summarize(rows)["test"]
     assert s["models"] == 3 and s["exact"] == 1 and set(s["failed"]) == {"broken_build", "broken_forward"}
+    assert s["round_to_exact"] == [1, 1] and s["target_flops_exact"] == [1, 1]
+
+
+class Attention(nn.Module):
+    """timm's attention block in small: fused qkv, forward reading num_heads, head_dim and attn_dim."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.attn_dim = heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, self.attn_dim))
+
+
+class TinyViT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, 4)
+        self.norm = nn.LayerNorm(16)
+        self.attn = Attention()
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = t + self.attn(self.norm(t))
+        return self.head(t.mean(1))
+
+
+def test_vit_gets_torch_prunings_head_options_and_an_unreachable_target_is_a_reason():
+    pytest.importorskip("torch_pruning")
+    from benchmarks import zoo_tp
+    from benchmarks.zoo_builders import count_params
+
+    torch.manual_seed(0)
+    model, x = TinyViT().eval(), torch.randn(1, 3, 16, 16)
+    assert zoo_tp.attention_heads(model) == {model.attn.qkv: 4} and zoo_tp.is_transformer(model)
+    n, note = zoo_tp.tp_row(model, x, 0.5, ["head"])  # heads pruned, attributes fixed: its forward runs
+    assert note == "" and n < count_params(model)
+    assert model.attn.num_heads == 4 and model.attn.qkv.out_features == 48  # on a copy
+    row = zoo_sweep.run_one("vit", TinyViT, 0.5, "even", budget_s=60, target_flops=0.01)
+    assert row["error"] is None and row["exact"] is True and row["tp_error"] is None
+    reason = row["target_flops"]["error"]
+    assert reason.startswith("ValueError: target_flops=0.01") and "\n" not in reason
+    assert row["target_flops"]["exact"] is None and row["round_to"]["exact"] is True
+    assert zoo_sweep.run_one("vit", TinyViT, 0.5, "even", budget_s=60, round_to=0, target_flops=None,
+                             run_tp=False).keys().isdisjoint({"round_to", "target_flops"})
 
 
 def test_skip_reasons_condensed_and_helpers():
