@@ -5,7 +5,7 @@ The kernels are kept as plain Python functions and wrapped with ``triton.jit`` l
 builds a compiled ``JITFunction`` or an ``InterpretedFunction`` (``TRITON_INTERPRET=1``). Wrapping on first
 use (and once per mode) means the mode in force when a step runs is the one used.
 
-Tables (built in :mod:`csgd_ext.ops.triton_plan`, uploaded by :mod:`csgd_ext.ops.triton_backend`):
+Tables (built in :mod:`csgd_ext.ops.triton_worktable`, uploaded by :mod:`csgd_ext.ops.triton_backend`):
 
 * ``work``  int64 ``[P, 4]``: ``(tensor, first member in rows, cluster size, first column)``; a launch runs
   items ``item0 .. item0 + n_items``. ``flat`` items are ``(tensor, 0, 1, first element)``.
@@ -96,6 +96,7 @@ def _tile_kernel(work_ptr, item0, n_items, meta_ptr, rows_ptr, hp_ptr, W, G, B,
         sinv = -inv
     mean_g = sum_g * sinv  # (it only ever enters a tl.fma as an operand; the mean weight is never formed)
 
+    fresh = in_row  # (read only with momentum)
     if USE_MOMENTUM:
         b_off = tl.load(t6 + 2, mask=valid, other=0)
         if ALIGN > 1:
@@ -122,27 +123,13 @@ def _tile_kernel(work_ptr, item0, n_items, meta_ptr, rows_ptr, hp_ptr, W, G, B,
             d = tl.fma(w, wd, d)
         if HAS_C:
             d = tl.fma(tl.fma(sum_w, -inv, w), cen, d)  # w minus the cluster's mean weight, rounded once
+        bp = wp  # (no buffer without momentum: the epilogue reads neither)
+        b_old = w
         if USE_MOMENTUM:
             bp = B + ((b_off + roff2)[:, None] + ar[None, :])
             b_old = tl.load(bp, mask=lm2 & b_read, other=0.0).to(CDTYPE)
-            b = tl.where(fresh, d, tl.fma(d, one_minus_damp, b_old * mom))
-            if SOFT_BF16:  # round to nearest even by hand: the interpreter's fp32->bf16 cast truncates
-                b_bits = b.to(tl.uint32, bitcast=True)
-                b_bits = (b_bits + (0x7FFF + ((b_bits >> 16) & 1))) >> 16
-                tl.store(bp, b_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=lm2)
-            else:
-                tl.store(bp, b.to(DTYPE), mask=lm2)
-            if NESTEROV:
-                d = tl.fma(b, mom, d)
-            else:
-                d = b
-        w = tl.fma(d, -lr, w)
-        if SOFT_BF16:
-            w_bits = w.to(tl.uint32, bitcast=True)
-            w_bits = (w_bits + (0x7FFF + ((w_bits >> 16) & 1))) >> 16
-            tl.store(wp, w_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=lm2)
-        else:
-            tl.store(wp, w.to(DTYPE), mask=lm2)
+        _epilogue(w, d, b_old, fresh, lr, mom, one_minus_damp, wp, bp, lm2, DTYPE, USE_MOMENTUM, NESTEROV,
+                  SOFT_BF16)
 
 
 def _flat_kernel(work_ptr, item0, meta_ptr, hp_ptr, W, G, B,
@@ -178,8 +165,14 @@ def _flat_kernel(work_ptr, item0, meta_ptr, hp_ptr, W, G, B,
         d = tl.fma(w, tl.load(hp_ptr + 1).to(CDTYPE), d)
     if HAS_C:  # the reference's centripetal * (w - mean w) with mean w = w, on clustered tensors only
         d = tl.where(tl.load(t6 + 5) != 0, tl.fma(w - w, tl.load(hp_ptr + 4).to(CDTYPE), d), d)
+    mom = lr  # (mom, 1 - dampening, the buffer and fresh are read only with momentum)
+    one_minus_damp = lr
+    bp = wp
+    b_old = w
+    fresh = mask
     if USE_MOMENTUM:
         mom = tl.load(hp_ptr + 2).to(CDTYPE)
+        one_minus_damp = tl.load(hp_ptr + 3).to(CDTYPE)
         b_off = tl.load(t6 + 2)
         if ALIGN > 1:
             b_off = tl.multiple_of(b_off, ALIGN)
@@ -189,36 +182,53 @@ def _flat_kernel(work_ptr, item0, meta_ptr, hp_ptr, W, G, B,
         if ALIGN > 1:
             n_read = tl.multiple_of(n_read, ALIGN)
         b_old = tl.load(bp, mask=idx < n_read, other=0.0).to(CDTYPE)
-        b = tl.where(first != 0, d, tl.fma(d, tl.load(hp_ptr + 3).to(CDTYPE), b_old * mom))
-        if SOFT_BF16:
-            b_bits = b.to(tl.uint32, bitcast=True)
-            b_bits = (b_bits + (0x7FFF + ((b_bits >> 16) & 1))) >> 16
-            tl.store(bp, b_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-        else:
-            tl.store(bp, b.to(DTYPE), mask=mask)
+        fresh = first != 0
+    _epilogue(w, d, b_old, fresh, lr, mom, one_minus_damp, wp, bp, mask, DTYPE, USE_MOMENTUM, NESTEROV, SOFT_BF16)
+
+
+def _store_fn(ptr, x, mask, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    # store x (computed in fp32 or fp64) as DTYPE, rounded to nearest even
+    if SOFT_BF16:  # round to nearest even by hand: the interpreter's fp32->bf16 cast truncates
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        tl.store(ptr, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, x.to(DTYPE), mask=mask)
+
+
+def _epilogue_fn(w, d, b_old, fresh, lr, mom, one_minus_damp, wp, bp, mask, DTYPE: tl.constexpr,
+                 USE_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, SOFT_BF16: tl.constexpr):
+    # the end of both kernels' update (csrc/csgd_math.h's, operation for operation): from the direction d, the
+    # new momentum buffer (from b_old where not fresh; stored at bp), the nesterov or plain step and the new
+    # weight (stored at wp); mask selects the elements stored
+    if USE_MOMENTUM:
+        b = tl.where(fresh, d, tl.fma(d, one_minus_damp, b_old * mom))
+        _store(bp, b, mask, DTYPE, SOFT_BF16)
         if NESTEROV:
             d = tl.fma(b, mom, d)
         else:
             d = b
-    w = tl.fma(d, -lr, w)
-    if SOFT_BF16:
-        w_bits = w.to(tl.uint32, bitcast=True)
-        w_bits = (w_bits + (0x7FFF + ((w_bits >> 16) & 1))) >> 16
-        tl.store(wp, w_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(wp, w.to(DTYPE), mask=mask)
+    _store(wp, tl.fma(d, -lr, w), mask, DTYPE, SOFT_BF16)
 
 
 _JITTED = {}
+_HELPERS = (("_store", _store_fn), ("_epilogue", _epilogue_fn))  # the kernels call them by these global names
 
 
-def _jit(name, fn):
-    mode = interpreting()
+def _jitted(name, fn, mode):
     key = (name, mode)
     out = _JITTED.get(key)
     if out is None:
         out = _JITTED[key] = triton.jit(fn)
     return out
+
+
+def _jit(name, fn):
+    """``triton.jit(fn)`` for the current mode, with the helpers the kernels call bound for that mode too."""
+    mode = interpreting()
+    for helper, helper_fn in _HELPERS:
+        globals()[helper] = _jitted(helper, helper_fn, mode)
+    return _jitted(name, fn, mode)
 
 
 def tile_kernel():
