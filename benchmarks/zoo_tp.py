@@ -93,11 +93,17 @@ def is_transformer(model: nn.Module) -> bool:
 
 def tp_row(model: nn.Module, x: torch.Tensor, keep: float, classifier: Sequence[str]) -> Tuple[int, str]:
     """``(params after torch-pruning, note)``: transformers with the head options first (their defaults as a
-    fallback, noted), other models with the defaults."""
+    fallback, noted), other models with the defaults. When both fail, the error names both reasons."""
     if not is_transformer(model):
         return tp_count(model, x, keep, classifier), ""
     try:
         return tp_count(model, x, keep, classifier, heads=True), ""
     except Exception as e:  # noqa: BLE001
+        with_heads = one_line(e, 80)
+    try:
         n = tp_count(model, x, keep, classifier)
-        return n, f"tp without head options (with them: {one_line(e, 80)})"
+    except Exception as e:  # noqa: BLE001
+        if one_line(e, 80) == with_heads:
+            raise  # the same failure either way
+        raise RuntimeError(f"{one_line(e, 80)}; with head options: {with_heads}") from e
+    return n, f"tp without head options (with them: {with_heads})"
