@@ -52,6 +52,11 @@ from benchmarks.zoo_isolated import StageTimeout, time_limit  # noqa: E402,F401
 from benchmarks.zoo_reasons import condense_skips, one_line  # noqa: E402,F401
 from benchmarks.zoo_report import summarize, to_markdown  # noqa: E402,F401
 
+# the command line, and the pieces a script or test reaches through this module
+__all__ = ["main", "TIMM_MODELS", "Spec", "default_classifier", "timm_models", "torchvision_models", "EXACT_REL",
+           "run_isolated", "run_one", "sweep", "StageTimeout", "time_limit", "condense_skips", "one_line",
+           "summarize", "to_markdown"]
+
 
 def _version(mod: str) -> str:
     try:
@@ -100,7 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--mem-gib", type=float, default=12.0,
                     help="memory cap of each model's process, GiB (isolated runs only; 0: none)")
     ap.add_argument("--resume", action="store_true",
-                    help="keep the rows already in --json (same keep/method) and run only the other models")
+                    help="keep the rows already in --json (same keep, method, round_to, target_flops) and run only "
+                         "the other models")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -129,7 +135,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.resume and args.json and os.path.exists(args.json):
         with open(args.json) as f:
             old = json.load(f)
-        if old.get("meta", {}).get("keep") == args.keep and old.get("meta", {}).get("method") == args.method:
+        same = ("keep", "method", "round_to", "target_flops")  # rows of other settings (or older files) rerun
+        if all(old.get("meta", {}).get(k) == meta[k] for k in same):
             rows = [r for r in old["rows"]]
             done = {(r["source"], r["model"]) for r in rows}
             meta["resumed"] = f"{len(rows)} rows from an earlier run ({old['meta'].get('date')})"
