@@ -160,7 +160,8 @@ def state_bytes(opt) -> int:
     if isinstance(opt, DenseCSGD):
         for M, D in opt.mats.values():
             add(M), add(D)
-    for lay in getattr(opt, "_layouts", {}).values():
+    cache = getattr(opt, "_layouts", None)  # CSGD's LayoutCache (a dict for the dense baseline)
+    for lay in (cache if isinstance(cache, dict) else getattr(cache, "_layouts", {})).values():
         for t in (lay.labels, lay.perm, lay.offsets):
             add(t)
         for v in lay.extras.values():
