@@ -2,14 +2,14 @@
 //
 // * nvcc builds it into the device kernel (csgd_step_cuda.cu);
 // * the host C++ compiler builds the very same functions into the "cuda_emulated" backend
-//   (csgd_step_emulated.cpp), which walks every block and every thread of the real launch plan in order on
+//   (csgd_step_emulated.cpp), which walks every block and every thread of the real work table in order on
 //   CPU tensors, so CI checks what the kernel computes, not only that it compiles.
 //
 // Only a small shim differs between the two: the qualifiers (CSGD_HD), and the 16-byte vector loads and
 // stores (the host versions check the alignment the GPU would fault on, and report every store to an
 // optional write counter used by the tests).
 //
-// Work items (built on the host by csgd_plan.cpp, one table per set of layouts):
+// Work items (built on the host by csgd_worktable.cpp, one table per set of layouts):
 // * kElem:  a flat element range of one tensor (unclustered tensors, all-singleton layouts, long runs of
 //           singleton rows): 16-byte vectors, kIlp<T> vectors in flight per thread, scalar head and tail.
 // * kSmall: clusters of at most kMaxSmall rows (singletons included) on a range of column vectors. A thread

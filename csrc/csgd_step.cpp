@@ -89,6 +89,26 @@ std::vector<Geom> check_step_args(at::TensorList params, at::TensorList grads, a
   return geoms;
 }
 
+void validate_layout(const int64_t* lay, int64_t k, int64_t rows, int64_t i) {
+  const int64_t* off = lay;
+  const int64_t* perm = lay + k + 1;
+  TORCH_CHECK_VALUE(off[0] == 0 && off[k] == rows, "csgd_step_: layouts[", i, "] offsets must start at 0 and end at ",
+                    "the row count ", rows, " (got ", off[0], " and ", off[k], ")");
+  TORCH_CHECK_VALUE(rows < (int64_t(1) << 31), "csgd_step_: params[", i, "] has too many rows (2^31 or more)");
+  std::vector<char> seen(rows, 0);
+  for (int64_t c = 0; c < k; ++c) {
+    TORCH_CHECK_VALUE(off[c + 1] > off[c], "csgd_step_: layouts[", i, "] offsets are not strictly increasing at cluster ",
+                      c, " (", off[c], " then ", off[c + 1], ")");
+    for (int64_t q = off[c]; q < off[c + 1]; ++q) {
+      const int64_t r = perm[q];
+      TORCH_CHECK_VALUE(r >= 0 && r < rows, "csgd_step_: layouts[", i, "] has row index ", r, " out of range [0, ",
+                        rows, ")");
+      TORCH_CHECK_VALUE(!seen[r], "csgd_step_: layouts[", i, "] lists row ", r, " twice: perm must be a permutation");
+      seen[r] = 1;
+    }
+  }
+}
+
 }  // namespace csgd_ext
 
 #define CSGD_STEP_ARGS                                                                                    \

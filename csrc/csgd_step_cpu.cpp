@@ -5,7 +5,6 @@
 // dynamic pick-up of tiles through an atomic counter). The compute code of a tile is csgd_cpu_kernel_impl.h,
 // compiled for AVX2 + FMA and for the build's baseline; the copy is picked once from the CPU's features.
 #include "csgd_cpu_kernel.h"
-#include "csgd_plan.h"
 #include "csgd_step.h"
 
 #include <ATen/Parallel.h>
@@ -65,7 +64,7 @@ void run_tiles(const std::vector<Tile>& tiles, const cpu::Job& job, const std::v
 }
 
 // Cut every tensor into tiles of about kTileElems elements.
-std::vector<Tile> plan_tiles(const std::vector<Geom>& geoms) {
+std::vector<Tile> cut_tiles(const std::vector<Geom>& geoms) {
   std::vector<Tile> tiles;
   for (size_t t = 0; t < geoms.size(); ++t) {
     const Geom& geo = geoms[t];
@@ -96,13 +95,9 @@ std::vector<Tile> plan_tiles(const std::vector<Geom>& geoms) {
   return tiles;
 }
 
-void csgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                   const c10::List<std::optional<at::Tensor>>& layouts, double lr, double weight_decay,
-                   double momentum, double dampening, bool nesterov, bool maximize, double centripetal,
-                   bool is_first_step) {
-  if (params.empty()) return;
-  const Hyper h{lr, weight_decay, momentum, dampening, centripetal, nesterov, maximize, is_first_step};
-  const std::vector<Geom> geoms = check_step_args(params, grads, bufs, layouts, h, c10::DeviceType::CPU);
+void run_cpu(const StepArgs& a) {
+  const at::TensorList params = a.params;
+  const std::vector<Geom>& geoms = a.geoms;
   for (size_t i = 1; i < params.size(); ++i) {
     TORCH_CHECK_TYPE(params[i].scalar_type() == params[0].scalar_type(), "csgd_step_: params[", i, "] is ",
                      params[i].scalar_type(), " but params[0] is ", params[0].scalar_type(),
@@ -111,16 +106,17 @@ void csgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
   std::vector<const int64_t*> lay(params.size(), nullptr);
   for (size_t i = 0; i < params.size(); ++i) {
     if (geoms[i].clusters > 0) {
-      lay[i] = layouts.get(i)->const_data_ptr<int64_t>();
+      lay[i] = a.layouts.get(i)->const_data_ptr<int64_t>();
       validate_layout(lay[i], geoms[i].clusters, geoms[i].rows, static_cast<int64_t>(i));  // before any write
     }
   }
-  const std::vector<Tile> tiles = plan_tiles(geoms);
+  const std::vector<Tile> tiles = cut_tiles(geoms);
   std::vector<cpu::Tensor> ts(params.size());
-  const bool mom = momentum != 0.0;
+  const Hyper& h = a.h;
+  const bool mom = h.momentum != 0.0;
   for (size_t i = 0; i < params.size(); ++i) {
-    ts[i] = cpu::Tensor{params[i].data_ptr(), grads[i].const_data_ptr(), mom ? bufs[i].data_ptr() : nullptr, lay[i],
-                        geoms[i].rows, geoms[i].cols, geoms[i].clusters};
+    ts[i] = cpu::Tensor{params[i].data_ptr(), a.grads[i].const_data_ptr(), mom ? a.bufs[i].data_ptr() : nullptr,
+                        lay[i], geoms[i].rows, geoms[i].cols, geoms[i].clusters};
   }
   cpu::Dtype dt;
   switch (params[0].scalar_type()) {
@@ -130,8 +126,8 @@ void csgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
     case at::kBFloat16: dt = cpu::Dtype::bf16; break;
     default: TORCH_CHECK_TYPE(false, "csgd_step_: unsupported dtype ", params[0].scalar_type());
   }
-  const cpu::Job job{ts.data(), dt, lr, weight_decay, momentum, dampening, centripetal, nesterov, maximize,
-                     is_first_step};
+  const cpu::Job job{ts.data(), dt, h.lr, h.weight_decay, h.momentum, h.dampening, h.centripetal, h.nesterov,
+                     h.maximize, h.first};
   run_tiles(tiles, job, geoms);
 }
 
@@ -140,7 +136,9 @@ std::string cpu_isa() { return cpu::isa_name(cpu::pick_isa()); }
 }  // namespace
 }  // namespace csgd_ext
 
-TORCH_LIBRARY_IMPL(csgd_ext, CPU, m) { m.impl("csgd_step_", &csgd_ext::csgd_step_cpu); }
+TORCH_LIBRARY_IMPL(csgd_ext, CPU, m) {
+  m.impl("csgd_step_", &csgd_ext::step_entry<c10::DeviceType::CPU, &csgd_ext::run_cpu>);
+}
 
 // Which copy of the CPU kernel this process runs ("avx2+fma" or "base").
 TORCH_LIBRARY_FRAGMENT(csgd_ext, m) { m.def("cpu_kernel_isa() -> str", &csgd_ext::cpu_isa); }

@@ -1,17 +1,19 @@
 // The "cuda_emulated" backend: the CUDA kernel's own device code (csgd_device.h), built for the host and run
-// on CPU tensors. It uses the real launch planning and work table (csgd_plan.cpp) and walks every block of
+// on CPU tensors. It uses the real work table and launches (csgd_worktable.cpp) and walks every block of
 // every launch, every item of a block in grid-stride order, and every thread of the block in order, one phase
 // at a time (a phase ends where the device kernel has a barrier). It exists so that CI checks what the GPU
 // kernel computes; it is slow and not meant for training.
 //
 // Also here, for tests and the performance model:
-//   cuda_emulated_trace_writes(bool on)          start (or stop) counting every element the emulation writes
-//   cuda_emulated_write_counts(Tensor[] ts)      per-element write counts (int32, shaped like each tensor)
-//   cuda_emulated_set_target(sms, bps)           the emulated GPU's multiprocessors and resident blocks per
-//                                                multiprocessor (default: an H200, 132 x 4); a small grid
-//                                                makes every block walk many items
-//   cuda_plan_stats(params, layouts, sms, bps)   the plan's statistics per dtype group ("key=value;...")
-#include "csgd_plan.h"
+//   cuda_emulated_trace_writes(bool on)               start (or stop) counting every element the emulation
+//                                                     writes
+//   cuda_emulated_write_counts(Tensor[] ts)           per-element write counts (int32, shaped like each tensor)
+//   cuda_emulated_set_target(sms, bps)                the emulated GPU's multiprocessors and resident blocks per
+//                                                     multiprocessor (default: an H200, 132 x 4); a small grid
+//                                                     makes every block walk many items
+//   cuda_work_table_stats(params, layouts, sms, bps)  the work table's statistics per dtype group
+//                                                     ("key=value;...")
+#include "csgd_worktable.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,15 +27,15 @@ namespace csgd_ext {
 namespace {
 
 std::mutex g_target_mutex;
-PlanTarget g_target;  // the emulated GPU
+GridTarget g_target;  // the emulated GPU
 
 void set_target(int64_t sm_count, int64_t blocks_per_sm) {
   TORCH_CHECK_VALUE(sm_count > 0 && blocks_per_sm > 0, "cuda_emulated_set_target: both must be > 0");
   std::lock_guard<std::mutex> lock(g_target_mutex);
-  g_target = PlanTarget{sm_count, blocks_per_sm};
+  g_target = GridTarget{sm_count, blocks_per_sm};
 }
 
-PlanTarget target() {
+GridTarget target() {
   std::lock_guard<std::mutex> lock(g_target_mutex);
   return g_target;
 }
@@ -92,42 +94,27 @@ void emulate_launch(const dev::Launch<T>& L, int64_t grid) {
   }
 }
 
-void csgd_step_emulated(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                        const c10::List<std::optional<at::Tensor>>& layouts, double lr, double weight_decay,
-                        double momentum, double dampening, bool nesterov, bool maximize, double centripetal,
-                        bool is_first_step) {
-  if (params.empty()) return;
-  const Hyper h{lr, weight_decay, momentum, dampening, centripetal, nesterov, maximize, is_first_step};
-  const std::vector<Geom> geoms = check_step_args(params, grads, bufs, layouts, h, c10::DeviceType::CPU);
-  const auto groups = group_by_dtype(params);
-  const PlanTarget t = target();
-  const auto plans = cached_plans(
-      groups, params, layouts, geoms, [&](at::ScalarType) { return t; }, [] {},
-      [](const at::Tensor& bytes) { return bytes; });
-  for (size_t gi = 0; gi < groups.size(); ++gi) {
-    const auto& cp = plans[gi];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[groups[gi][0]].scalar_type(), "csgd_step_emulated", [&] {
-      for (const PlanLaunch& pl : cp->plan.launches) {
-        auto L = std::make_unique<dev::Launch<scalar_t>>();
-        fill_launch<scalar_t>(L.get(), *cp, pl, params, grads, bufs, h);
-        emulate_launch<scalar_t>(*L, pl.grid);
-      }
-    });
-  }
+void run_emulated(const StepArgs& a) {
+  const GridTarget t = target();
+  run_work_tables(
+      a, [&](at::ScalarType) { return t; }, [] {}, [](const at::Tensor& bytes) { return bytes; },
+      [](const auto& L, int64_t grid) { emulate_launch(L, grid); });
 }
 
-std::vector<std::string> cuda_plan_stats(at::TensorList params, const c10::List<std::optional<at::Tensor>>& layouts,
-                                         int64_t sm_count, int64_t blocks_per_sm) {
-  TORCH_CHECK_VALUE(sm_count > 0 && blocks_per_sm > 0, "cuda_plan_stats: sm_count and blocks_per_sm must be > 0");
+std::vector<std::string> cuda_work_table_stats(at::TensorList params,
+                                               const c10::List<std::optional<at::Tensor>>& layouts, int64_t sm_count,
+                                               int64_t blocks_per_sm) {
+  TORCH_CHECK_VALUE(sm_count > 0 && blocks_per_sm > 0,
+                    "cuda_work_table_stats: sm_count and blocks_per_sm must be > 0");
   const Hyper h{0.0, 0.0, 0.0, 0.0, 0.0, false, false, false};
   const std::vector<Geom> geoms =
       params.empty() ? std::vector<Geom>{} : check_step_args(params, params, {}, layouts, h, params[0].device().type());
   std::vector<std::string> out;
   for (const std::vector<int64_t>& idx : group_by_dtype(params)) {
-    const Plan p = plan_from_tensors(idx, params, layouts, geoms, PlanTarget{sm_count, blocks_per_sm});
+    const WorkTable t = work_table_from_tensors(idx, params, layouts, geoms, GridTarget{sm_count, blocks_per_sm});
     const int64_t esize = params[idx[0]].element_size();
     out.push_back("dtype=" + std::string(c10::toString(params[idx[0]].scalar_type())) + ";" +
-                  plan_stats(p, geoms, esize));
+                  work_table_stats(t, geoms, esize));
   }
   return out;
 }
@@ -139,8 +126,10 @@ TORCH_LIBRARY_FRAGMENT(csgd_ext, m) {
   m.def("cuda_emulated_trace_writes(bool on) -> ()", &csgd_ext::trace_writes);
   m.def("cuda_emulated_set_target(int sm_count, int blocks_per_sm) -> ()", &csgd_ext::set_target);
   m.def("cuda_emulated_write_counts(Tensor[] tensors) -> Tensor[]", &csgd_ext::write_counts);
-  m.def("cuda_plan_stats(Tensor[] params, Tensor?[] layouts, int sm_count, int blocks_per_sm) -> str[]",
-        &csgd_ext::cuda_plan_stats);
+  m.def("cuda_work_table_stats(Tensor[] params, Tensor?[] layouts, int sm_count, int blocks_per_sm) -> str[]",
+        &csgd_ext::cuda_work_table_stats);
 }
 
-TORCH_LIBRARY_IMPL(csgd_ext, CPU, m) { m.impl("csgd_step_cuda_emulated_", &csgd_ext::csgd_step_emulated); }
+TORCH_LIBRARY_IMPL(csgd_ext, CPU, m) {
+  m.impl("csgd_step_cuda_emulated_", &csgd_ext::step_entry<c10::DeviceType::CPU, &csgd_ext::run_emulated>);
+}

@@ -1,7 +1,7 @@
 """The CUDA kernel's device code, run on the CPU (backend ``cuda_emulated``): what the GPU computes, checked in CI.
 
 The shared equivalence suite (test_backend_equivalence.py) already runs this backend against the reference for
-every dtype, layout kind, hyperparameter combination and channels_last. Here: the paths the plan chooses
+every dtype, layout kind, hyperparameter combination and channels_last. Here: the paths the work table chooses
 (elementwise, clusters of up to 8 rows, larger clusters split across threads, vector and scalar columns, runs
 of singleton rows), bitwise agreement with the CPU kernel, unaligned tensors, many work items per block and
 several launches, every output element written exactly once, and malformed layouts refused before any write.
@@ -82,7 +82,7 @@ def test_large_clusters_match_reference(dtype):
     shapes = [(120, c) for c in (1, 3, 5, 8, 16, 64, 300, 1100)]
     ps = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
     lays = [build_layout(large_ids(s[0], gen)) for s in shapes]
-    stats = cuda_emulated.plan_stats(ps, lays)[0]
+    stats = cuda_emulated.work_table_stats(ps, lays)[0]
     assert stats["items_large"] >= len(shapes) and stats["clusters_large"] > 0
     if dtype in (torch.float16, torch.bfloat16):  # free-running half precision drifts by ulps: check each step
         gen = torch.Generator().manual_seed(3)
@@ -170,30 +170,31 @@ def test_many_tensors_take_several_launches():
     ps = [torch.randn(s, generator=gen) for s in shapes]
     lays = [build_layout(torch.tensor([0, 1, 0, 1])) if i % 2 else None for i in range(1003)]
     lays += [build_layout(torch.tensor([0, 0, 1, 2, 2, 2]))] * 7
-    assert cuda_emulated.plan_stats(ps, lays)[0]["launches"] == 2
+    assert cuda_emulated.work_table_stats(ps, lays)[0]["launches"] == 2
     a = stepped(native, ps, lays, torch.float32, HP, 3, 9)
     b = stepped(cuda_emulated, ps, lays, torch.float32, HP, 3, 9)
     assert all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
 
 
-def test_plan_paths():
-    """The planner's choices: unclustered and all-singleton tensors run elementwise (small ones several to an
+def test_work_table_paths():
+    """The work table's choices: unclustered and all-singleton tensors run elementwise (small ones several to an
     item), clusters of <= 8 rows in small items (one-column tensors: 256 clusters per item), larger ones in
     large items."""
     gen = torch.Generator().manual_seed(10)
     p = [torch.zeros(512, 64), torch.zeros(512), torch.zeros(512, 64), torch.zeros(100, 64), torch.zeros(64, 64)]
     lays = [None, build_layout(torch.arange(512)), build_layout(small_ids(512, gen, 4)),
             build_layout(large_ids(100, gen)), build_layout(torch.zeros(64, dtype=torch.long))]
-    single = cuda_emulated.plan_stats(p[:2], lays[:2])[0]
+    single = cuda_emulated.work_table_stats(p[:2], lays[:2])[0]
     assert single["items_small"] == single["items_large"] == 0
     assert single["elems_elem"] == 512 * 64 and single["elems_packed"] == 512 and single["items_packed"] == 1
-    norms = cuda_emulated.plan_stats([torch.zeros(c) for c in (64, 256, 1000, 2048, 5000)] * 3, [None] * 15)[0]
+    norms = cuda_emulated.work_table_stats([torch.zeros(c) for c in (64, 256, 1000, 2048, 5000)] * 3,
+                                           [None] * 15)[0]
     assert norms["items_packed"] < 12 and norms["elems_elem"] == 3 * 5000  # small vectors share items
-    bn = cuda_emulated.plan_stats([torch.zeros(4096)], [build_layout(small_ids(4096, gen, 4))])[0]
+    bn = cuda_emulated.work_table_stats([torch.zeros(4096)], [build_layout(small_ids(4096, gen, 4))])[0]
     clusters = bn["clusters_1"] + bn["clusters_2_4"]
     assert bn["small_lanes_used"] == clusters and bn["small_lanes_used"] > 0.9 * bn["small_lanes_total"]
     assert bn["items_small"] <= -(-clusters // 256)  # 256 clusters or more per item: one per thread
-    mixed = cuda_emulated.plan_stats(p, lays)[0]
+    mixed = cuda_emulated.work_table_stats(p, lays)[0]
     assert mixed["items_small"] > 0 and mixed["items_large"] > 0 and mixed["clusters_large"] >= 2
     assert (mixed["elems_elem"] + mixed["elems_small"] + mixed["elems_large"] + mixed["elems_packed"]
             == sum(t.numel() for t in p))
@@ -237,3 +238,7 @@ def test_csgd_optimizer_selects_it():
             o.step()
     for p, q in zip(model.parameters(), twin):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_stats_is_the_former_name_of_work_table_stats():
+    assert cuda_emulated.plan_stats is cuda_emulated.work_table_stats

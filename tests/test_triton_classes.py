@@ -1,6 +1,6 @@
-"""The Triton backend's row-width classes (``csgd_ext.ops.triton_plan``) against the reference: each class at
+"""The Triton backend's row-width classes (``csgd_ext.ops.triton_worktable``) against the reference: each class at
 its boundaries, every dtype, aligned and unaligned segments, padding programs, a poison test (every
-output element written, a fresh buffer never read), the cached plan, and (GPU) CUDA-graph capture.
+output element written, a fresh buffer never read), the cached work table, and (GPU) CUDA-graph capture.
 
 On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest): shapes stay small.
 """
@@ -13,7 +13,7 @@ import torch
 from csgd_ext.layout import build_layout
 from csgd_ext.ops import reference
 from csgd_ext.ops import triton_backend as tb
-from csgd_ext.ops import triton_plan as tp
+from csgd_ext.ops import triton_worktable as tw
 
 from _equiv import TOL, run_lockstep, run_pair, assert_pair_close
 
@@ -32,50 +32,50 @@ BOUNDARY_KINDS = ["uneven", "uneven", "sizes", "uneven", "one", "uneven", "uneve
                   "gaps"]
 
 
-def _plan_for(shapes, kinds, dtype):
+def _table_for(shapes, kinds, dtype):
     from _equiv import make_params
     ps, lays = make_params(shapes, kinds, dtype, torch.Generator().manual_seed(0))
     entries = []
     for p, lay in zip(ps, lays):
         rows = p.shape[0] if lay is not None else 1
-        entries.append((tb._as_plan_layout(lay), p.numel() // rows, p.numel()))
-    return tp.build_plan(entries, dtype, torch.device("cpu"))
+        entries.append((tb._as_table_layout(lay), p.numel() // rows, p.numel()))
+    return tw.build_work_table(entries, dtype, torch.device("cpu"))
 
 
 def test_boundary_shapes_fall_into_the_expected_classes():
-    plan = _plan_for(BOUNDARY_SHAPES, BOUNDARY_KINDS, torch.float32)
+    table = _table_for(BOUNDARY_SHAPES, BOUNDARY_KINDS, torch.float32)
     # "uneven" on 9 rows has a cluster of >= 2 (9 rows, 3 clusters); "singletons" is flat
-    assert plan.classes == ["vec", "short", "short", "short", "short", "short", "long", "flat", "flat", "flat",
+    assert table.classes == ["vec", "short", "short", "short", "short", "short", "long", "flat", "flat", "flat",
                             "short"]
-    assert plan.columns["short"] == 16 and plan.columns["long"] == 512  # 257: one block of 512 = two of 256
-    launched = {(ln.cls, ln.aligned) for ln in plan.launches}
+    assert table.columns["short"] == 16 and table.columns["long"] == 512  # 257: one block of 512 = two of 256
+    launched = {(ln.cls, ln.aligned) for ln in table.launches}
     assert launched == {("flat", True), ("flat", False), ("vec", False), ("short", True), ("short", False),
                         ("long", False)}
-    assert len(plan.launches) <= 7
+    assert len(table.launches) <= 7
     # every element of every tensor is covered exactly once by the table
-    work = plan.work.tolist()
+    work = table.work.tolist()
     for t, (shape, kind) in enumerate(zip(BOUNDARY_SHAPES, BOUNDARY_KINDS)):
         items = [w for w in work if w[0] == t]
         n = torch.Size(shape).numel()
-        if plan.classes[t] == "flat":
-            assert sorted(w[3] for w in items) == list(range(0, n, tp.FLAT_BLOCK))
+        if table.classes[t] == "flat":
+            assert sorted(w[3] for w in items) == list(range(0, n, tw.FLAT_BLOCK))
         else:
             m = n // shape[0]
-            C = 1 if plan.classes[t] == "vec" else plan.columns[plan.classes[t]]
+            C = 1 if table.classes[t] == "vec" else table.columns[table.classes[t]]
             assert sum(w[2] for w in items) == shape[0] * -(-m // C)  # members x column blocks
     # each segment is sorted by cluster size
-    for ln in plan.launches:
-        sizes = plan.work[ln.item0:ln.item0 + ln.n_items, 2]
+    for ln in table.launches:
+        sizes = table.work[ln.item0:ln.item0 + ln.n_items, 2]
         assert torch.equal(sizes, sizes.sort().values)
 
 
 def test_column_block_choice():
-    spec = tp.CLASSES["long"]
-    assert tp.pick_columns(spec, [(576, 10), (1152, 10), (2304, 10)]) == 256  # 576 = 2.25 x 256: C=256 wastes least
-    assert tp.pick_columns(spec, [(1024, 10), (2048, 10)]) == 1024           # no waste at any C: the largest
-    assert tp.pick_columns(tp.CLASSES["short"], [(64, 100), (147, 1)]) == 64
-    assert tp.pick_columns(tp.CLASSES["short"], [(20, 5)]) == 32             # 2 x 16 = 1 x 32 lanes: the larger
-    assert tp.pick_columns(tp.CLASSES["short"], [(40, 5)]) == 16             # 3 x 16 (83 %) beats 64 (62 %)
+    spec = tw.CLASSES["long"]
+    assert tw.pick_columns(spec, [(576, 10), (1152, 10), (2304, 10)]) == 256  # 576 = 2.25 x 256: C=256 wastes least
+    assert tw.pick_columns(spec, [(1024, 10), (2048, 10)]) == 1024           # no waste at any C: the largest
+    assert tw.pick_columns(tw.CLASSES["short"], [(64, 100), (147, 1)]) == 64
+    assert tw.pick_columns(tw.CLASSES["short"], [(20, 5)]) == 32             # 2 x 16 = 1 x 32 lanes: the larger
+    assert tw.pick_columns(tw.CLASSES["short"], [(40, 5)]) == 16             # 3 x 16 (83 %) beats 64 (62 %)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -93,9 +93,9 @@ def test_many_clusters_per_program_and_padding_programs():
     the last one padded."""
     shapes = [(3000,), (300, 20), (2, 600)]  # "sizes": clusters of 1..7 rows, ~4 rows each
     kinds = ["sizes", "sizes", "one"]
-    plan = _plan_for(shapes, kinds, torch.float32)
+    table = _table_for(shapes, kinds, torch.float32)
     for cls in ("vec", "short"):
-        assert any(ln.cls == cls and ln.programs >= 2 and ln.n_items % ln.R != 0 for ln in plan.launches), cls
+        assert any(ln.cls == cls and ln.programs >= 2 and ln.n_items % ln.R != 0 for ln in table.launches), cls
     a, b = run_pair("triton", shapes, kinds, torch.float32, HP, 6, seed=12)
     assert_pair_close(a, b, torch.float32)
 
@@ -133,9 +133,9 @@ def test_unaligned_starts_take_the_unhinted_path_and_match(dtype):
         reference.step(qs, gs, bb, lays, **HP)
     # the segments are statically aligned, but the meta cache recorded that the hint could not be used
     key = next(k for k in reversed(tb._META) if k[1] == dtype)
-    plan = next(v for k, v in reversed(tb._PLANS.items()) if k[1] == dtype)
+    table = next(v for k, v in reversed(tb._TABLES.items()) if k[1] == dtype)
     ok = tb._META[key][1]
-    assert any(ln.aligned for ln in plan.launches)
+    assert any(ln.aligned for ln in table.launches)
     assert not any(ok), ok
     assert_pair_close((ps, ba), (qs, bb), dtype)
 
@@ -177,24 +177,24 @@ def test_poison_every_output_element_written_and_fresh_buffers_never_read():
     assert torch.isnan(big[:100]).all() and torch.isnan(big[200:]).all() and torch.isfinite(inner).all()
 
 
-def test_plan_is_built_once_per_set_of_layouts():
+def test_work_table_is_built_once_per_set_of_layouts():
     ps = [torch.randn(6, 5, device=DEV), torch.randn(6, device=DEV), torch.randn(4, 3, device=DEV)]
     lays = [build_layout(torch.tensor([0, 0, 1, 2, 2, 2], device=DEV))] * 2 + [None]
     bufs = [None] * 3
     tb.step(ps, [torch.randn_like(p) for p in ps], bufs, lays, **HP)
-    plans = dict(tb._PLANS)
+    tables = dict(tb._TABLES)
     metas = len(tb._META)
     for _ in range(3):
         tb.step(ps, [torch.randn_like(p) for p in ps], bufs, lays, **HP)
-    assert all(tb._PLANS[k] is v for k, v in plans.items()) and len(tb._PLANS) == len(plans)
-    # gradient addresses may change (fresh tensors) but the plan does not; at most one new meta per step
+    assert all(tb._TABLES[k] is v for k, v in tables.items()) and len(tb._TABLES) == len(tables)
+    # gradient addresses may change (fresh tensors) but the work table does not; at most one new meta per step
     assert len(tb._META) <= metas + 3
 
 
 # -- GPU --------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture_matches_eager():
-    """Once warm (plan, meta, hyperparameters cached), a step allocates nothing and syncs nothing: it is
+    """Once warm (work table, meta, hyperparameters cached), a step allocates nothing and syncs nothing: it is
     captured in a CUDA graph and replays to the same values as eager steps."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set")

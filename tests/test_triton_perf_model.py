@@ -1,4 +1,4 @@
-"""``benchmarks/perf_model_triton.py``: the Triton model rows come from the backend's own plan (new design)
+"""``benchmarks/perf_model_triton.py``: the Triton model rows come from the backend's own work table (new design)
 and from the c01eeaf algorithm (old design), and respond to what they model."""
 
 import os
@@ -12,7 +12,7 @@ if ROOT not in sys.path:
 
 from benchmarks import perf_model_triton as pm  # noqa: E402
 from csgd_ext.layout import build_layout  # noqa: E402
-from csgd_ext.ops import triton_plan as tp  # noqa: E402
+from csgd_ext.ops import triton_worktable as tw  # noqa: E402
 
 KEYS = {"design", "bytes", "programs", "launches", "lanes_used_frac", "bytes_per_load", "predicted_us"}
 
@@ -31,7 +31,7 @@ def _small_net(keep_one=False):
     return params, layouts
 
 
-def test_rows_have_the_keys_and_the_new_row_is_the_backends_plan():
+def test_rows_have_the_keys_and_the_new_row_is_the_backends_work_table():
     params, layouts = _small_net()
     old, new = pm.triton_rows(params, layouts, bandwidth_gbs=4300)
     assert KEYS <= set(old) and KEYS <= set(new)
@@ -40,10 +40,10 @@ def test_rows_have_the_keys_and_the_new_row_is_the_backends_plan():
     assert old["launches"] == 1 and "[2, 1024]" in old["tile"]
     sizes, widths, R, block = pm.old_tables(pm._entries(params, layouts)[torch.float32], 4)
     assert (R, block) == (2, 1024) and old["programs"] == -(-sizes.numel() // R)
-    # new: exactly the launches and programs of triton_plan.build_plan on the same entries
-    plan = tp.build_plan(pm._entries(params, layouts)[torch.float32], torch.float32, torch.device("cpu"))
-    assert new["launches"] == len(plan.launches)
-    assert new["programs"] == sum(ln.programs for ln in plan.launches)
+    # new: exactly the launches and programs of triton_worktable.build_work_table on the same entries
+    table = tw.build_work_table(pm._entries(params, layouts)[torch.float32], torch.float32, torch.device("cpu"))
+    assert new["launches"] == len(table.launches)
+    assert new["programs"] == sum(ln.programs for ln in table.launches)
     # same compulsory bytes (20 B per fp32 element), the new design uses far more of its lanes
     n = sum(p.numel() for p in params)
     assert old["data_bytes"] == new["data_bytes"] == 20 * n

@@ -1,7 +1,7 @@
 """The ``cuda_emulated`` backend (testing): the CUDA kernel's own device code, built for the host, run on CPU
 tensors.
 
-It runs the real launch plan and work table of the CUDA backend and walks every block and every thread of
+It runs the real work table and launches of the CUDA backend and walks every block and every thread of
 every launch in order (``csrc/csgd_step_emulated.cpp``), so the CPU test suite checks what the GPU kernel
 computes, not only that it compiles: every dtype, layout kind and hyperparameter combination against the
 reference, vector and scalar paths, alignment (a misaligned 16-byte access raises, as the GPU would fault),
@@ -50,14 +50,14 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
     native.run_op(NAME, OP_NAME, params, grads, momentum_buffers, layouts, as_hparams(hp, hparams))
 
 
-def plan_stats(params: Sequence[torch.Tensor], layouts: Sequence[Optional[ClusterLayout]], *, sm_count: int = 132,
-               blocks_per_sm: int = 4) -> List[Dict[str, object]]:
-    """The CUDA kernel's launch plan for these tensors, one dict per dtype (``launches``, ``blocks``, ``items``
-    by kind, elements by path, ``max_block_elems``, cluster counts by size, ``table_bytes``...): the input of
-    the performance model. The tensors may be on the CPU; only their shapes, dtypes and layouts matter.
+def work_table_stats(params: Sequence[torch.Tensor], layouts: Sequence[Optional[ClusterLayout]], *,
+                     sm_count: int = 132, blocks_per_sm: int = 4) -> List[Dict[str, object]]:
+    """The CUDA kernel's work table for these tensors, one dict per dtype (``launches``, ``blocks``, ``items`` by
+    kind, elements by path, ``max_block_elems``, cluster counts by size, ``table_bytes``...): the input of the
+    performance model. The tensors may be on the CPU; only their shapes, dtypes and layouts matter.
 
     >>> from csgd_ext.layout import build_layout
-    >>> s = plan_stats([torch.zeros(8, 64)], [build_layout(torch.tensor([0, 0, 1, 2, 3, 3, 4, 5]))])[0]
+    >>> s = work_table_stats([torch.zeros(8, 64)], [build_layout(torch.tensor([0, 0, 1, 2, 3, 3, 4, 5]))])[0]
     >>> s["launches"], s["items_small"]
     (1, 1)
     """
@@ -65,13 +65,17 @@ def plan_stats(params: Sequence[torch.Tensor], layouts: Sequence[Optional[Cluste
         raise RuntimeError(native.load_error())
     lts = [kernel_layout(lay, native.native_layout) for lay in layouts]
     out = []
-    for raw in torch.ops.csgd_ext.cuda_plan_stats(list(params), lts, int(sm_count), int(blocks_per_sm)):
+    for raw in torch.ops.csgd_ext.cuda_work_table_stats(list(params), lts, int(sm_count), int(blocks_per_sm)):
         d: Dict[str, object] = {}
         for item in raw.split(";"):
             k, v = item.split("=", 1)
             d[k] = v if k == "dtype" else int(v)
         out.append(d)
     return out
+
+
+#: the former name of :func:`work_table_stats` (benchmarks/perf_model.py and tests/test_gpu.py still call it)
+plan_stats = work_table_stats
 
 
 def set_target(sm_count: int = 132, blocks_per_sm: int = 4) -> None:

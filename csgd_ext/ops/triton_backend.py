@@ -1,7 +1,7 @@
 """The Triton backend (GPU; on CPU tensors only under ``TRITON_INTERPRET=1``, for tests).
 
 Work shaped by row width: the tensors of one dtype are split into row-width classes (see
-:mod:`csgd_ext.ops.triton_plan`): ``flat`` (unclustered or all-singleton tensors, elementwise), ``vec``
+:mod:`csgd_ext.ops.triton_worktable`): ``flat`` (unclustered or all-singleton tensors, elementwise), ``vec``
 (one-column norm parameters, 512 clusters per program), ``short`` (2-D ``[R, C]`` tiles of several
 clusters) and ``long`` (column blocks). Each class runs with its own tile and ``num_warps``, as one
 launch for its 16-byte-aligned tensors (``tl.multiple_of`` hints: vector loads) and one for the rest:
@@ -50,7 +50,7 @@ import torch
 from ..hparams import HParams, as_hparams
 from ..layout import ClusterLayout, is_dense, rows_dense, same_order
 from .staging import conform, copy_back, first_step_buffer, kernel_layout
-from .triton_plan import ALIGN_BYTES, LayoutLike, align_elems, build_plan
+from .triton_worktable import ALIGN_BYTES, LayoutLike, align_elems, build_work_table
 
 NAME = "triton"
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -110,7 +110,7 @@ class _LRU(OrderedDict):
         return val
 
 
-_PLANS = _LRU()
+_TABLES = _LRU()
 _META = _LRU()
 _HP = _LRU()
 
@@ -130,8 +130,8 @@ def _tl_dtype(dtype: torch.dtype):
             torch.float64: tl.float64}[dtype]
 
 
-def _as_plan_layout(lay) -> Optional[LayoutLike]:
-    """A :class:`ClusterLayout` (or :class:`LayoutLike`) as the plan's view of it; None when unclustered."""
+def _as_table_layout(lay) -> Optional[LayoutLike]:
+    """A :class:`ClusterLayout` (or :class:`LayoutLike`) as the work table's view of it; None when unclustered."""
     if lay is None or lay.num_clusters == 0:
         return None
     if isinstance(lay, LayoutLike):
@@ -140,7 +140,7 @@ def _as_plan_layout(lay) -> Optional[LayoutLike]:
 
 
 def _layout_key(lay: Optional[LayoutLike]):
-    # the cached plan keeps perm and offsets alive, so their addresses cannot be reused while it is cached
+    # the cached work table keeps perm and offsets alive, so their addresses cannot be reused while it is cached
     if lay is None:
         return None
     return (lay.perm.data_ptr(), lay.offsets.data_ptr(), lay.num_clusters, lay.max_size)
@@ -168,7 +168,7 @@ def step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], momentum
     for lay in layouts:
         cached = None if lay is None else lay.extras.get(NAME)
         if cached is None:
-            ll = _as_plan_layout(lay)
+            ll = _as_table_layout(lay)
             cached = (ll, _layout_key(ll))
             if lay is not None:
                 lay.extras[NAME] = cached  # ClusterLayout.extras: per-backend derived forms
@@ -209,7 +209,7 @@ def _compiled_step(params, grads, momentum_buffers, layouts, hp: HParams):
 
 def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]], lays: List[Optional[LayoutLike]],
          keys: list, hp: HParams) -> None:
-    """The eager step: stage odd layouts, build/fetch the plan, meta and hyperparameter tables, launch.
+    """The eager step: stage odd layouts, build/fetch the work table, meta and hyperparameter tables, launch.
     ``momentum_buffers[i] is None`` allocates a buffer (first step) unless ``first_flags`` is given (the op);
     ``keys[i]`` is :func:`_layout_key` of ``lays[i]``."""
     from .triton_kernels import flat_kernel, interpreting, tile_kernel
@@ -255,44 +255,45 @@ def _run(params, grads, momentum_buffers: list, first_flags: Optional[List[bool]
     flags = dict(HAS_WD=hp.weight_decay != 0, USE_MOMENTUM=use_mom, NESTEROV=bool(hp.nesterov and use_mom),
                  MAXIMIZE=bool(hp.maximize))
     for dtype, items in groups.items():
-        plan_key = (device, dtype) + tuple((key, m, n) for lay, m, n, key, *_ in items)
-        plan = _PLANS.get_or(plan_key, lambda: build_plan([(lay, m, n) for lay, m, n, *_ in items], dtype, device))
+        table_key = (device, dtype) + tuple((key, m, n) for lay, m, n, key, *_ in items)
+        table = _TABLES.get_or(table_key, lambda: build_work_table([(lay, m, n) for lay, m, n, *_ in items], dtype,
+                                                                   device))
         esize = items[0][4].element_size()
         W, G = items[0][4], items[0][5]
         B = items[0][6] if use_mom else W
         bases = (W.data_ptr(), G.data_ptr(), B.data_ptr())
         bw, bg, bb = bases
         meta_vals = []
-        for (lay, m, n, _, w, g, b, first, (wp, gp, bp)), cls in zip(items, plan.classes):
+        for (lay, m, n, _, w, g, b, first, (wp, gp, bp)), cls in zip(items, table.classes):
             meta_vals += [(wp - bw) // esize, (gp - bg) // esize, (bp - bb) // esize if b is not None else 0,
                           n if cls == "flat" else m, first, int(lay is not None)]
         meta_key = (device, dtype) + bases + tuple(meta_vals)
         meta, ok = _META.get_or(meta_key, lambda: (_upload(meta_vals, torch.int64, device),
-                                                   _aligned_launches(plan, meta_vals, bases, dtype)))
+                                                   _aligned_launches(table, meta_vals, bases, dtype)))
         cdtype = torch.float64 if dtype == torch.float64 else torch.float32
         common = dict(DTYPE=_tl_dtype(dtype), CDTYPE=_tl_dtype(cdtype), SOFT_BF16=interpret and dtype == torch.bfloat16,
                       enable_fp_fusion=True, **flags)  # no effect: every multiply-add is an explicit tl.fma
         with (torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()):
-            for li, ln in enumerate(plan.launches):
+            for li, ln in enumerate(table.launches):
                 align = align_elems(dtype) if ok[li] else 1
                 if ln.cls == "flat":
                     has_c = hp.centripetal != 0 and any(items[t][0] is not None for t in ln.tensors)
-                    flat_k[(ln.n_items,)](plan.work, ln.item0, meta, hp_t, W, G, B, BLOCK=ln.C, ALIGN=align,
+                    flat_k[(ln.n_items,)](table.work, ln.item0, meta, hp_t, W, G, B, BLOCK=ln.C, ALIGN=align,
                                           HAS_C=has_c, num_warps=ln.num_warps, **common)
                 else:
-                    tile[(ln.programs,)](plan.work, ln.item0, ln.n_items, meta, plan.rows, hp_t, W, G, B,
+                    tile[(ln.programs,)](table.work, ln.item0, ln.n_items, meta, table.rows, hp_t, W, G, B,
                                          R=ln.R, C=ln.C, ALIGN=align, HAS_C=hp.centripetal != 0,
                                          num_warps=ln.num_warps, **common)
     copy_back(staged)
 
 
-def _aligned_launches(plan, meta_vals, bases, dtype) -> tuple:
+def _aligned_launches(table, meta_vals, bases, dtype) -> tuple:
     """Per launch: whether ``ALIGN`` hints hold (statically aligned segment, 16-byte aligned base pointers
     and every offset of its tensors a multiple of ``ALIGN``)."""
     align = align_elems(dtype)
     bases_ok = all(b % ALIGN_BYTES == 0 for b in bases)
     out = []
-    for ln in plan.launches:
+    for ln in table.launches:
         out.append(ln.aligned and bases_ok and align > 1 and
                    all(meta_vals[6 * t + j] % align == 0 for t in ln.tensors for j in range(3)))
     return tuple(out)
@@ -314,7 +315,7 @@ def triton_step(params: List[torch.Tensor], grads: List[torch.Tensor], momentum_
     if reason is not None:
         raise RuntimeError(f"backend 'triton' is unavailable on {device.type}: {reason}")
     _check(params, device)
-    lays = [None if perm is None else _as_plan_layout(LayoutLike(perm, off, off.numel() - 1, int(ms)))
+    lays = [None if perm is None else _as_table_layout(LayoutLike(perm, off, off.numel() - 1, int(ms)))
             for perm, off, ms in zip(perms, offsets, max_sizes)]
     hp = HParams(lr, momentum, dampening, weight_decay, nesterov, maximize, centripetal)
     bufs = list(momentum_buffers) if momentum != 0 else [None] * len(params)

@@ -1,5 +1,5 @@
-// Launch planning of the CUDA C-SGD kernel: see csgd_plan.h.
-#include "csgd_plan.h"
+// The work table of the CUDA C-SGD kernel: see csgd_worktable.h.
+#include "csgd_worktable.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -64,7 +64,7 @@ std::vector<std::vector<int32_t>> checked_clusters(const int64_t* lay, int64_t k
 }
 
 // Items of one clustered tensor (slot) whose layout is `lay`.
-void plan_clustered(Plan& p, std::vector<Item>& items, int32_t slot, const Geom& geo, const int64_t* lay,
+void plan_clustered(WorkTable& p, std::vector<Item>& items, int32_t slot, const Geom& geo, const int64_t* lay,
                     int64_t vec, int64_t i, int64_t chunk) {
   std::vector<std::vector<int32_t>> cl = checked_clusters(lay, geo.clusters, geo.rows, i);
   // singleton rows in long runs of adjacent rows go elementwise; the rest are clusters of one
@@ -124,36 +124,17 @@ void plan_clustered(Plan& p, std::vector<Item>& items, int32_t slot, const Geom&
 
 }  // namespace
 
-void validate_layout(const int64_t* lay, int64_t k, int64_t rows, int64_t i) {
-  const int64_t* off = lay;
-  const int64_t* perm = lay + k + 1;
-  TORCH_CHECK_VALUE(off[0] == 0 && off[k] == rows, "csgd_step_: layouts[", i, "] offsets must start at 0 and end at ",
-                    "the row count ", rows, " (got ", off[0], " and ", off[k], ")");
-  TORCH_CHECK_VALUE(rows < (int64_t(1) << 31), "csgd_step_: params[", i, "] has too many rows (2^31 or more)");
-  std::vector<char> seen(rows, 0);
-  for (int64_t c = 0; c < k; ++c) {
-    TORCH_CHECK_VALUE(off[c + 1] > off[c], "csgd_step_: layouts[", i, "] offsets are not strictly increasing at cluster ",
-                      c, " (", off[c], " then ", off[c + 1], ")");
-    for (int64_t q = off[c]; q < off[c + 1]; ++q) {
-      const int64_t r = perm[q];
-      TORCH_CHECK_VALUE(r >= 0 && r < rows, "csgd_step_: layouts[", i, "] has row index ", r, " out of range [0, ",
-                        rows, ")");
-      TORCH_CHECK_VALUE(!seen[r], "csgd_step_: layouts[", i, "] lists row ", r, " twice: perm must be a permutation");
-      seen[r] = 1;
-    }
-  }
-}
-
-Plan build_plan(const std::vector<int64_t>& idx, const std::vector<Geom>& geoms,
-                const std::vector<const int64_t*>& host_layouts, int64_t elem_size, const PlanTarget& target) {
-  Plan p;
+WorkTable build_work_table(const std::vector<int64_t>& idx, const std::vector<Geom>& geoms,
+                           const std::vector<const int64_t*>& host_layouts, int64_t elem_size,
+                           const GridTarget& target) {
+  WorkTable p;
   const int64_t vec = dev::kVecBytes / elem_size;
   std::vector<int64_t> todo;
   for (int64_t i : idx) {
     if (geoms[i].rows * geoms[i].cols > 0) todo.push_back(i);
   }
   for (size_t t0 = 0; t0 < todo.size(); t0 += dev::kMaxSlots) {
-    PlanLaunch pl;
+    TableLaunch pl;
     std::vector<Item> items;
     std::vector<int64_t> cols;
     const size_t t1 = std::min(todo.size(), t0 + dev::kMaxSlots);
@@ -217,9 +198,9 @@ Plan build_plan(const std::vector<int64_t>& idx, const std::vector<Geom>& geoms,
   return p;
 }
 
-Plan plan_from_tensors(const std::vector<int64_t>& idx, at::TensorList params,
-                       const c10::List<std::optional<at::Tensor>>& layouts, const std::vector<Geom>& geoms,
-                       const PlanTarget& target) {
+WorkTable work_table_from_tensors(const std::vector<int64_t>& idx, at::TensorList params,
+                                  const c10::List<std::optional<at::Tensor>>& layouts,
+                                  const std::vector<Geom>& geoms, const GridTarget& target) {
   std::vector<at::Tensor> host(geoms.size());
   std::vector<const int64_t*> host_ptr(geoms.size(), nullptr);
   for (int64_t i : idx) {
@@ -228,14 +209,14 @@ Plan plan_from_tensors(const std::vector<int64_t>& idx, at::TensorList params,
       host_ptr[i] = host[i].const_data_ptr<int64_t>();
     }
   }
-  return build_plan(idx, geoms, host_ptr, params[idx[0]].element_size(), target);
+  return build_work_table(idx, geoms, host_ptr, params[idx[0]].element_size(), target);
 }
 
-std::string plan_stats(const Plan& p, const std::vector<Geom>& geoms, int64_t elem_size) {
+std::string work_table_stats(const WorkTable& p, const std::vector<Geom>& geoms, int64_t elem_size) {
   const int64_t vec = dev::kVecBytes / elem_size;
   int64_t n_kind[4] = {0, 0, 0, 0}, elems_kind[4] = {0, 0, 0, 0};
   int64_t scalar_elems = 0, scattered = 0, reread = 0, max_block = 0, sum_grid = 0, lanes_used = 0, lanes_total = 0;
-  for (const PlanLaunch& pl : p.launches) {
+  for (const TableLaunch& pl : p.launches) {
     std::vector<int64_t> per_block(pl.grid, 0);
     sum_grid += pl.grid;
     for (int64_t k = pl.item0; k < pl.item1; ++k) {
@@ -280,15 +261,15 @@ std::string plan_stats(const Plan& p, const std::vector<Geom>& geoms, int64_t el
   return s.str();
 }
 
-const dev::Item* CachedPlan::items() const { return reinterpret_cast<const dev::Item*>(table.const_data_ptr<uint8_t>()); }
+const dev::Item* CachedWorkTable::items() const { return reinterpret_cast<const dev::Item*>(bytes.const_data_ptr<uint8_t>()); }
 
-const dev::Cluster* CachedPlan::clusters() const {
-  return reinterpret_cast<const dev::Cluster*>(table.const_data_ptr<uint8_t>() + plan.items.size() * sizeof(Item));
+const dev::Cluster* CachedWorkTable::clusters() const {
+  return reinterpret_cast<const dev::Cluster*>(bytes.const_data_ptr<uint8_t>() + host.items.size() * sizeof(Item));
 }
 
-const int32_t* CachedPlan::members() const {
-  return reinterpret_cast<const int32_t*>(table.const_data_ptr<uint8_t>() + plan.items.size() * sizeof(Item) +
-                                          plan.clusters.size() * sizeof(Cluster));
+const int32_t* CachedWorkTable::members() const {
+  return reinterpret_cast<const int32_t*>(bytes.const_data_ptr<uint8_t>() + host.items.size() * sizeof(Item) +
+                                          host.clusters.size() * sizeof(Cluster));
 }
 
 std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList params) {
@@ -310,12 +291,12 @@ std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList params) {
 namespace {
 
 // Cache key: the device, dtype, target, and per tensor its geometry and layout identity (the layout tensors
-// are held by the cached plan, so their addresses stay theirs; the version counter catches in-place edits).
+// are held by the cached table, so their addresses stay theirs; the version counter catches in-place edits).
 using Key = std::vector<int64_t>;
 
 Key make_key(const std::vector<int64_t>& idx, at::TensorList params,
              const c10::List<std::optional<at::Tensor>>& layouts, const std::vector<Geom>& geoms,
-             const PlanTarget& target) {
+             const GridTarget& target) {
   const at::Tensor& p0 = params[idx[0]];
   Key k{static_cast<int64_t>(p0.device().type()), p0.device().index(), static_cast<int64_t>(p0.scalar_type()),
         target.sm_count, target.blocks_per_sm};
@@ -336,15 +317,15 @@ Key make_key(const std::vector<int64_t>& idx, at::TensorList params,
 }
 
 std::mutex g_mutex;
-std::list<std::pair<Key, std::shared_ptr<const CachedPlan>>> g_cache;  // most recently used first
+std::list<std::pair<Key, std::shared_ptr<const CachedWorkTable>>> g_cache;  // most recently used first
 
 }  // namespace
 
-std::shared_ptr<const CachedPlan> cached_plan(const std::vector<int64_t>& idx, at::TensorList params,
-                                              const c10::List<std::optional<at::Tensor>>& layouts,
-                                              const std::vector<Geom>& geoms, const PlanTarget& target,
-                                              const std::function<void()>& on_miss,
-                                              const std::function<at::Tensor(const at::Tensor&)>& upload) {
+std::shared_ptr<const CachedWorkTable> cached_work_table(const std::vector<int64_t>& idx, at::TensorList params,
+                                                         const c10::List<std::optional<at::Tensor>>& layouts,
+                                                         const std::vector<Geom>& geoms, const GridTarget& target,
+                                                         const std::function<void()>& on_miss,
+                                                         const std::function<at::Tensor(const at::Tensor&)>& upload) {
   Key key = make_key(idx, params, layouts, geoms, target);
   {
     std::lock_guard<std::mutex> lock(g_mutex);
@@ -356,12 +337,12 @@ std::shared_ptr<const CachedPlan> cached_plan(const std::vector<int64_t>& idx, a
     }
   }
   on_miss();
-  auto cp = std::make_shared<CachedPlan>();
+  auto ct = std::make_shared<CachedWorkTable>();
   for (int64_t i : idx) {
-    if (geoms[i].clusters > 0) cp->layouts.push_back(*layouts.get(i));
+    if (geoms[i].clusters > 0) ct->layouts.push_back(*layouts.get(i));
   }
-  cp->plan = plan_from_tensors(idx, params, layouts, geoms, target);  // once per new set of layouts
-  const Plan& p = cp->plan;
+  ct->host = work_table_from_tensors(idx, params, layouts, geoms, target);  // once per new set of layouts
+  const WorkTable& p = ct->host;
   const size_t nbytes = p.items.size() * sizeof(Item) + p.clusters.size() * sizeof(Cluster) +
                         p.members.size() * sizeof(int32_t);
   at::Tensor bytes = at::empty({static_cast<int64_t>(std::max<size_t>(nbytes, 1))}, at::kByte);
@@ -371,23 +352,24 @@ std::shared_ptr<const CachedPlan> cached_plan(const std::vector<int64_t>& idx, a
   std::memcpy(dst, p.clusters.data(), p.clusters.size() * sizeof(Cluster));
   dst += p.clusters.size() * sizeof(Cluster);
   std::memcpy(dst, p.members.data(), p.members.size() * sizeof(int32_t));
-  cp->table = upload(bytes);
+  ct->bytes = upload(bytes);
   std::lock_guard<std::mutex> lock(g_mutex);
-  g_cache.emplace_front(std::move(key), cp);
+  g_cache.emplace_front(std::move(key), ct);
   if (g_cache.size() > kCacheSize) g_cache.pop_back();
-  return cp;
+  return ct;
 }
 
-std::vector<std::shared_ptr<const CachedPlan>> cached_plans(
+std::vector<std::shared_ptr<const CachedWorkTable>> cached_work_tables(
     const std::vector<std::vector<int64_t>>& groups, at::TensorList params,
     const c10::List<std::optional<at::Tensor>>& layouts, const std::vector<Geom>& geoms,
-    const std::function<PlanTarget(at::ScalarType)>& target, const std::function<void()>& on_miss,
+    const std::function<GridTarget(at::ScalarType)>& target, const std::function<void()>& on_miss,
     const std::function<at::Tensor(const at::Tensor&)>& upload) {
-  std::vector<std::shared_ptr<const CachedPlan>> plans;
+  std::vector<std::shared_ptr<const CachedWorkTable>> tables;
   for (const std::vector<int64_t>& idx : groups) {
-    plans.push_back(cached_plan(idx, params, layouts, geoms, target(params[idx[0]].scalar_type()), on_miss, upload));
+    tables.push_back(
+        cached_work_table(idx, params, layouts, geoms, target(params[idx[0]].scalar_type()), on_miss, upload));
   }
-  return plans;
+  return tables;
 }
 
 }  // namespace csgd_ext
