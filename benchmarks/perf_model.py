@@ -11,7 +11,7 @@ counts, per design, the bytes each launch moves and how they are spread over the
 
 plus the bytes that a design moves beyond the 20 B (sector waste of scattered 4-byte accesses, re-read w).
 Its inputs come from the same launch planning as the kernels: the CUDA kernel's plan statistics
-(``csgd_ext.ops.cuda_emulated.plan_stats``, the planner of ``csrc/csgd_plan.cpp``); the previous CUDA kernel
+(``csgd_ext.ops.cuda_emulated.work_table_stats``, the work-table builder of ``csrc/csgd_worktable.cpp``); the previous CUDA kernel
 (a multi-tensor apply of 96 blocks x 256 threads per launch, 24 tensors per launch, 4-byte scalar accesses,
 one thread walking its cluster twice) and PyTorch's fused SGD (``MultiTensorApply.cuh``: 65,536-element
 chunks, 320 blocks x 512 threads per launch, 16-byte accesses, 4 per thread in flight, at most 110 tensors of
@@ -70,7 +70,7 @@ def cuda_new(params: Sequence[torch.Tensor], layouts: Sequence[Optional[ClusterL
     """The CUDA kernel of this repository, from its own launch plan (blocks_per_sm: from the kernel's
     ``__launch_bounds__``, 2 blocks of 256 threads)."""
     rows = []
-    for st in cuda_emulated.plan_stats(params, layouts, sm_count=sms, blocks_per_sm=blocks_per_sm):
+    for st in cuda_emulated.work_table_stats(params, layouts, sm_count=sms, blocks_per_sm=blocks_per_sm):
         esize = st["elem_bytes"]
         n = st["elems_elem"] + st["elems_small"] + st["elems_large"] + st.get("elems_packed", 0)
         acc = _accesses()

@@ -7,7 +7,7 @@
   columns), ``BLOCK = max(32, min(1024, next_pow2(widest)))``, ``R = max(1, min(2048 // BLOCK,
   next_pow2(items)))`` items per program, items sorted by cluster size, int64 member indices, scalar
   loads (no alignment known), 4 warps.
-* ``"triton (new)"``: the tables that :func:`csgd_ext.ops.triton_plan.build_plan` builds, the very code the
+* ``"triton (new)"``: the tables that :func:`csgd_ext.ops.triton_worktable.build_work_table` builds, the very code the
   backend launches: row-width classes ``flat / vec / short / long``, tile and ``num_warps`` per class,
   aligned segments with 16-byte vector loads (when every tensor is 16-byte aligned, as fresh allocations
   are), int32 member indices.
@@ -56,7 +56,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from csgd_ext.layout import build_layout
-from csgd_ext.ops import triton_plan as tp
+from csgd_ext.ops import triton_worktable as tw
 
 __all__ = ["triton_rows", "old_tables", "new_tables", "main"]
 
@@ -83,7 +83,7 @@ def _entries(params, layouts):
         if lay is not None and lay.num_rows == 0:
             lay = None
         rows = p.shape[0] if lay is not None else 1
-        ll = None if lay is None else tp.LayoutLike(lay.perm, lay.offsets, lay.num_clusters, lay.max_size)
+        ll = None if lay is None else tw.LayoutLike(lay.perm, lay.offsets, lay.num_clusters, lay.max_size)
         groups.setdefault(p.dtype, []).append((ll, p.numel() // rows, p.numel()))
     return groups
 
@@ -164,8 +164,8 @@ def old_tables(entries, esize: int):
 
 
 def new_tables(entries, dtype):
-    """The backend's plan (:func:`csgd_ext.ops.triton_plan.build_plan`) of one dtype, on the CPU."""
-    return tp.build_plan(entries, dtype, torch.device("cpu"))
+    """The backend's work table (:func:`csgd_ext.ops.triton_worktable.build_work_table`) of one dtype, on the CPU."""
+    return tw.build_work_table(entries, dtype, torch.device("cpu"))
 
 
 def triton_rows(params: Sequence[torch.Tensor], layouts: Sequence[Optional[object]], *, bandwidth_gbs: float,

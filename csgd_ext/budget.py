@@ -17,6 +17,10 @@ conv/linear layer's MACs (:mod:`csgd_ext.flops`) scaled by the kept fractions of
 concatenation's inputs per part; a depthwise conv by one of them). No group is narrowed below a tenth of its
 width (``MIN_KEEP``) unless the target needs it; then groups go down to one channel per block (or ``N``).
 
+Attention head groups step one head at a time (``round_to`` does not apply: their width is heads x head_dim). A
+stream whose attention ties its width to its heads (:mod:`csgd_ext.attention`) steps by multiples of the head
+width, and its head groups follow it.
+
 The greedy's removals form one path from the full model to the smallest; the plan is the first point on it whose
 **merged model, counted by** :func:`csgd_ext.flops.count_flops_params`, has at most ``F`` of the FLOPs (one count
 when the estimate is right, a bisection over the path otherwise). A target below the smallest model's fraction is

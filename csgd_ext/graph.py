@@ -15,6 +15,11 @@ group into a :class:`CoupledGroup`:
 * **blocks** - with grouped convs or splits, the convolution group and split chunk of each root channel
   (clusters stay inside one; a consumer after a split reads only its chunk's channels).
 
+* **attention head groups** - for every attention module a rule of :mod:`csgd_ext.attention` covers, the
+  group of its q/k/v projection is a head group (:mod:`csgd_ext.head_groups`): its clusters join whole heads.
+  ``nn.MultiheadAttention`` reads the stream with its packed in-projection (a consumer) and produces it with its
+  ``out_proj``.
+
 Groups whose channels pass through an op for which "identical channels -> keep one, sum the consumers" is not
 exact (an unbind of channels, a reduction over every dim, a layer without a merge rule such as a norm subclass
 with extra work, a bare parameter whose channel dim torch-pruning puts elsewhere) or that reach the model's output are returned in

@@ -197,6 +197,7 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[None, float, Map
             over the group's producer layers; the greedy narrows whichever group loses least per FLOP, no group
             below a tenth of its width unless the target needs it); see :mod:`csgd_ext.budget`.
         round_to: every kept width a multiple of this int >= 1 (the nearest to what ``keep`` asks, ties down;
+            attention head groups keep whole heads instead;
             with blocks, the multiple must split over them in proportion). A group with no such multiple (e.g.
             narrower than ``round_to``) keeps its whole width. With ``target_flops``, the steps are multiples.
 

@@ -238,7 +238,3 @@ def test_csgd_optimizer_selects_it():
             o.step()
     for p, q in zip(model.parameters(), twin):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
-
-
-def test_plan_stats_is_the_former_name_of_work_table_stats():
-    assert cuda_emulated.plan_stats is cuda_emulated.work_table_stats

@@ -65,7 +65,7 @@ def test_cuda_many_tensors_span_several_launches():
     gen = torch.Generator().manual_seed(0)
     from _equiv import make_params
     ps, lays = make_params(shapes, kinds, torch.float32, gen)
-    assert cuda_emulated.plan_stats(ps, lays)[0]["launches"] >= 2  # the plan depends on shapes and layouts only
+    assert cuda_emulated.work_table_stats(ps, lays)[0]["launches"] >= 2  # the work table depends on shapes and layouts only
     a, b = run_pair("native", shapes, kinds, torch.float32, HP, 3, device="cuda")
     assert_pair_close(a, b, torch.float32)
 

@@ -74,9 +74,6 @@ def work_table_stats(params: Sequence[torch.Tensor], layouts: Sequence[Optional[
     return out
 
 
-#: the former name of :func:`work_table_stats` (benchmarks/perf_model.py and tests/test_gpu.py still call it)
-plan_stats = work_table_stats
-
 
 def set_target(sm_count: int = 132, blocks_per_sm: int = 4) -> None:
     """The emulated GPU: multiprocessors and resident blocks per multiprocessor (default: an H200). The grid is
