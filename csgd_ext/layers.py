@@ -1,6 +1,9 @@
 """The layer kinds: what each kind of layer means to a plan and a merge, said once.
 
-Graph analysis (:mod:`csgd_ext.graph`), plan validation (:mod:`csgd_ext.planfile`), planning
+Each kind is one :class:`Kind` record in :data:`KIND_RECORDS` holding all of its facts: how it is detected,
+its widths, why a module of it may have no exact merge, how it shrinks, and its roles (consumer, channel-wise,
+blocked, weighted, ...); the named kind groups (``CONSUMER_KINDS``, ``BLOCKED_KINDS``, ...) are read off the
+records. Graph analysis (:mod:`csgd_ext.graph`), plan validation (:mod:`csgd_ext.planfile`), planning
 (:mod:`csgd_ext.planner`), merge (:mod:`csgd_ext.merge`) and reorder (:mod:`csgd_ext.reorder`) all ask this
 module, as torch-pruning's per-layer pruning functions are asked, instead of testing module types themselves.
 
@@ -72,7 +75,8 @@ Example::
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -80,31 +84,144 @@ from torch import nn
 from .norm_forms import groupnorm_form, layernorm_channel_dim, layernorm_form, norm_post, weighted_norm
 from .norms import WeightedGroupNorm, WeightedLayerNorm, WeightedRMSNorm
 
-__all__ = ["KINDS", "PRODUCER_KINDS", "CONSUMER_KINDS", "CHANNELWISE_KINDS", "KERNEL_KINDS", "BLOCKED_KINDS",
+__all__ = ["Kind", "KIND_RECORDS", "KINDS", "PRODUCER_KINDS", "CONSUMER_KINDS", "CHANNELWISE_KINDS", "KERNEL_KINDS", "BLOCKED_KINDS",
            "GROUPED_CONSUMER_KINDS", "WEIGHTED_KINDS", "BARE_KIND", "STREAM_SPLIT_KINDS", "LINEAR_KIND", "MHA_KIND", "weight_of", "TRACED_TYPES",
            "ROOT_TYPES", "BareParam", "named_members", "module_kind", "widths", "index_bounds", "channel_tensors",
            "cluster_ids", "conv_group_of", "shrink", "sum_grouped_inputs", "weighted_norm", "layernorm_channel_dim",
            "norm_post"]
 
-KINDS = ("conv", "grouped", "linear", "depthwise", "norm", "layernorm", "groupnorm", "prelu", "scale", "mha")
+_LAYERNORMS = (nn.LayerNorm, nn.RMSNorm, WeightedLayerNorm, WeightedRMSNorm)
+_CONV = nn.modules.conv._ConvNd
+
+
+def _conv_of(groups: str):
+    def detect(m) -> bool:
+        if not isinstance(m, _CONV) or isinstance(m, nn.modules.conv._ConvTransposeNd):
+            return False
+        depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
+        return {"conv": m.groups == 1, "depthwise": depthwise, "grouped": m.groups > 1 and not depthwise}[groups]
+    return detect
+
+
+def _set_attrs(outs: Tuple[str, ...], ins: Tuple[str, ...] = ()):
+    """``set_width(m, n_out, n_in)`` writing ``n_out`` to the attributes ``outs`` and ``n_in`` to ``ins``."""
+    def set_width(m, n_out: int, n_in: int) -> None:
+        for a in outs:
+            setattr(m, a, n_out)
+        for a in ins:
+            setattr(m, a, n_in)
+    return set_width
+
+
+def _ln_width(m) -> Tuple[int, int]:
+    n = m.counts.shape[0] if isinstance(m, (WeightedLayerNorm, WeightedRMSNorm)) else m.normalized_shape[0]
+    return n, n
+
+
+def _gn_width(m) -> Tuple[int, int]:
+    n = m.width if isinstance(m, WeightedGroupNorm) else m.num_channels
+    return n, n
+
+
+def _ln_refusal(m) -> Optional[str]:
+    if layernorm_form(m) is not None:
+        return None
+    return (f"{type(m).__name__} (a LayerNorm whose forward is not one LayerNorm over the channel dim, nor one "
+            "followed by its own child modules (a norm-act layer), e.g. an activation called in its forward instead "
+            f"of held as a child module, or normalized_shape={tuple(m.normalized_shape)}: no weighted replacement)")
+
+
+def _gn_refusal(m) -> Optional[str]:
+    if groupnorm_form(m) is not None:
+        return None
+    return (f"{type(m).__name__} (a GroupNorm whose forward is not one GroupNorm, nor one followed by its own child "
+            "modules (a norm-act layer), e.g. an activation called in its forward instead of held as a child "
+            "module: no weighted replacement)")
+
+
+def _mha_refusal(m) -> Optional[str]:
+    if m._qkv_same_embed_dim and m.bias_k is None:
+        return None
+    return f"{type(m).__name__} with separate k/v input widths or add_bias_kv (no exact merge rule)"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One layer kind and all of its facts (torch-pruning keeps one pruner class per layer kind the same way).
+
+    ``detect(m)``: is ``m`` this kind (records are asked in :data:`KIND_RECORDS` order); ``widths(m)``: its
+    ``(output channels, input features)``; ``refuse(m)``: why a module of this kind has no exact merge, or None;
+    ``set_width(m, n_out, n_in)``: its width attributes after a shrink (None: none to set); ``weight``: the
+    attribute of a matrix kind's weight (axis 0 outputs, axis 1 inputs). Roles: ``consumer`` (reads a group's
+    channels through the weight's axis 1), ``channelwise`` (every tensor carries the channel on axis 0, input
+    width = output width), ``kernel`` (its weight rows are clustering features), ``blocked`` (its channels fall
+    into blocks a cluster never crosses), ``grouped`` (a consumer whose input slices are summed per convolution
+    group), ``weighted`` (a merge replaces it by a multiplicity-weighted module), ``split_stream`` (its output is
+    a child's: ``nn.MultiheadAttention``'s ``out_proj``)."""
+
+    name: str
+    detect: Callable[[object], bool]
+    widths: Callable[[object], Tuple[int, int]]
+    refuse: Callable[[object], Optional[str]] = lambda m: None
+    set_width: Optional[Callable[[object, int, int], None]] = None
+    weight: str = "weight"
+    consumer: bool = False
+    channelwise: bool = False
+    kernel: bool = False
+    blocked: bool = False
+    grouped: bool = False
+    weighted: bool = False
+    split_stream: bool = False
+
+
+KIND_RECORDS: Dict[str, Kind] = {k.name: k for k in (
+    Kind("conv", _conv_of("conv"), lambda m: (m.out_channels, m.in_channels),
+         set_width=_set_attrs(("out_channels",), ("in_channels",)), consumer=True, kernel=True),
+    Kind("grouped", _conv_of("grouped"), lambda m: (m.out_channels, m.in_channels),
+         set_width=_set_attrs(("out_channels",), ("in_channels",)), consumer=True, kernel=True, blocked=True, grouped=True),
+    Kind("linear", lambda m: isinstance(m, nn.Linear), lambda m: (m.out_features, m.in_features),
+         set_width=_set_attrs(("out_features",), ("in_features",)), consumer=True, kernel=True),
+    Kind("depthwise", _conv_of("depthwise"), lambda m: (m.out_channels, m.in_channels),
+         set_width=_set_attrs(("out_channels", "in_channels", "groups")), channelwise=True, kernel=True),
+    Kind("norm", lambda m: isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)),
+         lambda m: (m.num_features,) * 2, set_width=_set_attrs(("num_features",)), channelwise=True),
+    Kind("layernorm", lambda m: isinstance(m, _LAYERNORMS), _ln_width, refuse=_ln_refusal, channelwise=True,
+         weighted=True),
+    Kind("groupnorm", lambda m: isinstance(m, (nn.GroupNorm, WeightedGroupNorm)), _gn_width, refuse=_gn_refusal,
+         channelwise=True, blocked=True, weighted=True),
+    Kind("prelu", lambda m: isinstance(m, nn.PReLU), lambda m: (m.num_parameters,) * 2,
+         set_width=_set_attrs(("num_parameters",)), channelwise=True),
+    Kind("scale", lambda m: isinstance(m, BareParam), lambda m: (m.param.shape[m.dim],) * 2,
+         refuse=lambda m: "a scalar parameter (carries no channel)" if m.param.dim() == 0 else None,
+         channelwise=True),
+    Kind("mha", lambda m: isinstance(m, nn.MultiheadAttention), lambda m: tuple(m.in_proj_weight.shape),
+         refuse=_mha_refusal, weight="in_proj_weight", consumer=True, kernel=True, split_stream=True),
+)}
+
+
+def _kinds(role: str) -> Tuple[str, ...]:
+    return tuple(k.name for k in KIND_RECORDS.values() if getattr(k, role))
+
+
+KINDS = tuple(KIND_RECORDS)
 #: kinds whose output channels a group may carry (and cluster)
 PRODUCER_KINDS = KINDS
 #: kinds that read a group's channels through their weight's axis 1
-CONSUMER_KINDS = ("conv", "grouped", "linear", "mha")
+CONSUMER_KINDS = _kinds("consumer")
 #: kinds whose every channel tensor has the channel on axis 0, for input and output alike
-CHANNELWISE_KINDS = ("depthwise", "norm", "layernorm", "groupnorm", "prelu", "scale")
+CHANNELWISE_KINDS = _kinds("channelwise")
 #: kinds whose flattened weight rows are the clustering features of a group
-KERNEL_KINDS = ("conv", "grouped", "linear", "depthwise", "mha")
+KERNEL_KINDS = _kinds("kernel")
 #: kinds whose channels fall into blocks a cluster never crosses (convolution groups, normalization groups)
-BLOCKED_KINDS = ("grouped", "groupnorm")
+BLOCKED_KINDS = _kinds("blocked")
 #: consumer kinds whose input slices are summed per convolution group (:func:`sum_grouped_inputs`)
-GROUPED_CONSUMER_KINDS = ("grouped",)
+GROUPED_CONSUMER_KINDS = _kinds("grouped")
 #: kinds a merge replaces by a multiplicity-weighted module (:func:`weighted_norm`) instead of shrinking them
-WEIGHTED_KINDS = ("layernorm", "groupnorm")
+WEIGHTED_KINDS = _kinds("weighted")
+#: kinds whose output reaches a group through a child (``nn.MultiheadAttention``'s ``out_proj``, a ``linear``)
+STREAM_SPLIT_KINDS = _kinds("split_stream")
 #: the kind of an ``nn.Linear`` (an attention's q/k/v and output projections) and of an ``nn.MultiheadAttention``
 LINEAR_KIND, MHA_KIND = "linear", "mha"
-#: kinds whose output reaches a group through a child (``nn.MultiheadAttention``'s ``out_proj``, a ``linear``)
-STREAM_SPLIT_KINDS = (MHA_KIND,)
 #: the kind of a bare parameter (:class:`BareParam`)
 BARE_KIND = "scale"
 #: module types whose calls graph analysis watches (the known kinds and the norms without an exact merge)
@@ -113,7 +230,6 @@ TRACED_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBa
                 nn.MultiheadAttention)
 #: module types that root a coupled group
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-_LAYERNORMS = (nn.LayerNorm, nn.RMSNorm, WeightedLayerNorm, WeightedRMSNorm)
 
 
 class BareParam:
@@ -156,80 +272,39 @@ def named_members(model: nn.Module) -> Dict[str, object]:
 
 
 def _layer_kind(m) -> Tuple[Optional[str], Optional[str]]:
-    if isinstance(m, BareParam):
-        return "scale", None
     if isinstance(m, nn.modules.conv._ConvTransposeNd):
         return None, f"{type(m).__name__} (transposed convolutions are not supported)"
-    if isinstance(m, nn.modules.conv._ConvNd):
-        if m.groups == 1:
-            return "conv", None
-        if m.groups == m.in_channels == m.out_channels:
-            return "depthwise", None
-        return "grouped", None
-    if isinstance(m, nn.Linear):
-        return "linear", None
-    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-        return "norm", None
-    if isinstance(m, nn.PReLU):
-        return "prelu", None
-    if isinstance(m, _LAYERNORMS):
-        return "layernorm", None
-    if isinstance(m, (nn.GroupNorm, WeightedGroupNorm)):
-        return "groupnorm", None
-    if isinstance(m, nn.MultiheadAttention):
-        if not m._qkv_same_embed_dim or m.bias_k is not None:
-            return None, f"{type(m).__name__} with separate k/v input widths or add_bias_kv (no exact merge rule)"
-        return "mha", None
+    for k in KIND_RECORDS.values():
+        if k.detect(m):
+            return k.name, None
     return None, f"{type(m).__name__} (no exact merge rule for this layer)"
 
 
 def module_kind(m) -> Tuple[Optional[str], Optional[str]]:
     """``(kind, None)`` for a layer (or :class:`BareParam`) a merge knows, else ``(None, reason)``."""
     kind, why = _layer_kind(m)
-    if kind == "layernorm" and layernorm_form(m) is None:
-        return None, (f"{type(m).__name__} (a LayerNorm whose forward is not one LayerNorm over the channel dim, "
-                      "nor one followed by its own child modules (a norm-act layer), e.g. an activation called in "
-                      f"its forward instead of held as a child module, or normalized_shape={tuple(m.normalized_shape)}"
-                      ": no weighted replacement)")
-    if kind == "groupnorm" and groupnorm_form(m) is None:
-        return None, (f"{type(m).__name__} (a GroupNorm whose forward is not one GroupNorm, nor one followed by its "
-                      "own child modules (a norm-act layer), e.g. an activation called in its forward instead of "
-                      "held as a child module: no weighted replacement)")
-    if kind == "scale" and m.param.dim() == 0:
-        return None, "a scalar parameter (carries no channel)"
-    return kind, why
+    refusal = KIND_RECORDS[kind].refuse(m) if kind else None
+    return (None, refusal) if refusal else (kind, why)
+
+
+def _record(kind: str) -> Kind:
+    if kind not in KIND_RECORDS:
+        raise ValueError(f"unknown layer kind {kind!r}; the kinds are {KINDS}")
+    return KIND_RECORDS[kind]
 
 
 def widths(m, kind: str) -> Tuple[int, int]:
     """``(output channels, input features)`` of ``m``; a channel-wise kind's input width is its output width."""
-    if kind in ("conv", "grouped", "depthwise"):
-        return m.out_channels, m.in_channels
-    if kind == "linear":
-        return m.out_features, m.in_features
-    if kind == "norm":
-        return m.num_features, m.num_features
-    if kind == "prelu":
-        return m.num_parameters, m.num_parameters
-    if kind == "layernorm":
-        n = m.counts.shape[0] if isinstance(m, (WeightedLayerNorm, WeightedRMSNorm)) else m.normalized_shape[0]
-        return n, n
-    if kind == "groupnorm":
-        n = m.width if isinstance(m, WeightedGroupNorm) else m.num_channels
-        return n, n
-    if kind == "scale":
-        return m.param.shape[m.dim], m.param.shape[m.dim]
-    if kind == "mha":
-        return tuple(m.in_proj_weight.shape)
-    raise ValueError(f"unknown layer kind {kind!r}; the kinds are {KINDS}")
+    return tuple(_record(kind).widths(m))
 
 
 def index_bounds(m, kind: str) -> Tuple[Optional[int], Optional[int]]:
     """``(output channels, input features)`` a plan may index in ``m``; None where the module sets no bound
     (a channel-wise kind is never read as a consumer; a single-slope PReLU carries no channel)."""
-    if kind == "prelu" and m.num_parameters == 1:
+    if isinstance(m, nn.PReLU) and m.num_parameters == 1:
         return None, None
     n_out, n_in = widths(m, kind)
-    return n_out, (None if kind in CHANNELWISE_KINDS else n_in)
+    return n_out, (None if _record(kind).channelwise else n_in)
 
 
 def conv_group_of(m: nn.Module, index: int, output: bool) -> int:
@@ -270,7 +345,8 @@ def cluster_ids(clusters: Sequence[Sequence[int]], n: int, device=None) -> torch
 
 def weight_of(m: nn.Module) -> torch.Tensor:
     """A conv/linear-like layer's weight: axis 0 its outputs, axis 1 its inputs (``in_proj_weight`` for ``mha``)."""
-    return m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
+    kind = _layer_kind(m)[0]
+    return getattr(m, KIND_RECORDS[kind].weight if kind else "weight")
 
 
 def _set_tensor(m: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -300,41 +376,29 @@ def shrink(m, kind: str, keep_out: torch.Tensor, keep_in: Optional[torch.Tensor]
         p = m.param
         _set_tensor(m.owner, m.attr, p.index_select(m.dim, keep_out.to(p.device)))
         return
-    if kind in ("layernorm", "groupnorm"):
+    rec = _record(kind)
+    if rec.weighted:
         raise ValueError(f"{name}: a {kind} is replaced by weighted_norm(), not shrunk")
-    if kind in CHANNELWISE_KINDS:
+    if rec.channelwise:
         for key, t in channel_tensors(m, with_buffers=True):
             _set_tensor(m, key, t.index_select(0, keep_out.to(t.device)))
-        n = len(keep_out)
-        if kind == "depthwise":
-            m.out_channels = m.in_channels = m.groups = n
-        elif kind == "norm":
-            m.num_features = n
-        else:
-            m.num_parameters = n
+        rec.set_width(m, len(keep_out), len(keep_out))
         return
-    w = weight_of(m)
+    w = getattr(m, rec.weight)
     keep_out, keep_in = keep_out.to(w.device), keep_in.to(w.device)
-    if kind == "mha":  # the attributes follow in csgd_ext.attention.refresh_heads
-        _set_tensor(m, "in_proj_weight", w.index_select(0, keep_out).index_select(1, keep_in))
-        if m.in_proj_bias is not None:
-            _set_tensor(m, "in_proj_bias", m.in_proj_bias.index_select(0, keep_out))
-        return
-    if kind == "grouped":
+    if rec.grouped:
         outs = _per_group(keep_out, m.out_channels, m.groups, "output channels", name)
         ins = _per_group(keep_in, m.in_channels, m.groups, "input channels", name)
         opg = m.out_channels // m.groups
         w = torch.cat([w[o + g * opg].index_select(1, i) for g, (o, i) in enumerate(zip(outs, ins))])
-        _set_tensor(m, "weight", w)
+        _set_tensor(m, rec.weight, w)
     else:
-        _set_tensor(m, "weight", w.index_select(0, keep_out).index_select(1, keep_in))
+        _set_tensor(m, rec.weight, w.index_select(0, keep_out).index_select(1, keep_in))
     for key, t in channel_tensors(m):  # the bias, and per-output-channel extras (timm ScaledStdConv2d's gain)
-        if key != "weight":
+        if key != rec.weight:
             _set_tensor(m, key, t.index_select(0, keep_out.to(t.device)))
-    if kind in ("conv", "grouped"):
-        m.out_channels, m.in_channels = len(keep_out), len(keep_in)
-    else:
-        m.out_features, m.in_features = len(keep_out), len(keep_in)
+    if rec.set_width is not None:  # (an mha's attributes follow in csgd_ext.attention.refresh_heads)
+        rec.set_width(m, len(keep_out), len(keep_in))
 
 
 def sum_grouped_inputs(m: nn.Module, clusters: List[List[List[int]]], name: str) -> None:
