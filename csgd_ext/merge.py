@@ -37,6 +37,7 @@ from .layers import CHANNELWISE_KINDS, GROUPED_CONSUMER_KINDS, WEIGHTED_KINDS, c
 from .layout import build_layout
 from .ops.reference import cluster_mean
 from .plan import ClusterPlan
+from .width_attrs import refresh_widths
 
 __all__ = ["deviation", "collapse", "merge", "merged_shapes", "merge_report", "check_plan",
            "snap_to_means"]
@@ -196,6 +197,7 @@ def merge(model: nn.Module, plan) -> nn.Module:
         keep_in = None if kind in CHANNELWISE_KINDS else _kept(i, in_rm.get(name, set()), dev)
         shrink(m, kind, keep_out, keep_in, name)
     refresh_heads(small, dims)  # 3. attention attributes (head counts, widths) from the new shapes
+    refresh_widths(small)  # and the width attributes other modules keep (torchvision ViT's hidden_dim)
     return small
 
 

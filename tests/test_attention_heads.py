@@ -158,3 +158,31 @@ def test_csgd_training_with_head_clusters_drives_the_net_to_an_exact_merge(kind)
     plan = csgd_ext.plan_clusters(net, X[:1], keep=0.5, seed=0)
     assert sum(1 for g in plan.groups if g.heads) == 2
     assert _heads(train_to_merge(net, plan)) == 2
+
+
+class _StoredWidthViT(nn.Module):
+    """torchvision's VisionTransformer reshapes its patch embedding with a stored ``self.hidden_dim``."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.hidden_dim = dim
+        self.conv_proj = nn.Conv2d(1, dim, 7, 7)
+        self.blocks = nn.Sequential(*[vit("mha").blocks[0] for _ in range(2)])
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.conv_proj(x).reshape(x.shape[0], self.hidden_dim, -1).transpose(1, 2)
+        return self.head(self.blocks(x).mean(1))
+
+
+def test_a_stored_width_attribute_follows_the_merge_once_registered():
+    net = _StoredWidthViT().eval()
+    plan = csgd_ext.plan_clusters(net, X[:1], keep=0.5)
+    assert any("numeric check" in why for _, why in plan.skipped)  # hidden_dim stays 32: the stream is refused
+    csgd_ext.register_width_attribute(_StoredWidthViT, "hidden_dim", "conv_proj.out_channels")
+    plan = csgd_ext.plan_clusters(net, X[:1], keep=0.5)
+    assert not any("numeric check" in why for _, why in plan.skipped), plan.summary()
+    err, small = _exact(net, plan)
+    assert err <= 1e-4 and small.hidden_dim == 16 and _params(small) <= 0.35 * _params(net)
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        csgd_ext.register_width_attribute(int, "a", "b")
