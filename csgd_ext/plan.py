@@ -263,6 +263,8 @@ class ClusterPlan:
         for i, g in enumerate(self.groups):
             per = (f" ({g.conv_groups} groups x {g.width_before // g.conv_groups} -> "
                    f"{g.width_after // g.conv_groups})") if g.conv_groups > 1 else ""
+            if g.heads:
+                per = f" (q/k/v rows: {g.heads} heads -> {g.width_after * g.heads // g.width_before})"
             lines.append(f"  [{i}] {g.root}: {g.width_before} -> {g.width_after}{per}  producers="
                          f"{list(g.producers)} consumers={list(g.consumers)}")
         for mods, why in self.skipped:

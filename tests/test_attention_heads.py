@@ -54,6 +54,7 @@ def test_heads_are_clustered_and_the_merge_is_exact_with_65_percent_fewer_params
     plan = csgd_ext.plan_clusters(net, X[:1], keep=0.5)
     heads = [g for g in plan.groups if g.heads]
     assert len(heads) == 2 and all(g.heads == 4 and g.width_after == g.width_before // 2 for g in heads)
+    assert plan.summary().count("(q/k/v rows: 4 heads -> 2)") == 2
     assert [why for _, why in plan.skipped] == ["'head' produces a model output (an output layer's channels are "
                                                 "never pruned)"]
     err, small = _exact(net, plan)
