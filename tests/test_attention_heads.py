@@ -187,3 +187,16 @@ def test_a_stored_width_attribute_follows_the_merge_once_registered():
     assert err <= 1e-4 and small.hidden_dim == 16 and _params(small) <= 0.35 * _params(net)
     with pytest.raises(TypeError, match="nn.Module subclass"):
         csgd_ext.register_width_attribute(int, "a", "b")
+
+
+@pytest.mark.parametrize("kind", ["timm", "mha"])
+def test_contiguous_clusters_leaves_head_groups_in_place_and_the_function_unchanged(kind):
+    torch.manual_seed(0)
+    net = vit(kind).eval()
+    plan = csgd_ext.plan_clusters(net, X[:1], keep=0.5)
+    with torch.no_grad():
+        ref = net(X)
+        moved = csgd_ext.contiguous_clusters(net, plan)
+        assert (net(X) - ref).abs().max().item() <= 1e-5
+    assert [g.labels for g in moved.groups if g.heads] == [g.labels for g in plan.groups if g.heads]
+    assert _exact(net, moved)[0] <= 1e-4
