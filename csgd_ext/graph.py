@@ -173,7 +173,8 @@ def _virtual_op_problem(node, tp_ops) -> Tuple[Optional[str], Optional[str]]:
             return None, None  # a flatten head, or an nn.Linear flattening its channels-last input
         return None, name  # a patch-embedding flatten keeps the channels; a channel shuffle does not
     if isinstance(m, tp_ops._UnbindOp):
-        return f"{name} (unbind of channels, e.g. an attention's q, k, v: heads are not merged yet)", None
+        return f"{name} (unbind of channels, e.g. the q, k, v of an attention no rule covers: see " \
+               "csgd_ext.register_attention)", None
     if isinstance(m, tp_ops._SplitOp):
         if not getattr(m, "offsets", None):
             return f"{name} (a split whose chunk sizes are unknown: cluster members may land in different " \

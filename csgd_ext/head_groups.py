@@ -37,32 +37,41 @@ def _head_group(site) -> CoupledGroup:
 
 def add_head_groups(model: nn.Module, example_inputs, groups: List[CoupledGroup], skipped: list,
                     ignored: Set[int], reused: Set[nn.Module]) -> Tuple[List[CoupledGroup], list]:
-    """``(groups, skipped)`` with a head group for every attention a rule covers, in place of the skip entry of
-    its q/k/v projection; sites a rule cannot plan, ignored or reused ones stay skipped with the reason."""
+    """``(groups, skipped)`` with a head group for every attention a rule covers, in place of its q/k/v
+    projection's own group or skip entry. An attention that cannot be planned (the rule does not fit, ignored,
+    shared, not run) keeps torch-pruning's group of its projection; a skip entry of that projection gets the
+    attention's reason."""
     sites = find_sites(model, example_inputs)
     if not sites:
         return groups, skipped
     mods: Dict[str, nn.Module] = dict(model.named_modules())
-    taken = {s.qkv for s in sites}
     seen = {n for g in groups for n in g.modules} | {n for names, _ in skipped for n in names}
-    # the q/k/v projection's own group (through an unbind or selects of q, k, v) is replaced by its head group
-    groups = [g for g in groups if g.root not in taken]
-    rest = [(names, why) for names, why in skipped if not (names and names[0] in taken)]
+    why: Dict[str, str] = {}
     for s in sites:
         m, qkv = mods[s.name], mods[s.qkv]
-        why = s.why
-        if why is None and any(id(x) in ignored for x in (m, qkv, mods[s.proj])):
-            why = f"{s.name!r} is in ignored_layers"
-        if why is None and (m in reused or qkv in reused):
-            why = f"{s.name!r} is called more than once in forward (shared weights)"
-        if why is None and s.qkv not in seen:
-            why = f"{s.name!r} did not run in forward"
-        if why:
-            rest.append(((s.name, s.qkv, s.proj), f"attention heads of {s.name!r}: {why}"))
+        if s.why:
+            why[s.qkv] = s.why
+        elif any(id(x) in ignored for x in (m, qkv, mods[s.proj])):
+            why[s.qkv] = f"{s.name!r} is in ignored_layers"
+        elif m in reused or qkv in reused:
+            why[s.qkv] = f"{s.name!r} is called more than once in forward (shared weights)"
+        elif s.qkv not in seen:
+            why[s.qkv] = f"{s.name!r} did not run in forward"
+    planned = [s for s in sites if s.qkv not in why]
+    taken = {s.qkv for s in planned}
+    # the q/k/v projection's own group (through an unbind or selects of q, k, v) is replaced by its head group
+    groups = [g for g in groups if g.root not in taken]
+    rest = []
+    for names, reason in skipped:
+        if names and names[0] in taken:
             continue
-        groups.append(_head_group(s))
-    return groups, rest
-
+        if names and names[0] in why:
+            reason = f"attention heads: {why[names[0]]}; {reason}"
+        rest.append((names, reason))
+    listed = {names[0] for names, _ in rest if names} | {g.root for g in groups}
+    rest += [((s.name, s.qkv, s.proj), f"attention heads: {why[s.qkv]}") for s in sites
+             if s.qkv in why and s.qkv not in listed]  # (an nn.MultiheadAttention has no group of its own)
+    return groups + [_head_group(s) for s in planned], rest
 
 
 def stream_ties(groups: Sequence[CoupledGroup]) -> Dict[int, int]:

@@ -200,3 +200,13 @@ def test_contiguous_clusters_leaves_head_groups_in_place_and_the_function_unchan
         assert (net(X) - ref).abs().max().item() <= 1e-5
     assert [g.labels for g in moved.groups if g.heads] == [g.labels for g in plan.groups if g.heads]
     assert _exact(net, moved)[0] <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["timm", "mha"])
+def test_an_ignored_attention_keeps_its_heads_with_the_reason(kind):
+    net = vit(kind).eval()
+    plan = csgd_ext.plan_clusters(net, X[:1], keep=0.5, ignored_layers=["blocks.0.attn"])
+    assert [g.heads for g in plan.groups if g.heads and "blocks.0" in g.root] == []
+    reasons = [why for mods, why in plan.skipped if mods[0] in ("blocks.0.attn.qkv", "blocks.0.attn")]
+    assert reasons and reasons[0].startswith("attention heads: 'blocks.0.attn' is in ignored_layers"), plan.skipped
+    assert _exact(net, plan)[0] <= 1e-4
