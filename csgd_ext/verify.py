@@ -3,8 +3,8 @@
 Graph analysis (:mod:`csgd_ext.graph`) proves most groups exact from the ops on their path. Some ops make it
 depend on which dim carries the channels: a permute to channels-last, a patch-embedding flatten, a slice or a
 concatenation of tokens, a reduction over some dims, a LayerNorm called functionally. For those (and, as a
-safety net, for every group) :func:`inexact_groups` runs the merge itself: on a float64 copy of the model in
-eval mode it collapses random clusters (about half the width, inside each convolution group) of the groups,
+safety net, for every group) :func:`inexact_groups` runs the merge itself: on a float64 copy of the model
+(its own dtype when a float64 copy would pass ``FP64_MAX_BYTES``) in eval mode it collapses random clusters (about half the width, inside each convolution group) of the groups,
 merges, and compares the outputs on the example inputs. A group whose merge changes the output by more than
 ``rtol`` (relative to the largest output) is reported, found by bisection: a model whose groups all pass
 costs one merge and two forward passes.
@@ -33,8 +33,10 @@ __all__ = ["inexact_groups", "probe_labels"]
 
 #: relative output change above which a merge counts as inexact (float64; an exact merge gives ~1e-15)
 RTOL_FP64 = 1e-9
-#: the same when the model cannot run in float64
+#: the same when the model cannot run in float64, or is too large for a float64 copy
 RTOL_FP32 = 1e-4
+#: a model whose float64 copy would take more bytes than this is checked in its own dtype
+FP64_MAX_BYTES = 2 * 2 ** 30
 
 
 def probe_labels(width: int, blocks: Optional[Sequence[int]], rng: np.random.Generator,
@@ -86,7 +88,11 @@ class _Probe:
 
     def __init__(self, model: nn.Module, example_inputs):
         self.rtol = RTOL_FP64
-        for dtype, rtol in ((torch.float64, RTOL_FP64), (None, RTOL_FP32)):
+        size = sum(t.numel() for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point())
+        tries = ((torch.float64, RTOL_FP64), (None, RTOL_FP32))
+        if size * 8 > FP64_MAX_BYTES:  # the probe and its merge are two copies: a ViT-H in float64 is 10 GB
+            tries = tries[1:]
+        for dtype, rtol in tries:
             m = copy.deepcopy(model).eval()
             x = example_inputs
             if dtype is not None:

@@ -210,3 +210,16 @@ def test_an_ignored_attention_keeps_its_heads_with_the_reason(kind):
     reasons = [why for mods, why in plan.skipped if mods[0] in ("blocks.0.attn.qkv", "blocks.0.attn")]
     assert reasons and reasons[0].startswith("attention heads: 'blocks.0.attn' is in ignored_layers"), plan.skipped
     assert _exact(net, plan)[0] <= 1e-4
+
+
+def test_a_model_too_large_for_a_float64_copy_is_checked_in_its_own_dtype(monkeypatch):
+    from csgd_ext import verify
+    net = vit("mha").eval()
+    assert verify._Probe(net, X[:1]).rtol == verify.RTOL_FP64
+    monkeypatch.setattr(verify, "FP64_MAX_BYTES", 0)
+    probe = verify._Probe(net, X[:1])
+    assert probe.rtol == verify.RTOL_FP32 and next(probe.model.parameters()).dtype == torch.float32
+    plan = csgd_ext.plan_clusters(net, X[:1], keep=0.5)
+    assert sum(1 for g in plan.groups if g.heads) == 2 and _exact(net, plan)[0] <= 1e-4
+    plan = csgd_ext.plan_clusters(vit("head_major").eval(), X[:1], keep=0.5)  # a wrong rule is still refused
+    assert not any(g.heads for g in plan.groups)
