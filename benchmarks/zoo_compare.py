@@ -23,6 +23,7 @@ from torch import nn
 import csgd_ext
 from csgd_ext.flops import count_flops_params
 from csgd_ext.progress import progress
+from csgd_ext.verify import fill_zero_parameters
 
 from .zoo_builders import as_spec, count_params, default_classifier, logits_of, pick_input
 from .zoo_isolated import StageTimeout, run_forked, time_limit
@@ -123,6 +124,7 @@ def run_one(name: str, builder: Callable, keep: float, method: str, *, source: s
         with time_limit(budget_s):
             spec = as_spec(builder(), default_size)
             model = spec.model.eval()
+            fill_zero_parameters(model, seed)  # a zero-initialized head would make every merge look exact
             x = pick_input(model, spec.inputs)
     except (Exception, StageTimeout) as e:  # noqa: BLE001
         row["error"] = f"build/forward: {one_line(e)}"

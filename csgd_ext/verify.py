@@ -4,7 +4,8 @@ Graph analysis (:mod:`csgd_ext.graph`) proves most groups exact from the ops on 
 depend on which dim carries the channels: a permute to channels-last, a patch-embedding flatten, a slice or a
 concatenation of tokens, a reduction over some dims, a LayerNorm called functionally. For those (and, as a
 safety net, for every group) :func:`inexact_groups` runs the merge itself: on a float64 copy of the model
-(its own dtype when a float64 copy would pass ``FP64_MAX_BYTES``) in eval mode it collapses random clusters (about half the width, inside each convolution group) of the groups,
+(its own dtype when a float64 copy would pass ``FP64_MAX_BYTES``; all-zero parameters such as a zero-initialized
+classifier filled with small random values, :func:`fill_zero_parameters`) in eval mode it collapses random clusters (about half the width, inside each convolution group) of the groups,
 merges, and compares the outputs on the example inputs. A group whose merge changes the output by more than
 ``rtol`` (relative to the largest output) is reported, found by bisection: a model whose groups all pass
 costs one merge and two forward passes.
@@ -29,7 +30,7 @@ from .layers import channel_tensors, named_members
 from .merge import merge, snap_to_means
 from .plan import ClusterPlan, GroupPlan
 
-__all__ = ["inexact_groups", "probe_labels"]
+__all__ = ["inexact_groups", "probe_labels", "fill_zero_parameters"]
 
 #: relative output change above which a merge counts as inexact (float64; an exact merge gives ~1e-15)
 RTOL_FP64 = 1e-9
@@ -83,6 +84,17 @@ def _call(model: nn.Module, inputs):
     return model(*inputs)
 
 
+@torch.no_grad()
+def fill_zero_parameters(m: nn.Module, seed: int = 0) -> None:
+    """Give every all-zero parameter of ``m`` (a zero-initialized classifier, zero biases, zero-init residual
+    norms) small seeded random values, in place. The check does this to its probe copy: exactness is a property
+    of the structure, and with a zero classifier every merge would compare as exact."""
+    g = torch.Generator().manual_seed(seed)
+    for p in m.parameters():
+        if p.is_floating_point() and p.numel() > 1 and not p.any():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.02)
+
+
 class _Probe:
     """A float64 (else float32) eval-mode copy of the model and the example inputs."""
 
@@ -97,6 +109,7 @@ class _Probe:
             x = example_inputs
             if dtype is not None:
                 m, x = m.to(dtype), _cast(x, dtype)
+            fill_zero_parameters(m)
             try:
                 with torch.no_grad():
                     _call(m, x)

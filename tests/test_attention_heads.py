@@ -223,3 +223,11 @@ def test_a_model_too_large_for_a_float64_copy_is_checked_in_its_own_dtype(monkey
     assert sum(1 for g in plan.groups if g.heads) == 2 and _exact(net, plan)[0] <= 1e-4
     plan = csgd_ext.plan_clusters(vit("head_major").eval(), X[:1], keep=0.5)  # a wrong rule is still refused
     assert not any(g.heads for g in plan.groups)
+
+
+def test_a_zero_initialized_classifier_does_not_make_a_wrong_rule_pass():
+    net = vit("head_major").eval()  # torchvision's ViT zero-initializes its head: every logit would be 0
+    nn.init.zeros_(net.head.weight), nn.init.zeros_(net.head.bias)
+    plan = csgd_ext.plan_clusters(net, X[:1], keep=0.5)
+    assert not any(g.heads for g in plan.groups)
+    assert not net.head.weight.any()  # the check filled its own copy only
