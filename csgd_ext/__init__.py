@@ -28,6 +28,7 @@ from .norms import WeightedLayerNorm, WeightedRMSNorm
 from . import flops, latency, models, norms  # model zoo, MACs/params counter, CPU latency
 from .train import DeviationLogger, evaluate, fit
 
-__all__ = ["CSGD", "csgd", "register_attention", "AttentionRule", "register_width_attribute", "fit", "evaluate", "DeviationLogger", "plan_clusters", "ClusterPlan", "contiguous_clusters",
+__all__ = ["CSGD", "csgd", "register_attention", "AttentionRule", "register_width_attribute", "fit", "evaluate",
+           "DeviationLogger", "plan_clusters", "ClusterPlan", "contiguous_clusters",
            "deviation", "collapse", "merge", "merge_report", "save_checkpoint", "load_checkpoint", "load_merged",
            "available_backends", "BackendUnavailableError", "ClusterLayout", "__version__"]

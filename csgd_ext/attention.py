@@ -42,10 +42,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .inputs import call_model
 from .layers import LINEAR_KIND, MHA_KIND
 
 __all__ = ["AttentionRule", "register_attention", "rule_for", "AttentionSite", "find_sites", "lift_head_labels",
-           "head_of_row", "refresh_heads", "HEAD_ATTRS"]
+           "head_labels_of", "head_of_row", "refresh_heads", "HEAD_ATTRS"]
 
 #: attribute names the default rule accepts as the head count
 HEAD_ATTRS = ("num_heads", "heads", "n_heads", "num_attention_heads", "n_head")
@@ -185,13 +186,7 @@ def _record_calls(model: nn.Module, example_inputs, mods: Dict[str, nn.Module]) 
     try:
         model.eval()
         with torch.no_grad():
-            x = example_inputs
-            if isinstance(x, dict):
-                model(**x)
-            elif isinstance(x, torch.Tensor):
-                model(x)
-            else:
-                model(*x)
+            call_model(model, example_inputs)
     except Exception:  # noqa: BLE001 - the trace reports an untraceable model; here every site stays untied
         pass
     finally:
@@ -250,6 +245,11 @@ def lift_head_labels(head_labels: Sequence[int], heads: int, head_dim: int, widt
         key = (r // (heads * head_dim), int(head_labels[head_of_row(r, heads, head_dim)]), r % head_dim)
         out.append(ids.setdefault(key, len(ids)))
     return out
+
+
+def head_labels_of(row_labels: Sequence[int], heads: int, head_dim: int) -> List[int]:
+    """One label per head from a head group's row labels (its q rows at dim 0; the inverse of :func:`lift_head_labels`)."""
+    return [int(row_labels[h * head_dim]) for h in range(heads)]
 
 
 def head_blocks(heads: int, head_dim: int, width: int) -> List[int]:

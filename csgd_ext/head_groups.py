@@ -19,8 +19,8 @@ from .coupled import CoupledGroup, Member
 from .layers import LINEAR_KIND
 from .verify import probe_labels
 
-__all__ = ["add_head_groups", "HEAD_OP", "stream_ties", "untied_orphans", "bundles", "lockstep", "head_labels_of",
-           "head_features", "probe_overrides"]
+__all__ = ["add_head_groups", "HEAD_OP", "stream_ties", "untied_orphans", "bundles", "lockstep", "head_features",
+           "probe_overrides"]
 
 #: the entry a head group always has in ``CoupledGroup.unverified``: the numeric check judges every head merge
 HEAD_OP = "attention heads"
@@ -109,11 +109,6 @@ def lockstep(groups: Sequence[CoupledGroup], widths: Dict[int, List[int]], ties:
             widths[h] = [kept] * (3 * d)
 
 
-def head_labels_of(row_labels: Sequence[int], heads: int, head_dim: int) -> List[int]:
-    """One label per head from a head group's row labels (its q rows at dim 0)."""
-    return [int(row_labels[h * head_dim]) for h in range(heads)]
-
-
 def head_features(weight, heads: int, head_dim: int):
     """``(heads, features)``: each head's q, k and v rows of a ``(3 * heads * head_dim, in)`` weight, flattened."""
     return weight.reshape(3, heads, head_dim, -1).transpose(0, 1).reshape(heads, -1)
@@ -134,6 +129,5 @@ def probe_overrides(groups: Sequence[CoupledGroup], ties: Dict[int, int], seed: 
             continue
         h, d = g.heads
         k = kept.get(ties.get(gi, -1), max(1, h // 2))
-        lab = np.concatenate([np.arange(k), rng.integers(0, k, h - k)])[rng.permutation(h)]
-        out[gi] = lift_head_labels(lab.tolist(), h, d, g.width)
+        out[gi] = lift_head_labels(probe_labels(h, None, rng, k=k), h, d, g.width)
     return out

@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .inputs import call_model
 from .progress import progress as make_progress
 
 __all__ = ["measure_latency", "measure_latency_interleaved", "summarize_times"]
@@ -59,12 +60,8 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 
 def _call(model: nn.Module, inputs) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
+    if isinstance(inputs, (torch.Tensor, tuple, list, dict)):
+        return call_model(model, inputs)
     raise TypeError("inputs must be a tensor, a tuple/list of inputs or a dict of keyword inputs, "
                     f"got {type(inputs).__name__}")
 

@@ -84,8 +84,9 @@ from torch import nn
 from .norm_forms import groupnorm_form, layernorm_channel_dim, layernorm_form, norm_post, weighted_norm
 from .norms import WeightedGroupNorm, WeightedLayerNorm, WeightedRMSNorm
 
-__all__ = ["Kind", "KIND_RECORDS", "KINDS", "PRODUCER_KINDS", "CONSUMER_KINDS", "CHANNELWISE_KINDS", "KERNEL_KINDS", "BLOCKED_KINDS",
-           "GROUPED_CONSUMER_KINDS", "WEIGHTED_KINDS", "BARE_KIND", "STREAM_SPLIT_KINDS", "LINEAR_KIND", "MHA_KIND", "weight_of", "TRACED_TYPES",
+__all__ = ["Kind", "KIND_RECORDS", "KINDS", "PRODUCER_KINDS", "CONSUMER_KINDS", "CHANNELWISE_KINDS", "KERNEL_KINDS",
+           "BLOCKED_KINDS", "GROUPED_CONSUMER_KINDS", "WEIGHTED_KINDS", "BARE_KIND", "STREAM_SPLIT_KINDS",
+           "LINEAR_KIND", "MHA_KIND", "weight_of", "TRACED_TYPES",
            "ROOT_TYPES", "BareParam", "named_members", "module_kind", "widths", "index_bounds", "channel_tensors",
            "cluster_ids", "conv_group_of", "shrink", "sum_grouped_inputs", "weighted_norm", "layernorm_channel_dim",
            "norm_post"]
@@ -178,7 +179,8 @@ KIND_RECORDS: Dict[str, Kind] = {k.name: k for k in (
     Kind("conv", _conv_of("conv"), lambda m: (m.out_channels, m.in_channels),
          set_width=_set_attrs(("out_channels",), ("in_channels",)), consumer=True, kernel=True),
     Kind("grouped", _conv_of("grouped"), lambda m: (m.out_channels, m.in_channels),
-         set_width=_set_attrs(("out_channels",), ("in_channels",)), consumer=True, kernel=True, blocked=True, grouped=True),
+         set_width=_set_attrs(("out_channels",), ("in_channels",)), consumer=True, kernel=True, blocked=True,
+         grouped=True),
     Kind("linear", lambda m: isinstance(m, nn.Linear), lambda m: (m.out_features, m.in_features),
          set_width=_set_attrs(("out_features",), ("in_features",)), consumer=True, kernel=True),
     Kind("depthwise", _conv_of("depthwise"), lambda m: (m.out_channels, m.in_channels),

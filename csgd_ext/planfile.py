@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 from torch import nn
 
-from .attention import lift_head_labels
+from .attention import head_labels_of, lift_head_labels
 from .budget import check_round_to, check_target_flops
 from .cluster import canonical_labels
 from .layers import BLOCKED_KINDS, CONSUMER_KINDS, PRODUCER_KINDS, conv_group_of, index_bounds, module_kind, \
@@ -158,7 +158,7 @@ def _group_fields(d) -> dict:
             raise _FieldError("heads", f"must be an int >= 1 with width_before ({wb}) a multiple of 3 x heads, "
                               f"got {heads!r}")
         hd = wb // (3 * heads)
-        tied = lift_head_labels([labels[h * hd] for h in range(heads)], heads, hd, wb)
+        tied = lift_head_labels(head_labels_of(labels, heads, hd), heads, hd, wb)
         if canonical_labels(labels).tolist() != tied:
             raise _FieldError("labels", "of a head group must join whole heads: row (slot, head, dim) in the "
                               "cluster (slot, cluster of head, dim)")

@@ -5,10 +5,10 @@ depend on which dim carries the channels: a permute to channels-last, a patch-em
 concatenation of tokens, a reduction over some dims, a LayerNorm called functionally. For those (and, as a
 safety net, for every group) :func:`inexact_groups` runs the merge itself: on a float64 copy of the model
 (its own dtype when a float64 copy would pass ``FP64_MAX_BYTES``; all-zero parameters such as a zero-initialized
-classifier filled with small random values, :func:`fill_zero_parameters`) in eval mode it collapses random clusters (about half the width, inside each convolution group) of the groups,
-merges, and compares the outputs on the example inputs. A group whose merge changes the output by more than
-``rtol`` (relative to the largest output) is reported, found by bisection: a model whose groups all pass
-costs one merge and two forward passes.
+classifier filled with small random values, :func:`fill_zero_parameters`) in eval mode it collapses random
+clusters (about half the width, inside each convolution group) of the groups, merges, and compares the outputs
+on the example inputs. A group whose merge changes the output by more than ``rtol`` (relative to the largest
+output) is reported, found by bisection: a model whose groups all pass costs one merge and two forward passes.
 
 Example::
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .inputs import call_model
 from .layers import channel_tensors, named_members
 from .merge import merge, snap_to_means
 from .plan import ClusterPlan, GroupPlan
@@ -76,14 +77,6 @@ def _cast(x, dtype):
     return x
 
 
-def _call(model: nn.Module, inputs):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    return model(*inputs)
-
-
 @torch.no_grad()
 def fill_zero_parameters(m: nn.Module, seed: int = 0) -> None:
     """Give every all-zero parameter of ``m`` (a zero-initialized classifier, zero biases, zero-init residual
@@ -112,7 +105,7 @@ class _Probe:
             fill_zero_parameters(m)
             try:
                 with torch.no_grad():
-                    _call(m, x)
+                    call_model(m, x)
             except Exception:  # noqa: BLE001 - e.g. an op without float64 support: use the model's dtype
                 continue
             self.model, self.inputs, self.rtol = m, x, rtol
@@ -130,8 +123,8 @@ class _Probe:
                  for _, t in channel_tensors(mods[name], with_buffers=True)]
         try:
             snap_to_means(m, plan)
-            ref = _tensors(_call(m, self.inputs))
-            out = _tensors(_call(merge(m, plan), self.inputs))
+            ref = _tensors(call_model(m, self.inputs))
+            out = _tensors(call_model(merge(m, plan), self.inputs))
         except Exception as e:  # noqa: BLE001 - a merge that cannot be built or run is not exact
             return f"the merged model fails: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         finally:
