@@ -7,28 +7,46 @@
     small = csgd_ext.merge(model, plan)                       # after training and csgd_ext.collapse
     csgd_ext.available_backends()   # {"reference": None, "native": None or why not, "triton": ...}
 
-The library (optimizer, planning, merge, checkpoints, training helper) is this package; the applications built
-on it (the command line, the demo and its data, plots) are :mod:`csgd_ext.apps`, which the library never
-imports. ``python -m csgd_ext info`` reports what was built and which backends can run.
+The package is a pipeline, one folder per stage; imports run one way, down this list
+(``tests/test_layering.py`` enforces it):
+
+=================  ===================================================================================
+``apps/``          the commands (``python -m csgd_ext fit | prune | demo | squeeze | info``); never imported
+``planning/``      model + example inputs -> :class:`ClusterPlan` (:func:`plan_clusters`)
+``training/``      the training loop, :func:`deviation` / :func:`collapse`, checkpoints
+``merging/``       trained model + plan -> a smaller model computing the same function (:func:`merge`)
+``measure/``       FLOPs, latency, progress bars
+``plan/``          the plan records and their file format: the contract between the stages
+``kinds/``         what each layer kind (conv, norms, attention, ...) means to a plan and a merge
+``optim/``         :class:`CSGD` over :func:`csgd`, and the step backends (``optim/ops``)
+``models/``        the paper's networks
+=================  ===================================================================================
+
+``python -m csgd_ext info`` reports what was built and which backends can run.
 """
 
-from .version import __version__
-from .layout import ClusterLayout
-from .ops import BackendUnavailableError, available_backends
-from .optim import CSGD
-from .functional import csgd
-from .plan import ClusterPlan
-from .planner import plan_clusters
-from .merge import collapse, deviation, merge, merge_report
-from .checkpoint import load_checkpoint, load_merged, save_checkpoint
-from .reorder import contiguous_clusters
-from .attention import AttentionRule, register_attention
-from .width_attrs import register_width_attribute
-from .norms import WeightedLayerNorm, WeightedRMSNorm
-from . import flops, latency, models, norms  # model zoo, MACs/params counter, CPU latency
-from .train import DeviationLogger, evaluate, fit
+from csgd_ext.version import __version__
+from csgd_ext.optim.row_layout import ClusterLayout
+from csgd_ext.optim.ops import BackendUnavailableError, available_backends
+from csgd_ext.optim.csgd import CSGD, csgd
+from csgd_ext.kinds.attention import AttentionRule, register_attention
+from csgd_ext.kinds.width_attrs import register_width_attribute
+from csgd_ext.kinds.norms import WeightedLayerNorm, WeightedRMSNorm
+from csgd_ext.kinds import norms  # the weighted norms a merge puts in
+from csgd_ext.plan.records import ClusterPlan
+from csgd_ext.measure import flops, latency  # MACs/params counter, CPU latency
+from csgd_ext.merging.merge import merge, merge_report
+from csgd_ext.planning.planner import plan_clusters
+from csgd_ext.planning.contiguous import contiguous_clusters
+from csgd_ext.training.loop import DeviationLogger, evaluate, train_model
+from csgd_ext.training.monitor import collapse, deviation
+from csgd_ext.training.checkpoint import load_checkpoint, load_merged, save_checkpoint
+from csgd_ext import models  # the paper's networks
 
-__all__ = ["CSGD", "csgd", "register_attention", "AttentionRule", "register_width_attribute", "fit", "evaluate",
-           "DeviationLogger", "plan_clusters", "ClusterPlan", "contiguous_clusters",
+fit = train_model  # its earlier name, kept for users' code
+
+__all__ = ["CSGD", "csgd", "register_attention", "AttentionRule", "register_width_attribute", "train_model", "fit",
+           "evaluate", "DeviationLogger", "plan_clusters", "ClusterPlan", "contiguous_clusters",
            "deviation", "collapse", "merge", "merge_report", "save_checkpoint", "load_checkpoint", "load_merged",
-           "available_backends", "BackendUnavailableError", "ClusterLayout", "__version__"]
+           "available_backends", "BackendUnavailableError", "ClusterLayout", "WeightedLayerNorm", "WeightedRMSNorm",
+           "__version__"]

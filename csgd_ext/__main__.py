@@ -1,5 +1,5 @@
 import sys
 
-from .apps.cli import main
+from csgd_ext.apps.cli import main
 
 sys.exit(main())

@@ -1,5 +1,5 @@
 // The work table of the CUDA C-SGD kernel (host side), shared by the CUDA backend, its CPU emulation
-// ("cuda_emulated") and the performance model (benchmarks/perf_model.py, through the cuda_work_table_stats op).
+// ("cuda_emulated") and the performance model (benchmarks/step/perf_model.py, through the cuda_work_table_stats op).
 // ("Plan" in this package means the cluster plan of csgd_ext.plan only.)
 //
 // A work table turns the tensors of one dtype (their geometry and cluster layouts) into work items

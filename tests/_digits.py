@@ -14,7 +14,7 @@ def train_to_merge(net, plan, steps: int = 120, lr: float = 0.05, centripetal: f
     train, _ = data.mnist_loaders(batch_size=32, seed=0, limit=40)
     opt = csgd_ext.CSGD(plan.param_groups(lr, 1e-4, centripetal, vector_centripetal_scale=1.0), lr=lr,
                         momentum=0.5, clusters=plan.clusters, backend="native"
-                        if "native" in csgd_ext.available_backends() else "reference")
+                        if csgd_ext.available_backends()["native"] is None else "reference")
     before = csgd_ext.deviation(net, plan)
     csgd_ext.fit(net, train, opt, epochs=100, max_steps=steps, progress=False)
     after = csgd_ext.deviation(net, plan)

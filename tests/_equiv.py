@@ -7,8 +7,8 @@ import itertools
 
 import torch
 
-from csgd_ext import ops
-from csgd_ext.layout import build_layout
+from csgd_ext.optim import ops
+from csgd_ext.optim.row_layout import build_layout
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # As PyTorch's test_optim: fp64 tight, fp32 ~1e-5, fp16/bf16 looser; relative part scales with magnitude.
@@ -90,7 +90,7 @@ def run_pair(backend: str, shapes, kinds, dtype, hp, steps: int, *, device="cpu"
     a long chain, on any machine. Returns the final ``(params, bufs)`` of both."""
     gen = torch.Generator().manual_seed(seed)
     ps, layouts = make_params(shapes, kinds, dtype, gen, device=device, memory_format=memory_format)
-    mod, ref = ops.get_module(backend), ops.get_module("reference")
+    mod, ref = ops.get(backend), ops.get("reference")
     bufs = [None] * len(ps)
     qs, ref_bufs = ps, bufs
     for t in range(steps):

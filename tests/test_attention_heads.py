@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import csgd_ext
-from csgd_ext.attention import AttentionRule, find_sites, lift_head_labels, rule_for
-from csgd_ext.flops import count_flops_params
+from csgd_ext.kinds.attention import AttentionRule, find_sites, lift_head_labels, rule_for
+from csgd_ext.measure.flops import count_flops_params
 
 from _digits import train_to_merge
 from attention_nets import KINDS, HeadMajorAttention, NamedAttention, vit
@@ -89,7 +89,7 @@ def test_a_wrong_rule_is_refused_by_the_numeric_check():
     refused = [why for mods, why in plan.skipped if "blocks.0.attn.qkv" in mods]
     assert refused and refused[0].startswith("numeric check:") and "attention heads" in refused[0]
     assert _exact(net, plan)[0] <= 1e-4  # the stream and the MLPs are still merged
-    assert HeadMajorAttention  # (the class under test)
+    assert type(net.blocks[0].attn) is HeadMajorAttention  # the class under test, not the default rule's
 
 
 def test_register_attention_checks_its_arguments():
@@ -213,7 +213,7 @@ def test_an_ignored_attention_keeps_its_heads_with_the_reason(kind):
 
 
 def test_a_model_too_large_for_a_float64_copy_is_checked_in_its_own_dtype(monkeypatch):
-    from csgd_ext import verify
+    from csgd_ext.planning import numeric_check as verify
     net = vit("mha").eval()
     assert verify._Probe(net, X[:1]).rtol == verify.RTOL_FP64
     monkeypatch.setattr(verify, "FP64_MAX_BYTES", 0)

@@ -1,10 +1,10 @@
 """The benchmarks' shared baselines and report generation (what is timed is tested).
 
-* ``benchmarks.baselines.DenseCSGD`` (the official dense merge-matrix C-SGD + ``torch.optim.SGD``) equals
+* ``benchmarks.harness.baselines.DenseCSGD`` (the official dense merge-matrix C-SGD + ``torch.optim.SGD``) equals
   ``csgd_ext.CSGD`` over several steps, parameters and momentum buffers;
 * the timing helper interleaves and caps; the target verdicts flip at their limits;
-* ``benchmarks/run.py --smoke`` exercises every section and the table generation without writing RESULTS.md;
-* ``benchmarks/access_order.py`` times every layout it names.
+* ``benchmarks/step/run.py --smoke`` exercises every section and the table generation without writing RESULTS.md;
+* ``benchmarks/step/access_order.py`` times every layout it names.
 """
 
 import os
@@ -19,10 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import report, run  # noqa: E402
-from benchmarks.baselines import DenseCSGD, dense_matrices, sgd  # noqa: E402
-from benchmarks.timing import interleave  # noqa: E402
-from benchmarks.workloads import make_ids, param_set, state_bytes, make_optimizer  # noqa: E402
+from benchmarks.harness import report
+from benchmarks.step import run  # noqa: E402
+from benchmarks.harness.baselines import DenseCSGD, dense_matrices, sgd  # noqa: E402
+from benchmarks.harness.timing import interleave  # noqa: E402
+from benchmarks.harness.workloads import make_ids, param_set, state_bytes, make_optimizer  # noqa: E402
 
 HPS = [dict(momentum=0.9, nesterov=True, weight_decay=1e-4, centripetal=3e-2),
        dict(momentum=0.9, nesterov=False, weight_decay=5e-4, centripetal=1e-1),
@@ -133,7 +134,7 @@ def test_contiguous_candidate_is_reported_beside_the_verdict(adjacent, verdict):
 
 
 def test_run_smoke_prints_every_section_and_leaves_results_alone(capsys):
-    results = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+    results = os.path.join(ROOT, "benchmarks", "step", "RESULTS.md")
     before = open(results).read() if os.path.exists(results) else None
     threads = torch.get_num_threads()
     try:  # one thread: no OpenMP barrier stalls on a busy CI machine (this checks the report, not speed)
@@ -154,8 +155,8 @@ def test_run_smoke_prints_every_section_and_leaves_results_alone(capsys):
 
 @pytest.mark.skipif(csgd_ext.available_backends()["native"] is not None, reason="needs the native backend")
 def test_access_order_probe_times_every_layout(capsys):
-    """``benchmarks/access_order.py`` (quoted in the README) runs the real op on every layout it names."""
-    from benchmarks import access_order
+    """``benchmarks/step/access_order.py`` (quoted in the README) runs the real op on every layout it names."""
+    from benchmarks.step import access_order
 
     assert access_order.main(["--rounds", "2"]) == 0
     out = capsys.readouterr().out

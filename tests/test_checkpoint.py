@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import csgd_ext
-from csgd_ext.checkpoint import FORMAT_VERSION, MAGIC, read_checkpoint
+from csgd_ext.training.checkpoint import FORMAT_VERSION, MAGIC, read_checkpoint
 from tests.nets import batches, make_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

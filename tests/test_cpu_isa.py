@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(csgd_ext.available_backends()["native"] is not N
 # one step with and one without momentum, each hyperparameter on
 SCRIPT = textwrap.dedent("""
     import sys, torch, csgd_ext, csgd_ext._C
-    from csgd_ext.layout import build_layout
-    from csgd_ext.ops import native
+    from csgd_ext.optim.row_layout import build_layout
+    from csgd_ext.optim.ops import native
     out = {"isa": torch.ops.csgd_ext.cpu_kernel_isa()}
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         gen = torch.Generator().manual_seed(0)

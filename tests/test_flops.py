@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from csgd_ext import models
-from csgd_ext.flops import FlopsReport, count_flops_params, module_macs
+from csgd_ext.measure.flops import FlopsReport, count_flops_params, module_macs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import csgd_ext
-from csgd_ext.layout import build_layout
+from csgd_ext.optim.row_layout import build_layout
 
 HP = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=1e-3, maximize=False, centripetal=0.3)
 
@@ -85,8 +85,8 @@ def test_bad_arguments_are_refused_before_any_write():
 def test_backend_step_takes_one_hparams_record_or_the_keywords(backend):
     """Every backend's ``step`` takes the hyperparameters as one :class:`HParams` (what ``CSGD`` and ``csgd`` pass)
     or as keywords (scripts, tests): the same bits; mixing both, an unknown name or a missing lr is a TypeError."""
-    from csgd_ext import ops
-    from csgd_ext.hparams import HParams
+    from csgd_ext.optim import ops
+    from csgd_ext.optim.hparams import HParams
 
     mod = ops.resolve(backend, torch.device("cpu"))
     ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 5, 5])
@@ -106,5 +106,5 @@ def test_backend_step_takes_one_hparams_record_or_the_keywords(backend):
             mod.step(a, gs, ba, lays, **kw)
     with pytest.raises(TypeError, match="not both"):
         mod.step(a, gs, ba, lays, HParams(**HP), lr=0.1)
-    with pytest.raises(TypeError, match="must be a csgd_ext.hparams.HParams"):
+    with pytest.raises(TypeError, match="must be a csgd_ext.optim.hparams.HParams"):
         mod.step(a, gs, ba, lays, HP)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import csgd_ext
-from csgd_ext import ops
-from csgd_ext.ops import cuda_emulated
-from csgd_ext.layout import build_layout
+from csgd_ext.optim import ops
+from csgd_ext.optim.ops import cuda_emulated
+from csgd_ext.optim.row_layout import build_layout
 
 from _equiv import DTYPES, LAYOUT_KINDS, assert_pair_close, hparam_grid, run_pair
 
@@ -82,7 +82,7 @@ def test_cuda_step_needs_no_host_sync():
     g = torch.randn_like(w)
     lay = build_layout(torch.randint(0, 9, (64,), device="cuda"))
     bufs = [None]
-    mod = ops.get_module("native")
+    mod = ops.get("native")
     mod.step([w], [g], bufs, [lay], **HP)  # first step builds and caches the native layout
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -1,10 +1,10 @@
 """The one-shot GPU check and its scripts, exercised on the CPU so that a broken script fails CI.
 
-* ``bash benchmarks/gpu_check.sh --dry-run OUTDIR`` runs every step in its CPU mode and prints the table last;
+* ``bash benchmarks/step/gpu_check.sh --dry-run OUTDIR`` runs every step in its CPU mode and prints the table last;
 * a GPU run killed from outside still leaves the archive and summary of the steps it finished;
-* ``benchmarks/host_overhead.py`` really routes ``CSGD.step`` through its stub op (calls counted), and its
+* ``benchmarks/step/host_overhead.py`` really routes ``CSGD.step`` through its stub op (calls counted), and its
   figures are positive and finite (no timing assertion);
-* ``benchmarks/gpu_bench.py``'s target verdicts flip at their limits, and its capture falls back on CPU.
+* ``benchmarks/step/gpu_bench.py``'s target verdicts flip at their limits, and its capture falls back on CPU.
 """
 
 import glob
@@ -38,7 +38,7 @@ def test_gpu_check_dry_run_reports_every_step(tmp_path):
     out = tmp_path / "gpu_out"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
     env["PYTHON"] = sys.executable
-    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(out), "--dry-run"],
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "step", "gpu_check.sh"), str(out), "--dry-run"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
@@ -97,8 +97,8 @@ def test_gpu_run_killed_from_outside_still_leaves_its_results(tmp_path):
     out = tmp_path / "gpu_out"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
     env.update(PYTHON=sys.executable, TMPDIR=str(tmp_path))  # the scratch directory under tmp_path too
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "benchmarks", "step", "gpu_check.sh"), str(out)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not (out / "gpu_check.tar.gz").exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -122,7 +122,7 @@ def test_gpu_run_killed_from_outside_still_leaves_its_results(tmp_path):
 def test_build_check_fails_unless_built_for_the_device_alone(tmp_path, monkeypatch, elf, rc):
     """On the GPU, build_check reads the extension's cubins (cuobjdump) and fails unless they are the device's
     architecture alone (sm_90 on an H200): CUDA, cuobjdump and the extension are stood in for here."""
-    from benchmarks import gpu_report
+    from benchmarks.step import gpu_report
 
     if not glob.glob(os.path.join(ROOT, "csgd_ext", "_C*.so")):
         monkeypatch.setattr(gpu_report.glob, "glob", lambda pattern: ["/x/_C.so"])
@@ -142,7 +142,7 @@ def test_gpu_run_orders_steps_by_value_within_one_device_command():
     summary, fits one 600 s device command."""
     import re
 
-    text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")).read()
+    text = open(os.path.join(ROOT, "benchmarks", "step", "gpu_check.sh")).read()
     gpu = text[text.index('\nelse\n  say "gpu_check.sh: output in'):text.index("# ---- g. summary")]
     order = []
     for name in re.findall(r"(?:run_step|skip_step) (\w+)", gpu):
@@ -151,14 +151,14 @@ def test_gpu_run_orders_steps_by_value_within_one_device_command():
     assert order == ["facts", "build", "build_pip", "build_check", "tests_gpu", "bench", "bench_retry",
                      "host_overhead", "small_step", "memcheck_native", "racecheck_native", "memcheck_triton",
                      "bench_extra", "triton_suite"]
-    assert '"$PY" benchmarks/gpu_small_step.py --backend native,triton\n' in gpu  # no sanitizer, both backends
+    assert '"$PY" benchmarks/step/gpu_small_step.py --backend native,triton\n' in gpu  # no sanitizer, both backends
     budget = int(re.search(r'BUDGET="\$\{GPU_CHECK_BUDGET_S:-(\d+)\}"', text).group(1))
     assert 400 <= budget <= 600 - 60
 
 
 @needs_native
 def test_host_overhead_stub_is_called_and_numbers_are_finite(one_thread):
-    from benchmarks import host_overhead
+    from benchmarks.step import host_overhead
 
     r = host_overhead.measure("resnet20", keep=0.625, steps=5, warmup=1, sgd=True)
     # the op was swapped: every timed CSGD.step called the stub once (fp32 only: one op call per step)
@@ -175,7 +175,7 @@ def test_host_overhead_stub_is_called_and_numbers_are_finite(one_thread):
 
 
 def test_gpu_bench_target_verdicts_flip_at_the_limits():
-    from benchmarks import gpu_bench
+    from benchmarks.step import gpu_bench
 
     def row(clusters, contender, vs_fused, pct):
         return {"net": "resnet50", "clusters": clusters, "contender": contender, "mode": "graph",
@@ -192,7 +192,8 @@ def test_gpu_bench_target_verdicts_flip_at_the_limits():
 
 
 def test_gpu_bench_capture_and_prediction_never_raise():
-    from benchmarks import gpu_step, timing
+    from benchmarks.harness import timing
+    from benchmarks.step import gpu_step
 
     calls = []
     replay = timing.capture_step(lambda: calls.append(1), "cpu", warmup=2)
@@ -207,7 +208,7 @@ def test_gpu_bench_capture_and_prediction_never_raise():
 def test_gpu_bench_hands_over_its_rows_after_every_pool(one_thread):
     """main() saves bench.json after every pool of the step section, so a bench step killed at its limit keeps
     the pools it finished."""
-    from benchmarks import gpu_bench, gpu_step
+    from benchmarks.step import gpu_bench, gpu_step
 
     args = gpu_bench.parse_args(["--dry-run", "--contenders", "sgd-fused,csgd-native", "--rounds", "2"])
     args.keeps = [0.625, 1.0]  # two pools
@@ -227,7 +228,7 @@ def test_gpu_bench_fails_when_a_model_cannot_be_planned(tmp_path):
     (hide / "__init__.py").write_text('raise ImportError("hidden by the test")\n')
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "hide"), ROOT])
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_bench.py"), "--dry-run",
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "step", "gpu_bench.py"), "--dry-run",
                            "--sections", "latency", "--rounds", "3", "--out", str(tmp_path / "b")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 5, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -239,7 +240,7 @@ def test_summary_says_whether_cuda_equals_fused_sgd_bitwise(tmp_path, capsys):
     """yes / no (with the first line of each failure) from tests_gpu's junit XML; from ``pytest -v``'s lines when
     pytest was killed before writing it; "not run" when the test never ran. In results.json, summary.md, the
     tests_gpu row and the printed table's title."""
-    from benchmarks import gpu_report
+    from benchmarks.step import gpu_report
 
     case = '<testcase classname="tests.test_gpu" name="test_cuda_without_clusters_is_fused_sgd_bitwise[{}]"{}'
     failure = '><failure message="AssertionError: 3/20 flag combinations differ&#10;more">tb</failure></testcase>'

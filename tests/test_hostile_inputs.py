@@ -1,4 +1,4 @@
-"""The hostile-input catalogue (README "## Reliability"): every case is a clear error or a documented
+"""The hostile-input catalogue (README "csgd_ext/apps/README.md#hostile-inputs"): every case is a clear error or a documented
 behaviour, never silent corruption. Each test runs on every available backend where a step is involved."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import csgd_ext
-from csgd_ext.layout import build_layout
+from csgd_ext.optim.row_layout import build_layout
 from tests.nets import make_model
 
 I64_MAX, I64_MIN = torch.iinfo(torch.int64).max, torch.iinfo(torch.int64).min

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from csgd_ext.latency import measure_latency, measure_latency_interleaved, summarize_times
+from csgd_ext.measure.latency import measure_latency, measure_latency_interleaved, summarize_times
 
 
 class Sleeper(nn.Module):

@@ -1,4 +1,5 @@
-"""The package's shape: the library never imports an application (``csgd_ext.apps``), no import cycle anywhere
+"""The package's shape: a folder per stage, and imports that run one way between the stages (:data:`STAGES`, top
+to bottom); so the library never imports an application (``csgd_ext.apps``), there is no import cycle anywhere
 (imports inside functions included), and no module imports another module's private names.
 
 The walk reads every module's source (``ast``), so it sees imports hidden inside functions too; it is checked on
@@ -15,6 +16,15 @@ import csgd_ext
 
 PKG_DIR = os.path.dirname(csgd_ext.__file__)
 APPS = "csgd_ext.apps"
+
+#: The stages, each a folder of ``csgd_ext``, and their rank: a module may import a module of its own stage or
+#: of a stage ranked lower, never one of its rank or above in another folder. ``planning`` and ``training``
+#: share a rank: neither imports the other.
+STAGES = {"apps": 6, "planning": 5, "training": 5, "merging": 4, "plan": 3, "measure": 3, "kinds": 2,
+          "optim": 1, "models": 1}
+#: The package's own top-level modules and where they stand: the public API imports every stage; the version
+#: and the compiled kernels are imported by anyone.
+TOP = {"csgd_ext": 7, "csgd_ext.__main__": 7, "csgd_ext.version": 0, "csgd_ext._C": 0}
 
 
 def package_modules(pkg_dir: str, pkg: str):
@@ -75,8 +85,8 @@ def import_edges(pkg_dir: str, pkg: str):
                     target = base
                     if name and name.startswith("_") and not name.startswith("__") and target != m:
                         private.append((m, target, name))
-                while target not in mods and "." in target:  # e.g. a compiled extension: its package
-                    target = target.rsplit(".", 1)[0]
+                while target not in mods and "." in target and not _is_module(mods, pkg_dir, pkg, target):
+                    target = target.rsplit(".", 1)[0]  # an attribute of a module: that module
                 if target != m:
                     edges[m].add(target)
     return edges, private
@@ -124,7 +134,44 @@ def cycles(edges):
     return out
 
 
+def stage_of(name: str, pkg: str = "csgd_ext") -> tuple:
+    """``(stage, rank)`` of a module of ``pkg``: its folder under the package, or its own name at the top."""
+    if name in {k.replace("csgd_ext", pkg, 1) for k in TOP}:
+        return name, TOP[name.replace(pkg, "csgd_ext", 1)]
+    folder = name.split(".")[1]
+    return folder, STAGES.get(folder)
+
+
+def stage_breaks(edges, pkg: str = "csgd_ext"):
+    """``(module, imported module)`` pairs that import against the stage order, and modules outside any stage."""
+    bad = []
+    for m, ts in edges.items():
+        sm, rm = stage_of(m, pkg)
+        if rm is None:
+            bad.append((m, "in no stage"))
+            continue
+        for t in ts:
+            st, rt = stage_of(t, pkg)
+            if st != sm and (rt is None or rt >= rm):
+                bad.append((m, t))
+    return sorted(bad)
+
+
 # -- the package ---------------------------------------------------------------------------------------
+def test_imports_run_one_way_between_the_stages():
+    edges, _ = import_edges(PKG_DIR, "csgd_ext")
+    assert {stage_of(m)[0] for m in edges} >= set(STAGES)  # every stage is a folder with modules
+    assert stage_breaks(edges) == []
+
+
+def test_the_top_level_is_the_stage_folders_and_a_few_files():
+    entries = [e for e in os.listdir(PKG_DIR) if not e.startswith(("__pycache__", "_C.", "."))]
+    folders = sorted(e for e in entries if os.path.isdir(os.path.join(PKG_DIR, e)))
+    files = sorted(e for e in entries if e.endswith(".py"))
+    assert folders == sorted(STAGES)
+    assert len(files) <= 6, files
+
+
 def test_library_never_imports_an_app():
     edges, _ = import_edges(PKG_DIR, "csgd_ext")
     assert any(t.startswith(APPS) for ts in edges.values() for t in ts)  # the walk does see the apps
@@ -154,12 +201,36 @@ def test_apps_hold_the_applications():
 # -- the checker breaks when the layering breaks -----------------------------------------------------
 def test_checker_fails_on_this_package_with_one_library_import_of_an_app(tmp_path):
     copy = tmp_path / "csgd_ext"
-    shutil.copytree(PKG_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    with open(copy / "merge.py", "a", encoding="utf-8") as f:
-        f.write("\n\ndef _report_with_the_cli():\n    from .apps import cli  # noqa: F401\n")
+    shutil.copytree(PKG_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "merging" / "merge.py", "a", encoding="utf-8") as f:
+        f.write("\n\ndef _report_with_the_cli():\n    from ..apps import cli  # noqa: F401\n")
     edges, _ = import_edges(str(copy), "csgd_ext")
-    assert library_to_app(edges, "csgd_ext") == [("csgd_ext.merge", "csgd_ext.apps.cli")]
-    assert any({"csgd_ext.merge", "csgd_ext.apps.cli"} <= set(c) for c in cycles(edges))  # apps import merge
+    assert library_to_app(edges, "csgd_ext") == [("csgd_ext.merging.merge", "csgd_ext.apps.cli")]
+    assert any({"csgd_ext.merging.merge", "csgd_ext.apps.cli"} <= set(c) for c in cycles(edges))
+    assert ("csgd_ext.merging.merge", "csgd_ext.apps.cli") in stage_breaks(edges)
+
+
+@pytest.mark.parametrize("where, line, broken", [
+    # the merge asking the planner (a stage above it), hidden in a function
+    ("merging/merge.py", "def _f():\n    from csgd_ext.planning import planner  # noqa: F401\n",
+     ("csgd_ext.merging.merge", "csgd_ext.planning.planner")),
+    # the plan format knowing a planning rule
+    ("plan/plan_file.py", "from ..planning.budget import round_widths  # noqa: F401\n",
+     ("csgd_ext.plan.plan_file", "csgd_ext.planning.budget")),
+    # training reaching sideways into planning (same rank)
+    ("training/loop.py", "import csgd_ext.planning.numeric_check  # noqa: F401\n",
+     ("csgd_ext.training.loop", "csgd_ext.planning.numeric_check")),
+    # the optimizer importing a layer kind
+    ("optim/csgd.py", "from csgd_ext.kinds.layer_kinds import KINDS  # noqa: F401\n",
+     ("csgd_ext.optim.csgd", "csgd_ext.kinds.layer_kinds")),
+])
+def test_stage_checker_fails_on_this_package_with_one_import_against_the_order(tmp_path, where, line, broken):
+    copy = tmp_path / "csgd_ext"
+    shutil.copytree(PKG_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / where, "a", encoding="utf-8") as f:
+        f.write("\n\n" + line)
+    edges, _ = import_edges(str(copy), "csgd_ext")
+    assert stage_breaks(edges) == [broken]
 
 
 
@@ -203,17 +274,18 @@ def test_checker_fails_on_a_private_name_import(tmp_path):
 
 
 def test_only_the_layers_module_knows_layer_types_and_widths():
-    """Graph analysis, planning, merge and reorder ask ``csgd_ext.layers`` what a layer kind carries and how wide it
+    """Graph analysis, planning, merge and reorder ask ``csgd_ext.kinds.layer_kinds`` what a layer kind carries and how wide it
     is; none of them tests a layer type or reads a width attribute itself."""
     tokens = ("PReLU", "_ConvNd", "_BatchNorm", "_NormBase", "_InstanceNorm", "num_features", "num_parameters",
               "out_channels", "in_channels", "out_features", "in_features")
-    for name in ("graph", "planner", "plan", "planfile", "merge", "reorder"):
+    for name in ("planning/channel_graph", "planning/planner", "plan/records", "plan/plan_file", "merging/merge",
+                 "planning/contiguous"):
         with open(os.path.join(PKG_DIR, f"{name}.py"), encoding="utf-8") as f:
             tree = ast.parse(f.read())  # names and attributes in code, not words in docstrings
         used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
         used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
         assert not used & set(tokens), (name, sorted(used & set(tokens)))
-    with open(os.path.join(PKG_DIR, "layers.py"), encoding="utf-8") as f:
+    with open(os.path.join(PKG_DIR, "kinds", "layer_kinds.py"), encoding="utf-8") as f:
         layers_src = f.read()
     assert all(t in layers_src for t in tokens)
 
@@ -229,15 +301,15 @@ def kind_literals(src: str, kinds) -> list:
 
 
 def test_no_layer_kind_is_named_outside_the_layers_module():
-    """Every other module asks ``csgd_ext.layers`` about kinds through its named kind groups (BLOCKED_KINDS,
+    """Every other module asks ``csgd_ext.kinds.layer_kinds`` about kinds through its named kind groups (BLOCKED_KINDS,
     WEIGHTED_KINDS, ...), never by writing a kind's name."""
-    from csgd_ext.layers import KINDS
+    from csgd_ext.kinds.layer_kinds import KINDS
 
     found = []
     for root, _, names in os.walk(PKG_DIR):
         for n in names:
             path = os.path.join(root, n)
-            if n.endswith(".py") and path != os.path.join(PKG_DIR, "layers.py"):
+            if n.endswith(".py") and path != os.path.join(PKG_DIR, "kinds", "layer_kinds.py"):
                 with open(path, encoding="utf-8") as f:
                     found += [(os.path.relpath(path, PKG_DIR), line, k) for line, k in kind_literals(f.read(), KINDS)]
     assert found == []

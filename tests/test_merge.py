@@ -7,7 +7,7 @@ from torch import nn
 import torch.nn.functional as F
 
 import csgd_ext
-from csgd_ext.merge import merged_shapes
+from csgd_ext.merging.merge import merged_shapes
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,7 +142,7 @@ def check_shapes(small, expected):
         if isinstance(m, nn.Parameter):  # a bare parameter: channels on its last non-singleton dim
             dim = max([d for d, n in enumerate(m.shape) if n > 1] or [0])
             assert m.shape[dim] == o == i, name
-        elif isinstance(m, (csgd_ext.norms.WeightedLayerNorm, csgd_ext.norms.WeightedGroupNorm)):
+        elif isinstance(m, (csgd_ext.kinds.norms.WeightedLayerNorm, csgd_ext.kinds.norms.WeightedGroupNorm)):
             assert m.weight.shape[0] == o == m.counts.shape[0] == i, name
         elif isinstance(m, nn.modules.conv._ConvNd):
             assert (m.out_channels, m.in_channels) == (o, i), name
@@ -209,7 +209,7 @@ def test_groupnorm_group_clusters_inside_its_groups_and_merges_with_a_weighted_g
         assert len({g.producers["gn"][r] // 4 for r in cl}) == 1
     csgd_ext.collapse(net, plan)
     small = csgd_ext.merge(net, plan)
-    assert isinstance(small.gn, csgd_ext.norms.WeightedGroupNorm) and small.gn.counts.sum().item() == 8
+    assert isinstance(small.gn, csgd_ext.kinds.norms.WeightedGroupNorm) and small.gn.counts.sum().item() == 8
     assert small.c1.out_channels == 4 and small.c2.out_channels == 6
     with torch.no_grad():
         assert (small(x) - net(x)).abs().max().item() <= 1e-4

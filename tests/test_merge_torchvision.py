@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import csgd_ext
-from csgd_ext.merge import merged_shapes
+from csgd_ext.merging.merge import merged_shapes
 from test_merge import check_shapes
 
 tv = pytest.importorskip("torchvision", reason="torchvision is not installed (it is on the GPU machines)")

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import csgd_ext
-from csgd_ext.flops import count_flops_params
-from csgd_ext.merge import merged_shapes
+from csgd_ext.measure.flops import count_flops_params
+from csgd_ext.merging.merge import merged_shapes
 from test_merge import check_shapes
 
 models = pytest.importorskip("csgd_ext.models", reason="csgd_ext.models (the model zoo) is not importable")

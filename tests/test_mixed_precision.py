@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import csgd_ext
-from csgd_ext.ops import reference
+from csgd_ext.optim.ops import reference
 from tests.nets import batches, make_model
 
 IDS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import csgd_ext
-from csgd_ext.merge import merged_shapes
-from csgd_ext.norms import WeightedLayerNorm
+from csgd_ext.merging.merge import merged_shapes
+from csgd_ext.kinds.norms import WeightedLayerNorm
 from _digits import train_to_merge
 from modern_nets import NETS, BatchNormAct2d, ConvNeXtNet, ViTNet
 from test_merge import check_shapes

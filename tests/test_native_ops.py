@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import csgd_ext
-from csgd_ext import ops
-from csgd_ext.layout import build_layout
+from csgd_ext.optim import ops
+from csgd_ext.optim.row_layout import build_layout
 
 pytestmark = pytest.mark.skipif(csgd_ext.available_backends()["native"] is not None,
                                 reason=f"native backend unavailable: {csgd_ext.available_backends()['native']}")
@@ -14,7 +14,7 @@ HP = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01,
 
 
 def native():
-    mod = ops.get_module("native")
+    mod = ops.native  # the module (its load_error, _register_fake, native_layout)
     assert mod.load_error() is None
     mod._register_fake()
     return mod
@@ -131,7 +131,7 @@ def test_non_row_dense_param_takes_a_documented_copy():
     lay = build_layout(torch.tensor([0, 1, 0, 2, 2, 1, 3]))
     ba, bb = [None], [None]
     native().step([w], [g], ba, [lay], **HP)
-    ops.get_module("reference").step([q], [g], bb, [lay], **HP)
+    ops.get("reference").step([q], [g], bb, [lay], **HP)
     torch.testing.assert_close(w, q)  # updated through the view, in place in `base`
     torch.testing.assert_close(base.t(), q)
     torch.testing.assert_close(ba[0], bb[0])
@@ -144,7 +144,7 @@ def test_grad_in_another_memory_format_is_accepted():
     lay = build_layout(torch.tensor([0, 0, 1, 1]))
     ba, bb = [None], [None]
     native().step([w], [g], ba, [lay], **HP)
-    ops.get_module("reference").step([q], [g], bb, [lay], **HP)
+    ops.get("reference").step([q], [g], bb, [lay], **HP)
     torch.testing.assert_close(w, q)
     assert w.is_contiguous(memory_format=torch.channels_last)
 
@@ -179,7 +179,7 @@ def test_mixed_dtypes_in_one_list_are_grouped_by_the_wrapper():
     lays = [build_layout(torch.tensor([0, 0, 1, 2]))] * 3
     ba, bb = [None] * 3, [None] * 3
     native().step(ps, gs, ba, lays, **HP)
-    ops.get_module("reference").step(qs, gs, bb, lays, **HP)
+    ops.get("reference").step(qs, gs, bb, lays, **HP)
     for p, q in zip(ps + ba, qs + bb):
         torch.testing.assert_close(p, q)
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import csgd_ext
-from csgd_ext.bake import bake
-from csgd_ext.norms import WeightedGroupNorm, WeightedLayerNorm, WeightedNormAct
+from csgd_ext.kinds.weight_baking import bake
+from csgd_ext.kinds.norms import WeightedGroupNorm, WeightedLayerNorm, WeightedNormAct
 
 
 class GroupNormAct(nn.GroupNorm):

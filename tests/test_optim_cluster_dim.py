@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import csgd_ext
-from csgd_ext import ops
+from csgd_ext.optim import ops
 
 BACKENDS = list(ops.BACKENDS)
 HP = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, centripetal=0.5)

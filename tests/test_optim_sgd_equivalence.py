@@ -81,7 +81,8 @@ def test_one_step_equals_torch_sgd(hp, dtype, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_one_step_equals_fused_sgd_on_whole_vectors(dtype, backend):
-    """``SGD(fused=True)`` on tensors of a multiple of 64 elements (no scalar tail in ATen's fused kernel)."""
+    """``SGD(fused=True)`` on tensors of 64, 432 and 1,024 elements: whole 64-element vectors, and in the 432 a tail
+    of 48 that ATen's fused kernel runs as scalars."""
     shapes = [(64,), (16, 3, 3, 3), (128, 8)]
     for seed, hp in enumerate(COMBOS):
         one_step(backend, "fused", hp, dtype, shapes, 100 + seed, later=True)

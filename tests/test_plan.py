@@ -9,7 +9,8 @@ from torch import nn
 import torch.nn.functional as F
 
 import csgd_ext
-from csgd_ext.cluster import canonical_labels, cluster_channels, even_labels
+from csgd_ext.plan.options import canonical_labels
+from csgd_ext.planning.channel_clustering import cluster_channels, even_labels
 from test_merge import ConcatNet, GroupNormNet, MobileTiny, ResNetTiny, prepared
 
 X = torch.randn(1, 3, 8, 8)
@@ -125,7 +126,7 @@ def test_channel_shuffle_is_skipped_by_the_numeric_check_and_layernorm_becomes_w
     assert sorted(g.root for g in plan.groups) == ["c2", "c3"]
     csgd_ext.collapse(net, plan)
     small = csgd_ext.merge(net, plan)
-    assert isinstance(small.ln, csgd_ext.norms.WeightedLayerNorm) and small.ln.counts.sum().item() == 6
+    assert isinstance(small.ln, csgd_ext.kinds.norms.WeightedLayerNorm) and small.ln.counts.sum().item() == 6
     x = torch.randn(3, *X.shape[1:])
     with torch.no_grad():
         assert (small(x) - net(x)).abs().max().item() <= 1e-5

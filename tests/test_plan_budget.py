@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import csgd_ext
-from csgd_ext import planner
+from csgd_ext.planning import budget
 from csgd_ext.apps.cli import main
-from csgd_ext.budget import BAND, MIN_KEEP, round_widths
-from csgd_ext.flops import count_flops_params
+from csgd_ext.planning.budget import BAND, MIN_KEEP, allocate, round_widths
+from csgd_ext.measure.flops import count_flops_params
 
 from modern_nets import RegNetNet, ResNeXtNet
 
@@ -98,8 +98,8 @@ def test_round_to_on_grouped_convs_keeps_every_conv_group_equal(net):
 @pytest.mark.parametrize("target", [0.5, 0.3])
 def test_target_flops_lands_in_the_band(target, monkeypatch):
     counts = []
-    count = planner._merged_flops
-    monkeypatch.setattr(planner, "_merged_flops", lambda *a: counts.append(1) or count(*a))
+    count = budget.merged_flops
+    monkeypatch.setattr(budget, "merged_flops", lambda *a: counts.append(1) or count(*a))
     model = resnet20()
     plan = csgd_ext.plan_clusters(model, X, target_flops=target, method="even")
     assert len(counts) == 1  # the widths-based estimate was exact: one count of a merged model
@@ -159,6 +159,26 @@ def test_clear_errors():
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
             csgd_ext.plan_clusters(model, X, method="even", **kw)
+
+
+def test_a_round_to_step_over_the_whole_band_is_refused():
+    """Two 16-channel groups and round_to=8: every step halves a conv, so no plan lands in the band."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"target_flops=0\.8: no plan lands in \[0\.750, 0\.800\]: one step of the "
+                                         r"allocation goes from 1\.000 to 0\.500 of the FLOPs \(round_to=8 is coarse"):
+        csgd_ext.plan_clusters(net, x, target_flops=0.8, round_to=8, method="even")
+    plan = csgd_ext.plan_clusters(net, x, target_flops=0.8, round_to=4, method="even")  # a finer step lands
+    assert 0.75 <= merged(net, plan, x)[1] <= 0.8
+
+
+def test_a_model_without_conv_or_linear_flops_is_refused_by_the_budget():
+    """plan_clusters refuses such a model earlier (nothing to trace); the budget says so itself."""
+    with pytest.raises(ValueError, match="target_flops: the model has no conv/linear FLOPs to reduce"):
+        allocate(torch.nn.Sequential(torch.nn.ReLU()), torch.randn(2, 4), [], [], 0.5, None, magnitudes=[])
 
 
 def test_plan_file_keeps_the_options(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import csgd_ext
-from csgd_ext.plan import GroupPlan
+from csgd_ext.plan.records import GroupPlan
 from test_merge import ConcatNet, ResNetTiny
 from test_plan import resnet_plan  # noqa: F401  (the fixture)
 

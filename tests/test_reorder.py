@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import csgd_ext
-from csgd_ext.layout import build_layout
+from csgd_ext.optim.row_layout import build_layout
 from test_merge import NETS, prepared
 from test_merge_zoo import prepared_zoo
 

@@ -158,7 +158,7 @@ def test_resume_after_a_real_kill(tmp_path):
     killed = subprocess.run([sys.executable, str(script), ck], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert csgd_ext.checkpoint.read_checkpoint(ck)["step"] == 3
+    assert csgd_ext.training.checkpoint.read_checkpoint(ck)["step"] == 3
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the killed process, so reductions run in the same order
     try:

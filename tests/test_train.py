@@ -6,7 +6,7 @@ from torch import nn
 
 import csgd_ext
 from csgd_ext.apps import data
-from csgd_ext.train import DeviationLogger, Every, evaluate, fit, predict
+from csgd_ext.training.loop import DeviationLogger, Every, evaluate, predict, train_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,7 +67,7 @@ def test_fit_learns_real_digits_and_evaluate_reports_accuracy():
     before = evaluate(model, test)
     seen = []
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    state = fit(model, train, opt, epochs=4, progress=False, callbacks=[Every(5, lambda s: seen.append(s.step))])
+    state = train_model(model, train, opt, epochs=4, progress=False, callbacks=[Every(5, lambda s: seen.append(s.step))])
     after = evaluate(model, test)
     assert state.step == 4 * len(train) and len(state.history["loss"]) == state.step
     assert seen[0] == 1 and all(s % 5 == 0 for s in seen[1:])
@@ -82,7 +82,7 @@ def test_fit_max_steps_scheduler_and_amp_scaler():
     opt = csgd_ext.CSGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-    state = fit(model, train, opt, epochs=10, max_steps=3, scheduler=sched, scaler=scaler,
+    state = train_model(model, train, opt, epochs=10, max_steps=3, scheduler=sched, scaler=scaler,
                 autocast=torch.bfloat16, progress=False)
     assert state.step == 3
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05 / 8)
@@ -106,7 +106,7 @@ def test_fit_with_csgd_clusters_converges_members():
 
     d0 = spread()
     log = []
-    fit(model, train, opt, epochs=4, progress=False, callbacks=[Every(1, lambda s: log.append(spread()))])
+    train_model(model, train, opt, epochs=4, progress=False, callbacks=[Every(1, lambda s: log.append(spread()))])
     assert len(log) == 20 and spread() < 1e-6 * d0
     for k in range(5):  # exact geometric decay while far from rounding noise
         assert log[k] == pytest.approx(d0 * 0.4 ** (k + 1), rel=1e-3)
@@ -117,15 +117,15 @@ def test_fit_rejects_bad_arguments():
     model = _tiny_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="optimizer"):
-        fit(model, train, "sgd")
+        train_model(model, train, "sgd")
     with pytest.raises(TypeError, match="model"):
-        fit("net", train, opt)
+        train_model("net", train, opt)
     with pytest.raises(ValueError, match="epochs"):
-        fit(model, train, opt, epochs=0)
+        train_model(model, train, opt, epochs=0)
     with pytest.raises(ValueError, match="max_steps"):
-        fit(model, train, opt, max_steps=-1)
+        train_model(model, train, opt, max_steps=-1)
     with pytest.raises(TypeError, match="autocast"):
-        fit(model, train, opt, autocast="bf16")
+        train_model(model, train, opt, autocast="bf16")
     with pytest.raises(ValueError, match="every"):
         DeviationLogger(None, every=0)
     with pytest.raises(ValueError, match="k must"):
@@ -137,11 +137,11 @@ def test_progress_in_a_log_is_short_lines_not_one_enormous_line(capsys):
     x, y = torch.randn(200, 4), torch.randint(0, 2, (200,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
     model = torch.nn.Linear(4, 2)
-    fit(model, loader, torch.optim.SGD(model.parameters(), lr=0.01), epochs=2, progress=True, desc="log test")
+    train_model(model, loader, torch.optim.SGD(model.parameters(), lr=0.01), epochs=2, progress=True, desc="log test")
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert "\r" not in err and 2 <= len(lines) <= 11, err
     assert all(ln.startswith("log test: ") and len(ln) < 120 for ln in lines), err
     assert "200/200 (100 %)" in lines[-1]
-    fit(model, loader, torch.optim.SGD(model.parameters(), lr=0.01), epochs=1, progress=False)
+    train_model(model, loader, torch.optim.SGD(model.parameters(), lr=0.01), epochs=1, progress=False)
     assert capsys.readouterr().err == ""

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import csgd_ext
-from csgd_ext.layout import build_layout
-from csgd_ext.ops import reference
-from csgd_ext.ops import triton_backend as tb
+from csgd_ext.optim.row_layout import build_layout
+from csgd_ext.optim.ops import reference
+from csgd_ext.optim.ops import triton_backend as tb
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
@@ -349,7 +349,7 @@ import re
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from csgd_ext.ops import triton_kernels
+from csgd_ext.optim.ops import triton_kernels
 assert not triton_kernels.interpreting()
 tile, flat = triton_kernels.tile_kernel(), triton_kernels.flat_kernel()
 SIG = {"tile": {"work_ptr": "*i64", "item0": "i64", "n_items": "i64", "meta_ptr": "*i64", "rows_ptr": "*i32",

@@ -1,4 +1,4 @@
-"""The Triton backend's row-width classes (``csgd_ext.ops.triton_worktable``) against the reference: each class at
+"""The Triton backend's row-width classes (``csgd_ext.optim.ops.triton_worktable``) against the reference: each class at
 its boundaries, every dtype, aligned and unaligned segments, padding programs, a poison test (every
 output element written, a fresh buffer never read), the cached work table, and (GPU) CUDA-graph capture.
 
@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-from csgd_ext.layout import build_layout
-from csgd_ext.ops import reference
-from csgd_ext.ops import triton_backend as tb
-from csgd_ext.ops import triton_worktable as tw
+from csgd_ext.optim.row_layout import build_layout
+from csgd_ext.optim.ops import reference
+from csgd_ext.optim.ops import triton_backend as tb
+from csgd_ext.optim.ops import triton_worktable as tw
 
 from _equiv import TOL, run_lockstep, run_pair, assert_pair_close
 

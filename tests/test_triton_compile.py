@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import csgd_ext
-from csgd_ext.layout import build_layout
-from csgd_ext.ops import reference
-from csgd_ext.ops import triton_backend as tb
+from csgd_ext.optim.row_layout import build_layout
+from csgd_ext.optim.ops import reference
+from csgd_ext.optim.ops import triton_backend as tb
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(tb.unavailable_reason(torch.device(DEV)) is not None,

@@ -1,4 +1,4 @@
-"""``benchmarks/perf_model_triton.py``: the Triton model rows come from the backend's own work table (new design)
+"""``benchmarks/step/perf_model_triton.py``: the Triton model rows come from the backend's own work table (new design)
 and from the c01eeaf algorithm (old design), and respond to what they model."""
 
 import os
@@ -10,9 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import perf_model_triton as pm  # noqa: E402
-from csgd_ext.layout import build_layout  # noqa: E402
-from csgd_ext.ops import triton_worktable as tw  # noqa: E402
+from benchmarks.step import perf_model_triton as pm  # noqa: E402
+from csgd_ext.optim.row_layout import build_layout  # noqa: E402
+from csgd_ext.optim.ops import triton_worktable as tw  # noqa: E402
 
 KEYS = {"design", "bytes", "programs", "launches", "lanes_used_frac", "bytes_per_load", "predicted_us"}
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csgd_ext.norms import WeightedLayerNorm, WeightedRMSNorm, check_counts
+from csgd_ext.kinds.norms import WeightedLayerNorm, WeightedRMSNorm, check_counts
 
 C = 23
 
@@ -355,7 +355,7 @@ def test_bad_from_norm_inputs():
 
 
 # -- WeightedGroupNorm ------------------------------------------------------------------------------------
-from csgd_ext.norms import WeightedGroupNorm  # noqa: E402
+from csgd_ext.kinds.norms import WeightedGroupNorm  # noqa: E402
 
 
 def _collapsed_groupnorm(dtype=torch.float32):

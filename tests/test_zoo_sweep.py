@@ -1,4 +1,4 @@
-"""benchmarks/zoo_sweep.py on tiny in-repo nets (no torchvision/timm needed): a merge is exact and smaller,
+"""benchmarks/zoo/sweep.py on tiny in-repo nets (no torchvision/timm needed): a merge is exact and smaller,
 torch-pruning's count is beside it (a ViT-like net with its head options), the round_to and target_flops plans
 and the planning time are in each row (a planner's ValueError as its one-line reason), and a model that fails
 to build or to run gets a one-line reason in its row instead of stopping the sweep; the markdown names every
@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import zoo_sweep  # noqa: E402
+from benchmarks.zoo import sweep as zoo_sweep  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,12 +77,12 @@ def test_sweep_rows_and_markdown():
         assert r["error"] and words in r["error"] and "\n" not in r["error"] and "second line" not in r["error"]
         assert r["exact"] is None and r["params_merged"] is None
 
-    md = zoo_sweep.to_markdown(rows, dict(command="python benchmarks/zoo_sweep.py --only x", keep=0.5,
+    md = zoo_sweep.to_markdown(rows, dict(command="python benchmarks/zoo/sweep.py --only x", keep=0.5,
                                           method="even", versions={"torch": torch.__version__}))
     table = md[md.index("| model |"):]
     for name in models:
         assert f"| {name} | test |" in table
-    assert "python benchmarks/zoo_sweep.py --only x" in md and "keep: 0.5" in md
+    assert "python benchmarks/zoo/sweep.py --only x" in md and "keep: 0.5" in md
     assert len(table.splitlines()) == 2 + len(models)  # header, separator, one line per model
     assert "| round_to: params after (exact?) | target_flops: FLOPs reached (exact?) |" in table
     assert f"| {ok['plan_s']:.2f} | {ok['round_to']['params'] / 1e6:.2f}M, yes | " in table
@@ -124,8 +124,8 @@ class TinyViT(nn.Module):
 
 def test_vit_gets_torch_prunings_head_options_and_an_unreachable_target_is_a_reason():
     pytest.importorskip("torch_pruning")
-    from benchmarks import zoo_tp
-    from benchmarks.zoo_builders import count_params
+    from benchmarks.zoo import tp as zoo_tp
+    from benchmarks.zoo.builders import count_params
 
     torch.manual_seed(0)
     model, x = TinyViT().eval(), torch.randn(1, 3, 16, 16)

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from ..planner import check_keep
+from csgd_ext.plan.options import check_keep
 
 __all__ = ["CLIError", "Parser", "keep_fraction", "positive_int", "check_out_dir", "first_line"]
 
@@ -53,7 +53,7 @@ def _arg_type(flag: str, convert, kind: str, check):
 
 
 def keep_fraction(flag: str):
-    """An argparse type: a number in (0, 1] (:func:`csgd_ext.planner.check_keep`), errors naming ``flag``."""
+    """An argparse type: a number in (0, 1] (:func:`csgd_ext.plan.options.check_keep`), errors naming ``flag``."""
     return _arg_type(flag, float, "a number", lambda v: check_keep(v, flag))
 
 

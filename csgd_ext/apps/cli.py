@@ -17,10 +17,10 @@ import os
 import sys
 from typing import List, Optional
 
-from ..models import get_model
-from . import demo, fit, info, prune, squeeze
-from .args import CLIError, Parser, check_out_dir, first_line, keep_fraction, positive_int
-from .extras import MissingExtraError, require_demo
+from csgd_ext.models import get_model
+from csgd_ext.apps import demo, fit, info, prune, squeeze
+from csgd_ext.apps.args import CLIError, Parser, check_out_dir, first_line, keep_fraction, positive_int
+from csgd_ext.apps.extras import MissingExtraError, require_demo
 
 __all__ = ["main", "build_parser", "CLIError"]
 

@@ -23,11 +23,11 @@ from typing import Any, Dict, Sequence
 import torch
 from torch import nn
 
-from ..flops import count_flops_params
-from ..planner import check_keep
-from ..train import evaluate, fit
-from . import plots
-from .recipes import cosine, make_sgd
+from csgd_ext.measure.flops import count_flops_params
+from csgd_ext.plan.options import check_keep
+from csgd_ext.training.loop import evaluate, train_model
+from csgd_ext.apps import plots
+from csgd_ext.apps.recipes import cosine, make_sgd
 
 __all__ = ["l1_prune", "run_comparison", "format_comparison"]
 
@@ -64,7 +64,7 @@ def run_comparison(base: nn.Module, res: Dict[str, Any], cfg, train_loader, test
     tuned = copy.deepcopy(pruned)
     opt = make_sgd(tuned.parameters(), cfg.lr, cfg.weight_decay)
     steps = cfg.epochs * len(train_loader)
-    fit(tuned, train_loader, opt, epochs=cfg.epochs, scheduler=cosine(opt, steps), progress=cfg.progress,
+    train_model(tuned, train_loader, opt, epochs=cfg.epochs, scheduler=cosine(opt, steps), progress=cfg.progress,
         desc="L1 finetune")
     acc_t = 100.0 * evaluate(tuned, test_loader)
     rows = [

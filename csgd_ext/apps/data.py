@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .extras import INSTALL_DEMO, require
+from csgd_ext.apps.extras import INSTALL_DEMO, require
 
 __all__ = ["MnistSplit", "mnist_split", "mnist_loaders", "make_loader"]
 

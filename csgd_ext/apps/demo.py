@@ -25,18 +25,21 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .. import ops
-from ..flops import count_flops_params
-from ..latency import measure_latency_interleaved
-from ..merge import collapse, merge
-from ..plan import ClusterPlan
-from ..planner import check_keep, plan_clusters
-from ..train import evaluate, predict
-from . import data as data_mod
-from . import plots
-from .compare import format_comparison, run_comparison
-from .recipes import TRAINING_BACKEND, make_csgd, make_sgd, set_determinism, train_base, train_csgd
-from .stats import accuracy_interval, format_accuracy
+from csgd_ext.optim import ops
+from csgd_ext.measure.flops import count_flops_params
+from csgd_ext.measure.latency import measure_latency_interleaved
+from csgd_ext.merging.merge import merge
+from csgd_ext.training.monitor import collapse
+from csgd_ext.plan.records import ClusterPlan
+from csgd_ext.plan.options import check_keep
+from csgd_ext.planning.planner import plan_clusters
+from csgd_ext.training.loop import evaluate, predict
+from csgd_ext.apps import data as data_mod
+from csgd_ext.apps import plots
+from csgd_ext.apps.compare import format_comparison, run_comparison
+from csgd_ext.apps.recipes import Recipe, make_csgd, make_sgd, set_determinism, train_base, \
+    train_csgd
+from csgd_ext.apps.stats import accuracy_interval, format_accuracy
 
 __all__ = ["DemoConfig", "run_demo", "format_table", "latency_pair_ms", "step_time_ms", "RESULTS_FILE"]
 
@@ -44,29 +47,20 @@ RESULTS_FILE = "results.json"
 
 
 @dataclass
-class DemoConfig:
-    """Every knob of the demo; the CLI exposes the public ones, tests use the small-size ones."""
+class DemoConfig(Recipe):
+    """Every knob of the demo: the training :class:`~csgd_ext.apps.recipes.Recipe` (arch, width, epochs, lr,
+    weight decay, centripetal, backend, progress) and the run's own; the CLI exposes the public ones, tests use the
+    small-size ones."""
 
-    epochs: int = 3                 # epochs of base training, and again of C-SGD training
     keep: float = 0.625             # fraction of channels kept in every coupled group, in (0, 1]
     seed: int = 0
     out: str = "csgd_demo_out"
-    arch: str = "resnet20"
-    width: float = 0.5              # zoo width multiplier (resnet20 at 0.5: 8/16/32 channels)
     batch_size: int = 64
-    lr: float = 0.05
-    weight_decay: float = 1e-4
-    # strong pull: with Nesterov momentum, lr * centripetal ~ 0.15 shrinks the intra-cluster deviation ~10x
-    # per ~15 steps, so a few hundred steps make cluster members equal to float precision
-    centripetal: float = 3.0
-    vector_centripetal_scale: float = 1.0
     limit: Optional[int] = None     # samples per class (tiny runs); None: all 500
     threads: int = 1                # 1: on a shared 2-core box, 2 OpenMP threads can be far slower
     latency_repeats: int = 30
     step_repeats: int = 30
     compare: bool = False
-    progress: bool = True
-    backend: str = TRAINING_BACKEND  # of C-SGD training (the step-time measurement uses "auto")
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -119,7 +113,7 @@ def step_time_ms(model: nn.Module, plan, cfg: DemoConfig) -> Dict[str, float]:
 def _backend_used(opt) -> str:
     try:
         dev = next(p.device for g in opt.param_groups for p in g["params"])
-        return ops.resolve(opt.backend, dev).NAME
+        return ops.resolve(opt.backend, dev).name
     except Exception:  # noqa: BLE001 - informative only
         return str(getattr(opt, "backend", "?"))
 

@@ -27,18 +27,19 @@ from typing import Any, Dict
 
 import torch
 
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..merge import collapse, deviation, merge, merge_report
-from ..ops import resolve as resolve_backend
-from ..plan import ClusterPlan
-from ..planner import plan_clusters
-from ..progress import progress
-from ..train import fit as train_epoch, predict
-from .args import CLIError, first_line, keep_fraction, positive_int
-from .fit_data import load_data
-from .fit_model import build_model
-from .fit_report import write_report
-from .recipes import cosine, make_csgd, set_determinism
+from csgd_ext.training.checkpoint import load_checkpoint, save_checkpoint
+from csgd_ext.merging.merge import merge, merge_report
+from csgd_ext.training.monitor import collapse, deviation
+from csgd_ext.optim.ops import resolve as resolve_backend
+from csgd_ext.plan.records import ClusterPlan
+from csgd_ext.planning.planner import plan_clusters
+from csgd_ext.measure.progress import progress
+from csgd_ext.training.loop import predict, train_model
+from csgd_ext.apps.args import CLIError, first_line, keep_fraction, positive_int
+from csgd_ext.apps.fit_data import load_data
+from csgd_ext.apps.fit_model import build_model
+from csgd_ext.apps.fit_report import write_report
+from csgd_ext.apps.recipes import cosine, make_csgd, set_determinism
 
 __all__ = ["register", "run_fit", "OUTPUTS"]
 
@@ -122,7 +123,7 @@ def _sizes_line(s: dict) -> str:
 def _versions() -> Dict[str, Any]:
     import platform
 
-    from .. import __version__
+    from csgd_ext.version import __version__
 
     try:
         import PIL
@@ -140,7 +141,7 @@ def _say(args, text: str) -> None:
 def _resume_options(args) -> dict:
     """The checkpoint of ``--resume`` read, its options checked against this run's (the first that differs is
     named); returns the checkpoint's payload."""
-    from ..checkpoint import read_checkpoint
+    from csgd_ext.training.checkpoint import read_checkpoint
 
     try:
         payload = read_checkpoint(os.path.join(args.out, "checkpoint.pt"))
@@ -224,11 +225,11 @@ def run_fit(args: argparse.Namespace) -> int:
     sizes = merge_report(model, plan, example)  # params and FLOPs before and after the merge
     opt = make_csgd(plan, args.lr, 1e-4, args.centripetal, 1.0, args.backend)
     steps_per_epoch = len(data.train_loader(args.batch_size, 0, rank, world))
-    train_model = model
+    wrapped = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model)  # gradients averaged over the ranks before each step
+        wrapped = DistributedDataParallel(model)  # gradients averaged over the ranks before each step
     sched = cosine(opt, args.epochs * steps_per_epoch)
     dtype, scaler = _autocast(args)
 
@@ -257,7 +258,7 @@ def run_fit(args: argparse.Namespace) -> int:
     for epoch in range(start, args.epochs):
         torch.manual_seed(args.seed * 1000 + epoch)  # dropout and anything else random: from (seed, epoch)
         model.train()
-        state = train_epoch(train_model, data.train_loader(args.batch_size, epoch, rank, world), opt, epochs=1,
+        state = train_model(wrapped, data.train_loader(args.batch_size, epoch, rank, world), opt, epochs=1,
                             scheduler=sched, scaler=scaler, autocast=dtype, progress=show,
                             callbacks=_crash_hook(epoch), desc=f"C-SGD epoch {epoch + 1}/{args.epochs}")
         if not lead:  # rank 0 evaluates and writes; the others go on training

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .args import CLIError
+from csgd_ext.apps.args import CLIError
 
 __all__ = ["FitData", "load_data", "epoch_sampler", "IMAGE_EXTENSIONS"]
 
@@ -195,7 +195,7 @@ def _folder(root: str, size: int, seed: int) -> FitData:
 
 
 def _digits(size: int, seed: int) -> FitData:
-    from . import data as digits
+    from csgd_ext.apps import data as digits
 
     s = digits.mnist_split(0.2, seed)
     # back to [0, 1] images: the augmentation works on pixels, then our own normalization

@@ -13,15 +13,15 @@ Example::
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..models import get_model
-from .args import CLIError, first_line
-from .prune import load_user_model, state_dict_in
+from csgd_ext.models import get_model
+from csgd_ext.apps.args import CLIError, first_line
+from csgd_ext.apps.prune import load_user_model
+from csgd_ext.apps.weights import load_weights
 
 __all__ = ["build_model", "classifier"]
 
@@ -63,34 +63,6 @@ def _replace_classifier(model: nn.Module, classes: int) -> None:
             nn.Linear(lin.in_features, classes, bias=lin.bias is not None))
 
 
-def _load_weights(model: nn.Module, path: str) -> None:
-    """``path`` (a state dict, ``{"state_dict"|"model": sd}`` or a csgd_ext checkpoint) into ``model``; a file
-    that does not fit names the first key that is missing, unexpected or of another shape."""
-    if not os.path.isfile(path):
-        raise CLIError(f"--weights: no such file {path!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CLIError(f"--weights: cannot read {path!r} as a file of tensors: {type(e).__name__}: "
-                       f"{first_line(e)}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("payload"), dict):  # a csgd_ext checkpoint file
-        obj = obj["payload"]
-    sd = state_dict_in(obj)
-    if sd is None:
-        raise CLIError(f"--weights: {path!r} holds no state dict (a dict of tensors)")
-    own = model.state_dict()
-    for k, v in own.items():
-        if k not in sd:
-            raise CLIError(f"--weights: {path!r} does not fit the model: it has no {k!r}")
-        if sd[k].shape != v.shape:
-            raise CLIError(f"--weights: {path!r} does not fit the model: {k!r} is {tuple(sd[k].shape)} in the "
-                           f"file, {tuple(v.shape)} in the model")
-    extra = [k for k in sd if k not in own]
-    if extra:
-        raise CLIError(f"--weights: {path!r} does not fit the model: unexpected key {extra[0]!r}")
-    model.load_state_dict(sd)
-
-
 def build_model(spec: str, channels: int, data_classes: int, num_classes: Optional[int], weights: Optional[str],
                 seed: int) -> Tuple[nn.Module, str]:
     """The model (built, ``--weights`` loaded, then its classifier replaced when ``num_classes`` is given) and the
@@ -118,7 +90,7 @@ def build_model(spec: str, channels: int, data_classes: int, num_classes: Option
         reload = f"csgd_ext.models.get_model({spec!r}, in_channels={channels}" + \
                  (f", num_classes={data_classes})" if num_classes is None else ")")
     if weights is not None:
-        _load_weights(model, weights)
+        load_weights(model, weights, "--weights")
     if num_classes is not None:
         _replace_classifier(model, num_classes)
         reload += f", its last nn.Linear replaced by one with {num_classes} outputs"

@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 
 from torch import nn
 
-from .stats import format_accuracy
+from csgd_ext.apps.stats import format_accuracy
 
 __all__ = ["write_report"]
 

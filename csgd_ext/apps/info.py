@@ -9,9 +9,9 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .. import ops
-from ..ops import native
-from ..version import __version__
+from csgd_ext.optim import ops
+from csgd_ext.optim.ops import native
+from csgd_ext.version import __version__
 
 
 def _version(mod: str) -> str:
@@ -52,7 +52,7 @@ def format_report(info: Dict[str, object]) -> str:
     for dev, backends in info["backends"].items():
         for name, reason in backends.items():
             status = "available" if reason is None else f"unavailable: {reason}"
-            if name in ops.TESTING_BACKENDS:
+            if ops.BACKENDS[name].testing:
                 status += " (testing backend)"
             rows.append((f"backend {name} [{dev}]", status))
     width = max(len(k) for k, _ in rows)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Sequence
 
-from .extras import INSTALL_DEMO, require
+from csgd_ext.apps.extras import INSTALL_DEMO, require
 
 
 def _plt():

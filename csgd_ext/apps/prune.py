@@ -6,7 +6,7 @@ Typical workflow::
     python -m csgd_ext prune --model mypkg.nets:make_net --input-shape 3,32,32 --keep 0.625 \\
         --checkpoint trained.pt --plan-out plan.json
     # 2. train with C-SGD in your own loop (csgd_ext.ClusterPlan.load("plan.json", model), csgd_ext.CSGD,
-    #    csgd_ext.train.fit), saving the weights (csgd_ext.save_checkpoint or torch.save(state_dict))
+    #    csgd_ext.training.loop.fit), saving the weights (csgd_ext.save_checkpoint or torch.save(state_dict))
     # 3. collapse + merge into a physically smaller model
     python -m csgd_ext prune --model mypkg.nets:make_net --input-shape 3,32,32 --plan plan.json \\
         --checkpoint csgd_trained.pt --out merged.pt
@@ -28,20 +28,21 @@ import argparse
 import importlib
 import os
 import sys
-import warnings
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
 
-from ..checkpoint import MAGIC, load_checkpoint, save_checkpoint
-from ..merge import collapse, merge
-from ..models import available_models, get_model
-from ..plan import ClusterPlan
-from ..planner import plan_clusters
-from .args import CLIError, first_line, keep_fraction, positive_int
+from csgd_ext.training.checkpoint import save_checkpoint
+from csgd_ext.merging.merge import merge
+from csgd_ext.training.monitor import collapse
+from csgd_ext.models import available_models, get_model
+from csgd_ext.plan.records import ClusterPlan
+from csgd_ext.planning.planner import plan_clusters
+from csgd_ext.apps.args import CLIError, first_line, keep_fraction, positive_int
+from csgd_ext.apps.weights import load_weights
 
-__all__ = ["register", "load_user_model", "parse_input_shape", "load_weights", "state_dict_in", "run_prune",
+__all__ = ["register", "load_user_model", "parse_input_shape", "run_prune",
            "DESCRIPTION"]
 
 DESCRIPTION = ("Plan clusters for your own model (--keep F, written with --plan-out) and collapse and merge it "
@@ -89,56 +90,6 @@ def load_user_model(spec: str, in_channels: int, num_classes: int) -> nn.Module:
     except (ValueError, TypeError, KeyError) as e:
         raise CLIError(f"--model: {spec!r} is not package.module:factory nor a zoo model ({first_line(e)})") \
             from None
-
-
-def _read_tensors(path: str):
-    """``torch.load(path, weights_only=True)`` with a message of ours (never torch's weights_only advice)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. the weights-only unpickler's pickle-protocol warning
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        why = "" if "weights_only" in str(e) else f": {type(e).__name__}: {first_line(e)}"
-        raise CLIError(f"--checkpoint: cannot read {path!r}: not a torch.save file of tensors (a state_dict or "
-                       f"a csgd_ext checkpoint){why}") from None
-
-
-def state_dict_in(obj) -> Optional[dict]:
-    """The state dict a loaded file holds: the dict itself, or its ``"state_dict"``/``"model"`` entry (a csgd_ext
-    checkpoint's payload); None when there is no non-empty dict of tensors."""
-    sd = obj
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                sd = obj[key]
-                break
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        return None
-    return sd
-
-
-def load_weights(model: nn.Module, path: str) -> str:
-    """Load ``path`` into ``model``: a csgd_ext checkpoint, a ``state_dict``, or ``{"state_dict"|"model": sd}``.
-
-    Returns a short description of what was read; raises :class:`CLIError` for an unreadable/unfitting file.
-    """
-    if not os.path.isfile(path):
-        raise CLIError(f"--checkpoint: no such file {path!r}")
-    obj = _read_tensors(path)
-    if isinstance(obj, dict) and obj.get("magic") == MAGIC:
-        try:
-            load_checkpoint(path, model=model, restore_rng=False)
-        except (ValueError, FileNotFoundError) as e:
-            raise CLIError(f"--checkpoint: {first_line(e)}") from None
-        return "csgd_ext checkpoint"
-    sd = state_dict_in(obj)
-    if sd is None:
-        raise CLIError(f"--checkpoint: {path!r} holds no state_dict (a dict of tensors)")
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise CLIError(f"--checkpoint: {path!r} does not fit the model: {first_line(e)}") from None
-    return "state_dict"
 
 
 def _check_request(args) -> None:
@@ -196,7 +147,7 @@ def run_prune(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001
         raise CLIError(f"--input-shape {args.input_shape}: the model does not run on a 1x{shape[0]}x{shape[1]}x"
                        f"{shape[2]} input ({type(e).__name__}: {first_line(e)})") from None
-    loaded = load_weights(model, args.checkpoint) if args.checkpoint else None
+    loaded = load_weights(model, args.checkpoint, "--checkpoint") if args.checkpoint else None
     _check_request(args)
     if loaded:
         print(f"loaded {loaded} from {args.checkpoint}")

@@ -8,30 +8,55 @@ Example::
 
     from csgd_ext.apps.recipes import set_determinism, train_base, train_csgd
     set_determinism(seed=0, threads=1)
-    base = train_base(cfg, train_loader)            # cfg: a DemoConfig (arch, width, epochs, lr, ...)
-    dev = train_csgd(model, plan, cfg, train_loader) # dev.values: the intra-cluster deviation over steps
+    recipe = Recipe(arch="resnet20", width=0.5, epochs=3)
+    base = train_base(recipe, train_loader)
+    dev = train_csgd(model, plan, recipe, train_loader) # dev.values: the intra-cluster deviation over steps
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..models import get_model
-from ..optim import CSGD
-from ..train import DeviationLogger, fit
-from .data import NUM_CLASSES
+from csgd_ext.models import get_model
+from csgd_ext.optim.csgd import CSGD
+from csgd_ext.training.loop import DeviationLogger, train_model
+from csgd_ext.apps.data import NUM_CLASSES
 
-__all__ = ["TRAINING_BACKEND", "set_determinism", "make_sgd", "make_csgd", "cosine", "build_model", "train_base",
-           "train_csgd"]
+__all__ = ["TRAINING_BACKEND", "Recipe", "set_determinism", "make_sgd", "make_csgd", "cosine", "demo_model",
+           "train_base", "train_csgd"]
 
 
 #: the C-SGD backend the applications train with (see :func:`train_csgd`)
 TRAINING_BACKEND = "reference"
+
+
+@dataclass
+class Recipe:
+    """What :func:`train_base` and :func:`train_csgd` read: the zoo model and how to train it. The demo's and
+    squeeze's configs give one (the demo's is one, :meth:`of` reads squeeze's)."""
+
+    arch: str = "resnet20"
+    width: float = 0.5              # zoo width multiplier (resnet20 at 0.5: 8/16/32 channels)
+    epochs: int = 3                 # epochs of base training, and again of C-SGD training
+    lr: float = 0.05
+    weight_decay: float = 1e-4
+    # strong pull: with Nesterov momentum, lr * centripetal ~ 0.15 shrinks the intra-cluster deviation ~10x
+    # per ~15 steps, so a few hundred steps make cluster members equal to float precision
+    centripetal: float = 3.0
+    vector_centripetal_scale: float = 1.0
+    backend: str = TRAINING_BACKEND  # of C-SGD training (the demo's step-time measurement uses "auto")
+    progress: bool = True
+
+    @classmethod
+    def of(cls, config) -> "Recipe":
+        """The recipe fields of any config object that has them (the demo's, squeeze's)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)})
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -63,24 +88,24 @@ def cosine(opt: torch.optim.Optimizer, steps: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
 
 
-def build_model(arch: str, width: float) -> nn.Module:
+def demo_model(arch: str, width: float) -> nn.Module:
     """The zoo model ``arch`` at ``width`` for the demo's data (1 input channel, 10 classes)."""
     return get_model(arch, width=width, num_classes=NUM_CLASSES, in_channels=1)
 
 
-def train_base(cfg, train_loader, width: Optional[float] = None, epochs: Optional[int] = None,
+def train_base(cfg: Recipe, train_loader, width: Optional[float] = None, epochs: Optional[int] = None,
                desc: str = "base (SGD)") -> nn.Module:
     """A zoo model (``cfg.arch`` at ``width``, default ``cfg.width``) trained with SGD + cosine LR for ``epochs``
     (default ``cfg.epochs``)."""
-    model = build_model(cfg.arch, cfg.width if width is None else width)
+    model = demo_model(cfg.arch, cfg.width if width is None else width)
     ep = cfg.epochs if epochs is None else epochs
     opt = make_sgd(model.parameters(), cfg.lr, cfg.weight_decay)
-    fit(model, train_loader, opt, epochs=ep, scheduler=cosine(opt, ep * len(train_loader)),
+    train_model(model, train_loader, opt, epochs=ep, scheduler=cosine(opt, ep * len(train_loader)),
         progress=cfg.progress, desc=desc)
     return model
 
 
-def train_csgd(model: nn.Module, plan, cfg, train_loader, epochs: Optional[int] = None,
+def train_csgd(model: nn.Module, plan, cfg: Recipe, train_loader, epochs: Optional[int] = None,
                log_every: int = 10, desc: str = "C-SGD") -> DeviationLogger:
     """Train ``model`` in place with C-SGD over ``plan`` on ``cfg.backend``; returns the deviation log.
 
@@ -93,7 +118,7 @@ def train_csgd(model: nn.Module, plan, cfg, train_loader, epochs: Optional[int] 
     opt = make_csgd(plan, cfg.lr, cfg.weight_decay, cfg.centripetal, cfg.vector_centripetal_scale, cfg.backend)
     dev = DeviationLogger(plan, every=log_every)
     dev.record(model, 0)
-    fit(model, train_loader, opt, epochs=ep, scheduler=cosine(opt, ep * len(train_loader)),
+    train_model(model, train_loader, opt, epochs=ep, scheduler=cosine(opt, ep * len(train_loader)),
         callbacks=[dev], progress=cfg.progress, desc=desc)
     dev.record(model, len(train_loader) * ep)
     return dev

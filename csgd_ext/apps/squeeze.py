@@ -23,14 +23,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..flops import count_flops_params
-from ..merge import collapse, merge
-from ..planner import plan_clusters
-from ..train import evaluate
-from . import data as data_mod
-from . import plots
-from .demo import DemoConfig
-from .recipes import TRAINING_BACKEND, build_model, set_determinism, train_base, train_csgd
+from csgd_ext.measure.flops import count_flops_params
+from csgd_ext.merging.merge import merge
+from csgd_ext.training.monitor import collapse
+from csgd_ext.planning.planner import plan_clusters
+from csgd_ext.training.loop import evaluate
+from csgd_ext.apps import data as data_mod
+from csgd_ext.apps import plots
+from csgd_ext.apps.recipes import TRAINING_BACKEND, Recipe, demo_model, set_determinism, train_base, train_csgd
 
 __all__ = ["SqueezeConfig", "run_squeeze", "format_squeeze", "RESULTS_FILE"]
 
@@ -54,11 +54,6 @@ class SqueezeConfig:
     progress: bool = True
     backend: str = TRAINING_BACKEND  # of C-SGD training
 
-    def demo_config(self, seed: int) -> DemoConfig:
-        return DemoConfig(epochs=self.epochs, keep=1.0 / self.factor, seed=seed, out=self.out, arch=self.arch,
-                          width=self.width, batch_size=self.batch_size, lr=self.lr,
-                          weight_decay=self.weight_decay, centripetal=self.centripetal, limit=self.limit,
-                          threads=self.threads, progress=self.progress, backend=self.backend)
 
 
 def _stats(xs: List[float]) -> Dict[str, Any]:
@@ -77,7 +72,6 @@ def run_squeeze(cfg: SqueezeConfig) -> Dict[str, Any]:
     narrow_acc, squeezed_acc, per_seed = [], [], []
     flops = {}
     for seed in cfg.seeds:
-        dc = cfg.demo_config(seed)
         set_determinism(seed, cfg.threads)
         split = data_mod.mnist_split(0.2, seed, cfg.limit)
         train_loader = data_mod.make_loader(split.x_train, split.y_train, cfg.batch_size, True, seed)
@@ -85,13 +79,13 @@ def run_squeeze(cfg: SqueezeConfig) -> Dict[str, Any]:
         example = split.x_test[:1]
 
         torch.manual_seed(seed)
-        narrow = train_base(dc, train_loader, desc=f"seed {seed}: narrow (SGD)")
+        narrow = train_base(Recipe.of(cfg), train_loader, desc=f"seed {seed}: narrow (SGD)")
         a_n = 100.0 * evaluate(narrow, test_loader)
 
         torch.manual_seed(seed)
-        wide = build_model(cfg.arch, cfg.width * cfg.factor)
+        wide = demo_model(cfg.arch, cfg.width * cfg.factor)
         plan = plan_clusters(wide, example, keep=1.0 / cfg.factor, seed=seed)
-        dev = train_csgd(wide, plan, dc, train_loader, desc=f"seed {seed}: {cfg.factor}x wide (C-SGD)")
+        dev = train_csgd(wide, plan, Recipe.of(cfg), train_loader, desc=f"seed {seed}: {cfg.factor}x wide (C-SGD)")
         a_w = 100.0 * evaluate(wide, test_loader)
         collapse(wide, plan)
         squeezed = merge(wide, plan)

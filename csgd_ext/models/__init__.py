@@ -17,7 +17,7 @@ mobilenetv2    torchvision ``mobilenet_v2``                3 x 224 x 224 3,504,8
 =============  ==========================================  ============  =================  ==========
 
 (10 classes for the CIFAR nets, 1000 for the ImageNet nets; MACs of convs and linears from
-``csgd_ext.flops.count_flops_params`` at the default input shape, one image; see ``tests/test_flops.py``.)
+``csgd_ext.measure.flops.count_flops_params`` at the default input shape, one image; see ``tests/test_flops.py``.)
 
 Example::
 
@@ -36,12 +36,12 @@ from typing import Callable, Dict, List, Tuple
 
 from torch import nn
 
-from ._common import scale_channels
-from .cifar_resnet import CifarResNet, resnet20, resnet56, resnet110
-from .densenet import DenseNet, densenet40
-from .mobilenetv2 import MobileNetV2, mobilenetv2
-from .resnet import ResNet, resnet50
-from .vgg import VGG, vgg16
+from csgd_ext.models._common import scale_channels
+from csgd_ext.models.cifar_resnet import CifarResNet, resnet20, resnet56, resnet110
+from csgd_ext.models.densenet import DenseNet, densenet40
+from csgd_ext.models.mobilenetv2 import MobileNetV2, mobilenetv2
+from csgd_ext.models.resnet import ResNet, resnet50
+from csgd_ext.models.vgg import VGG, vgg16
 
 __all__ = [
     "MODELS", "available_models", "get_model", "default_input_shape", "scale_channels",

@@ -20,7 +20,7 @@ from typing import List
 import torch
 from torch import nn
 
-from ._common import check_common_args, init_weights, scale_channels
+from csgd_ext.models._common import check_common_args, init_weights, scale_channels
 
 __all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet56", "resnet110"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_common_args, init_weights, scale_channels
+from csgd_ext.models._common import check_common_args, init_weights, scale_channels
 
 __all__ = ["DenseLayer", "Transition", "DenseNet", "densenet40"]
 

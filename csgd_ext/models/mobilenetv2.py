@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_common_args, scale_channels
+from csgd_ext.models._common import check_common_args, scale_channels
 
 __all__ = ["ConvBNActivation", "InvertedResidual", "MobileNetV2", "mobilenetv2", "MOBILENETV2_CFG"]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_common_args, init_weights, scale_channels
+from csgd_ext.models._common import check_common_args, init_weights, scale_channels
 
 __all__ = ["VGG", "vgg16", "VGG16_CFG"]
 

@@ -1,0 +1,131 @@
+"""Builds of the native extension side by side: the C-SGD step / ``SGD(fused=True)`` step per build.
+
+    python benchmarks/step/step_ab.py                          # this checkout's build vs a portable build
+    python benchmarks/step/step_ab.py --so before=/tmp/old_C.so --rounds 5
+
+Each build runs in its own process (two builds cannot be loaded into one), rounds interleaved (A B A B ...),
+one intra-op thread by default. A process times the native C-SGD step on ResNet-50's parameter shapes
+(5/8 and 1/2 clusters, all singletons) against ``torch.optim.SGD(fused=True)`` on the same shapes, interleaved,
+and reports the ratio of the medians; the table gives the median ratio over the rounds. The portable build is
+``CSGD_EXT_NATIVE_ARCH=0`` (no ``-march=native``), built into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+KEEPS = (0.625, 0.5, 1.0)
+
+
+def child(threads: int, repeats: int) -> Dict[str, float]:
+    """In the build's process: median C-SGD / fused SGD step time per keep."""
+    import torch
+
+    from benchmarks.harness import workloads as wl
+
+    torch.set_num_threads(threads)
+    out = {}
+    for keep in KEEPS:
+        ws = wl.param_set("resnet50", keep)
+        oc, of = wl.make_optimizer("csgd-native", ws.clone()), wl.make_optimizer("sgd-fused", ws.clone())
+        for _ in range(3):
+            oc.step()
+            of.step()
+        tc, tf = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            oc.step()
+            t1 = time.perf_counter()
+            of.step()
+            tf.append(time.perf_counter() - t1)
+            tc.append(t1 - t0)
+        out[str(keep)] = statistics.median(tc) / statistics.median(tf)
+    import csgd_ext._C  # noqa: F401
+
+    out["build"] = torch.ops.csgd_ext.build_info()
+    return out
+
+
+def package_dir(tmp: str, label: str, so: str) -> str:
+    """A copy of the package and the benchmarks beside the extension ``so``."""
+    d = os.path.join(tmp, label)
+    shutil.copytree(os.path.join(ROOT, "csgd_ext"), os.path.join(d, "csgd_ext"),
+                    ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "benchmarks"), os.path.join(d, "benchmarks"),
+                    ignore=shutil.ignore_patterns("__pycache__", "wheels"))
+    shutil.copy(so, os.path.join(d, "csgd_ext", os.path.basename(so)))
+    return d
+
+
+def build_portable(tmp: str) -> str:
+    env = dict(os.environ, CSGD_EXT_NATIVE_ARCH="0", CSGD_EXT_NO_CUDA="1")
+    lib = os.path.join(tmp, "portable_lib")
+    print("building the portable extension (CSGD_EXT_NATIVE_ARCH=0) ...", flush=True)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", lib, "--build-temp",
+                    os.path.join(tmp, "portable_build")], cwd=ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    found = [f for f in os.listdir(os.path.join(lib, "csgd_ext")) if f.startswith("_C")]
+    return os.path.join(lib, "csgd_ext", found[0])
+
+
+def main(argv: List[str] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--so", action="append", default=[], metavar="LABEL=PATH",
+                    help="another build of csgd_ext/_C*.so to compare (repeatable)")
+    ap.add_argument("--no-portable", action="store_true", help="do not build and time the portable build")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=25, help="timed steps per keep and process")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.threads, args.repeats)))
+        return 0
+    installed = [f for f in os.listdir(os.path.join(ROOT, "csgd_ext")) if f.startswith("_C") and f.endswith(".so")]
+    if not installed:
+        raise SystemExit("no built extension in csgd_ext/: pip install --no-build-isolation -e . first")
+    with tempfile.TemporaryDirectory() as tmp:
+        builds = {"this build": os.path.join(ROOT, "csgd_ext", installed[0])}
+        for spec in args.so:
+            label, _, path = spec.partition("=")
+            builds[label] = path
+        if not args.no_portable:
+            builds["portable"] = build_portable(tmp)
+        dirs = {label: package_dir(tmp, label.replace(" ", "_"), so) for label, so in builds.items()}
+        ratios: Dict[str, Dict[str, List[float]]] = {b: {str(k): [] for k in KEEPS} for b in builds}
+        info = {}
+        for r in range(args.rounds):
+            for label, d in dirs.items():
+                cmd = [sys.executable, os.path.join(d, "benchmarks", "step", "step_ab.py"), "--child",
+                       "--threads", str(args.threads), "--repeats", str(args.repeats)]
+                res = json.loads(subprocess.run(cmd, cwd=d, check=True, capture_output=True, text=True,
+                                                env=dict(os.environ, PYTHONPATH=d)).stdout.strip().splitlines()[-1])
+                info[label] = res.pop("build")
+                for k, v in res.items():
+                    ratios[label][k].append(v)
+                print(f"round {r + 1}/{args.rounds} {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()),
+                      flush=True)
+    print(f"\nResNet-50 shapes, C-SGD native step / SGD(fused=True) step, median of {args.rounds} rounds "
+          f"({args.threads} thread{'s' if args.threads > 1 else ''}):\n")
+    print("| build | 5/8 | 1/2 | singletons | build_info |\n|---|---|---|---|---|")
+    for label in builds:
+        cells = [f"{statistics.median(ratios[label][str(k)]):.3f}x" for k in KEEPS]
+        print(f"| {label} | " + " | ".join(cells) + f" | {info[label]} |")
+    return 0
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):
+        sys.path.insert(0, ROOT)
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Attention head groups for :func:`csgd_ext.planning.channel_graph.coupled_groups` (see :mod:`csgd_ext.kinds.attention`).
+
+torch-pruning's graph gives an attention's fused q/k/v projection a group that runs through an unbind of
+q, k and v, which no channel map describes. For every attention a rule covers, :func:`add_head_groups` replaces
+that group (or, for ``nn.MultiheadAttention``, which the graph treats as one node, adds one) by a head group:
+root channels are the projection's rows ``(slot, head, dim)``, blocks are ``(slot, dim)`` (a cluster joins the same
+position of other heads), the output projection reads each v row's column. The planner clusters whole heads.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Set, Tuple
+
+import numpy as np
+from torch import nn
+
+from csgd_ext.kinds.attention import find_sites, head_blocks, lift_head_labels
+from csgd_ext.planning.coupled import CoupledGroup, Member
+from csgd_ext.kinds.layer_kinds import LINEAR_KIND
+from csgd_ext.planning.channel_clustering import probe_labels
+
+__all__ = ["add_head_groups", "HEAD_OP", "stream_ties", "untied_orphans", "bundles", "lockstep", "head_features",
+           "probe_overrides"]
+
+#: the entry a head group always has in ``CoupledGroup.unverified``: the numeric check judges every head merge
+HEAD_OP = "attention heads"
+
+
+def _head_group(site) -> CoupledGroup:
+    h, d = site.heads, site.head_dim
+    width = 3 * h * d
+    proj = [[r - 2 * h * d] if r >= 2 * h * d else [] for r in range(width)]
+    return CoupledGroup(root=site.qkv, width=width, producers=[Member(site.qkv, site.qkv_kind, list(range(width)))],
+                        consumers=[Member(site.proj, LINEAR_KIND, proj)], blocks=head_blocks(h, d, width),
+                        unverified=[HEAD_OP], heads=(h, d), tied=site.qkv if site.tied else None)
+
+
+def add_head_groups(model: nn.Module, example_inputs, groups: List[CoupledGroup], skipped: list,
+                    ignored: Set[int], reused: Set[nn.Module]) -> Tuple[List[CoupledGroup], list]:
+    """``(groups, skipped)`` with a head group for every attention a rule covers, in place of its q/k/v
+    projection's own group or skip entry. An attention that cannot be planned (the rule does not fit, ignored,
+    shared, not run) keeps torch-pruning's group of its projection; a skip entry of that projection gets the
+    attention's reason."""
+    sites = find_sites(model, example_inputs)
+    if not sites:
+        return groups, skipped
+    mods: Dict[str, nn.Module] = dict(model.named_modules())
+    seen = {n for g in groups for n in g.modules} | {n for names, _ in skipped for n in names}
+    why: Dict[str, str] = {}
+    for s in sites:
+        m, qkv = mods[s.name], mods[s.qkv]
+        if s.why:
+            why[s.qkv] = s.why
+        elif any(id(x) in ignored for x in (m, qkv, mods[s.proj])):
+            why[s.qkv] = f"{s.name!r} is in ignored_layers"
+        elif m in reused or qkv in reused:
+            why[s.qkv] = f"{s.name!r} is called more than once in forward (shared weights)"
+        elif s.qkv not in seen:
+            why[s.qkv] = f"{s.name!r} did not run in forward"
+    planned = [s for s in sites if s.qkv not in why]
+    taken = {s.qkv for s in planned}
+    # the q/k/v projection's own group (through an unbind or selects of q, k, v) is replaced by its head group
+    groups = [g for g in groups if g.root not in taken]
+    rest = []
+    for names, reason in skipped:
+        if names and names[0] in taken:
+            continue
+        if names and names[0] in why:
+            reason = f"attention heads: {why[names[0]]}; {reason}"
+        rest.append((names, reason))
+    listed = {names[0] for names, _ in rest if names} | {g.root for g in groups}
+    rest += [((s.name, s.qkv, s.proj), f"attention heads: {why[s.qkv]}") for s in sites
+             if s.qkv in why and s.qkv not in listed]  # (an nn.MultiheadAttention has no group of its own)
+    return groups + [_head_group(s) for s in planned], rest
+
+
+def stream_ties(groups: Sequence[CoupledGroup]) -> Dict[int, int]:
+    """``{head group index: stream group index}`` for the tied head groups (:attr:`CoupledGroup.tied`) whose
+    stream (the group in which the attention's input projection is a consumer) is among ``groups``."""
+    reader = {c.name: gi for gi, g in enumerate(groups) if g.heads is None for c in g.consumers}
+    return {gi: reader[g.tied] for gi, g in enumerate(groups) if g.tied and g.tied in reader}
+
+
+def untied_orphans(groups: Sequence[CoupledGroup]) -> List[int]:
+    """Tied head groups whose stream group is not among ``groups`` (or has blocks): their heads must stay."""
+    ties = stream_ties(groups)
+    return [gi for gi, g in enumerate(groups) if g.tied and (gi not in ties or groups[ties[gi]].blocks is not None
+                                                             or groups[ties[gi]].heads is not None)]
+
+
+def bundles(n: int, ties: Dict[int, int]) -> List[List[int]]:
+    """Group indices ``0 .. n-1`` in units the numeric check keeps together: a stream with its tied head groups."""
+    out: Dict[int, List[int]] = {}
+    for gi in range(n):
+        out.setdefault(ties.get(gi, gi), []).append(gi)
+    return [sorted(v) for v in out.values()]
+
+
+def lockstep(groups: Sequence[CoupledGroup], widths: Dict[int, List[int]], ties: Dict[int, int]) -> None:
+    """In place: each stream with tied head groups keeps ``h' * head_dim`` channels and its head groups ``h'``
+    heads, ``h'`` the head count nearest to the stream width ``widths`` asks for (at most every head)."""
+    for sgi in sorted(set(ties.values())):
+        heads = [hg for hg, s in ties.items() if s == sgi]
+        d = groups[heads[0]].heads[1]
+        want = sum(widths.get(sgi, [groups[sgi].width]))
+        kept = max(1, min(min(groups[h].heads[0] for h in heads), round(want / d)))
+        widths[sgi] = [kept * d]
+        for h in heads:
+            widths[h] = [kept] * (3 * d)
+
+
+def head_features(weight, heads: int, head_dim: int):
+    """``(heads, features)``: each head's q, k and v rows of a ``(3 * heads * head_dim, in)`` weight, flattened."""
+    return weight.reshape(3, heads, head_dim, -1).transpose(0, 1).reshape(heads, -1)
+
+
+def probe_overrides(groups: Sequence[CoupledGroup], ties: Dict[int, int], seed: int = 0) -> Dict[int, List[int]]:
+    """Numeric-check labels for the head groups (random clusters of whole heads, about half as many) and for the
+    streams tied to them (``h' * head_dim`` random clusters, as the lockstep keeps)."""
+    rng = np.random.default_rng(seed)
+    out: Dict[int, List[int]] = {}
+    kept: Dict[int, int] = {}
+    for sgi in set(ties.values()):
+        kept[sgi] = max(1, min(groups[h].heads[0] for h, s in ties.items() if s == sgi) // 2)
+        d = next(groups[h].heads[1] for h, s in ties.items() if s == sgi)
+        out[sgi] = probe_labels(groups[sgi].width, None, rng, k=kept[sgi] * d)
+    for gi, g in enumerate(groups):
+        if g.heads is None:
+            continue
+        h, d = g.heads
+        k = kept.get(ties.get(gi, -1), max(1, h // 2))
+        out[gi] = lift_head_labels(probe_labels(h, None, rng, k=k), h, d, g.width)
+    return out
