@@ -44,20 +44,19 @@ large ViT (``method="even"`` vs k-means) are in ``benchmarks/README.md``.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import nn
 
-from csgd_ext.kinds.model_call import call_model
+from csgd_ext.kinds.attention_probe import Trace, get_path, needs_tied_stream, trace_modules
 from csgd_ext.kinds.layer_kinds import LINEAR_KIND, MHA_KIND
 
 __all__ = ["AttentionRule", "register_attention", "rule_for", "AttentionSite", "find_sites", "lift_head_labels",
            "head_labels_of", "head_of_row", "refresh_heads", "HEAD_ATTRS"]
 
-#: attribute names the default rule accepts as the head count
+#: attribute names the default rule accepts as the head count (a found rule takes any name)
 HEAD_ATTRS = ("num_heads", "heads", "n_heads", "num_attention_heads", "n_head")
 #: attribute names the default rule updates to ``heads * head_dim`` when they hold that value
 WIDTH_ATTRS = ("attn_dim", "all_head_dim", "inner_dim")
@@ -65,59 +64,96 @@ WIDTH_ATTRS = ("attn_dim", "all_head_dim", "inner_dim")
 
 @dataclass(frozen=True)
 class AttentionRule:
-    """Where an attention class keeps its head facts: attribute ``heads`` (the head count), child ``qkv`` (an
-    ``nn.Linear`` whose output rows are ``(3, heads, head_dim)``), child ``proj`` (an ``nn.Linear`` reading
-    ``(heads, head_dim)``), and ``widths``: attributes equal to ``heads * head_dim`` that the merge updates."""
+    """Where an attention class keeps its head facts, as dotted paths from the module: ``heads`` (the head
+    count; or None, and ``head_dim`` the attribute holding the head width, or neither when no attribute needs
+    refreshing), the q/k/v projections (``nn.Linear`` s): a fused ``qkv`` whose rows are ``(3, heads, head_dim)``,
+    or ``q``, ``k``, ``v`` (each ``(heads, head_dim)``), or ``q`` and a fused ``kv`` (``(2, heads, head_dim)``);
+    ``proj`` (an ``nn.Linear`` reading ``(heads, head_dim)``), and ``widths``: attributes equal to
+    ``heads * head_dim`` that the merge updates."""
 
-    heads: str = "num_heads"
-    qkv: str = "qkv"
+    heads: Optional[str] = "num_heads"
+    qkv: Optional[str] = "qkv"
     proj: str = "proj"
     widths: Tuple[str, ...] = ()
+    q: Optional[str] = None
+    k: Optional[str] = None
+    v: Optional[str] = None
+    kv: Optional[str] = None
+    head_dim: Optional[str] = None
+
+    @property
+    def parts(self) -> Tuple[Tuple[str, int, int], ...]:
+        """``(path, first slot, slots)`` of each q/k/v projection (slots 0, 1, 2: q, k, v)."""
+        if self.q is None:
+            return ((self.qkv, 0, 3),)
+        if self.kv is not None:
+            return ((self.q, 0, 1), (self.kv, 1, 2))
+        return ((self.q, 0, 1), (self.k, 1, 1), (self.v, 2, 1))
 
 
 _RULES: Dict[type, AttentionRule] = {}
+#: rules found by running a model (:func:`find_sites`), per class: a registered rule wins
+_FOUND: Dict[type, AttentionRule] = {}
 
 
 def register_attention(cls: type, *, heads: str = "num_heads", qkv: str = "qkv", proj: str = "proj",
-                       widths: Sequence[str] = ()) -> AttentionRule:
+                       widths: Sequence[str] = (), q: Optional[str] = None, k: Optional[str] = None,
+                       v: Optional[str] = None, kv: Optional[str] = None) -> AttentionRule:
     """Register the :class:`AttentionRule` of attention class ``cls`` (and its subclasses without their own rule).
+    Names are dotted paths from the module (``proj="output.dense"``). Give a fused ``qkv``, or ``q``, ``k`` and
+    ``v``, or ``q`` and a fused ``kv``.
 
     Example::
 
         csgd_ext.register_attention(MyAttention, heads="n_head", qkv="to_qkv", proj="to_out", widths=("inner",))
+        csgd_ext.register_attention(MySelfAttention, heads="h", q="wq", k="wk", v="wv", proj="wo")
     """
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise TypeError(f"register_attention needs an nn.Module subclass, got {cls!r}")
-    for what, v in (("heads", heads), ("qkv", qkv), ("proj", proj)):
-        if not isinstance(v, str) or not v:
-            raise TypeError(f"register_attention: {what} must be an attribute name (str), got {v!r}")
-    rule = AttentionRule(heads, qkv, proj, tuple(widths))
+    named = (("heads", heads), ("proj", proj)) + (("qkv", qkv),) * (q is None) + \
+        tuple((n, x) for n, x in (("q", q), ("k", k), ("v", v), ("kv", kv)) if x is not None)
+    for what, x in named:
+        if not isinstance(x, str) or not x:
+            raise TypeError(f"register_attention: {what} must be an attribute name (str), got {x!r}")
+    if q is not None and not ((kv is None and k is not None and v is not None) or (kv is not None and k is v is None)):
+        raise TypeError("register_attention: with q, give k and v, or a fused kv")
+    if q is None and (k, v, kv) != (None, None, None):
+        raise TypeError("register_attention: k, v and kv need q")
+    rule = AttentionRule(heads, None if q is not None else qkv, proj, tuple(widths), q, k, v, kv)
     _RULES[cls] = rule
     return rule
 
 
 def rule_for(m: nn.Module) -> Optional[AttentionRule]:
-    """The rule of ``m``'s class (the nearest registered base class), else the default rule when ``m`` fits it,
-    else None. ``nn.MultiheadAttention`` has its own built-in handling and no rule."""
+    """The rule of ``m``'s class (the nearest registered base class; else one found by running a model with it),
+    else the default rule when ``m`` fits it, else None. ``nn.MultiheadAttention`` has its own built-in handling
+    and no rule."""
     for cls in type(m).__mro__:
         if cls in _RULES:
             return _RULES[cls]
+    if type(m) in _FOUND:
+        return _FOUND[type(m)]
     if isinstance(m, nn.Linear) or not isinstance(getattr(m, "qkv", None), nn.Linear) or \
             not isinstance(getattr(m, "proj", None), nn.Linear):
         return None
-    heads = next((a for a in HEAD_ATTRS if isinstance(getattr(m, a, None), int)
-                  and not isinstance(getattr(m, a), bool)), None)
+    heads = next((a for a in HEAD_ATTRS if _is_int(getattr(m, a, None))), None)
     if heads is None:
         return None
     width = m.proj.in_features
     return AttentionRule(heads, "qkv", "proj", tuple(a for a in WIDTH_ATTRS if getattr(m, a, None) == width))
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass
 class AttentionSite:
     """One attention module of a model: its name, head count ``heads``, ``head_dim``, the names of its packed
-    q/k/v producer (``qkv``: a Linear, or the ``nn.MultiheadAttention`` itself) and output projection
-    (``proj``), and ``tied``: whether it only runs with a stream of exactly ``heads * head_dim`` channels."""
+    q/k/v producer (``qkv``: the first q/k/v projection, the one reading the stream, or the
+    ``nn.MultiheadAttention`` itself) and output projection (``proj``), ``parts``: ``(name, first slot, slots)``
+    of each q/k/v projection, and ``tied``: whether it only runs with a stream of exactly ``heads * head_dim``
+    channels."""
 
     name: str
     heads: int
@@ -128,6 +164,7 @@ class AttentionSite:
     tied: bool = False
     why: Optional[str] = None  # set when the module cannot be planned: the reason
     rule: Optional[AttentionRule] = None  # None for nn.MultiheadAttention
+    parts: List[Tuple[str, int, int]] = field(default_factory=list)
 
 
 def _join(*parts: str) -> str:
@@ -135,7 +172,8 @@ def _join(*parts: str) -> str:
 
 
 def _mha_site(name: str, m: nn.MultiheadAttention) -> AttentionSite:
-    site = AttentionSite(name, m.num_heads, m.head_dim, name, _join(name, "out_proj"), MHA_KIND, tied=True)
+    site = AttentionSite(name, m.num_heads, m.head_dim, name, _join(name, "out_proj"), MHA_KIND, tied=True,
+                         parts=[(name, 0, 3)])
     if not m._qkv_same_embed_dim or m.in_proj_weight is None:
         site.why = "an nn.MultiheadAttention with separate kdim/vdim projections (heads are not merged)"
     elif m.bias_k is not None:
@@ -143,101 +181,134 @@ def _mha_site(name: str, m: nn.MultiheadAttention) -> AttentionSite:
     return site
 
 
-def _rule_site(name: str, m: nn.Module, rule: AttentionRule) -> Optional[AttentionSite]:
-    heads = getattr(m, rule.heads, None)
-    qkv, proj = getattr(m, rule.qkv, None), getattr(m, rule.proj, None)
-    if not isinstance(heads, int) or not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear):
+def _rule_site(name: str, m: nn.Module, rule: AttentionRule, count: Optional[int] = None) -> Optional[AttentionSite]:
+    parts = [(p, s, n, get_path(m, p)) for p, s, n in rule.parts]
+    proj = get_path(m, rule.proj)
+    if not all(isinstance(x, nn.Linear) for *_, x in parts) or not isinstance(proj, nn.Linear):
         return None
-    site = AttentionSite(name, heads, 0, _join(name, rule.qkv), _join(name, rule.proj), rule=rule)
-    if heads < 1 or proj.in_features % heads:
-        site.why = f"{proj.in_features} projection inputs do not divide into {heads} heads"
-    else:
-        site.head_dim = proj.in_features // heads
-        if qkv.out_features != 3 * proj.in_features:
-            site.why = (f"{rule.qkv!r} has {qkv.out_features} outputs, not 3 x {proj.in_features} (q, k, v of "
-                        f"{heads} heads)")
+    width = proj.in_features
+    heads = get_path(m, rule.heads) if rule.heads else count
+    if heads is None and rule.head_dim and _is_int(get_path(m, rule.head_dim)) and get_path(m, rule.head_dim) > 0:
+        heads = width // get_path(m, rule.head_dim)
+    if not _is_int(heads):
+        return None
+    site = AttentionSite(name, heads, 0, _join(name, parts[0][0]), _join(name, rule.proj), rule=rule,
+                         parts=[(_join(name, p), s, n) for p, s, n, _ in parts])
+    if heads < 1 or width % heads:
+        site.why = f"{width} projection inputs do not divide into {heads} heads"
+        return site
+    site.head_dim = width // heads
+    for p, _, n, x in parts:
+        if x.out_features != n * width:
+            what = "q, k, v" if n == 3 else ("k, v" if n == 2 else "one of q, k, v")
+            site.why = f"{p!r} has {x.out_features} outputs, not {n} x {width} ({what} of {heads} heads)"
     return site
+
+
+def _layouts(m: nn.Module, covered) -> List[Tuple[Tuple[Tuple[str, int, int], ...], int]]:
+    """``(parts, width)`` candidates among ``m``'s ``nn.Linear`` children: three of one shape (q, k, v), one of
+    width w and one of 2 w reading the same input (q, kv), one of width 3 w (fused)."""
+    lins = [(n, c) for n, c in m.named_children() if isinstance(c, nn.Linear) and id(c) not in covered]
+    out = []
+    for (a, x), (b, y), (c, z) in itertools.combinations(lins, 3):
+        if (x.in_features, x.out_features) == (y.in_features, y.out_features) == (z.in_features, z.out_features):
+            out.append((((a, 0, 1), (b, 1, 1), (c, 2, 1)), x.out_features))
+    for (a, x), (b, y) in itertools.permutations(lins, 2):
+        if x.in_features == y.in_features and y.out_features == 2 * x.out_features:
+            out.append((((a, 0, 1), (b, 1, 2)), x.out_features))
+    out += [(((a, 0, 3),), x.out_features // 3) for a, x in lins if x.out_features % 3 == 0]
+    return out
+
+
+def _found_rule(name: str, m: nn.Module, tr: Trace, traces: Dict[str, Trace], mods: Dict[str, nn.Module],
+                covered) -> Optional[Tuple[str, AttentionRule, int]]:
+    """``(site name, rule, head count)`` for candidate ``m`` when its forward showed attention products whose
+    ``heads x head_dim`` is the width of one of its q/k/v layouts, and an output projection reads that width
+    (a child, else a layer reading ``m``'s output); the site is the nearest module holding both."""
+    for parts, width in _layouts(m, covered):
+        pairs = tr.head_pairs(width)
+        if not pairs:
+            continue
+        h, d = pairs[0]
+        names = {p for p, _, _ in parts}
+        proj = next((n for n, c in m.named_children() if isinstance(c, nn.Linear) and n not in names
+                     and id(c) not in covered and c.in_features == width), None)
+        full = _join(name, proj) if proj else next(
+            (r for r in tr.readers if id(mods[r]) not in covered and mods[r].in_features == width), None)
+        if full is None:
+            continue
+        ints = {k: v for k, v in vars(m).items() if _is_int(v) and not k.startswith("_")}
+        heads = next((k for k in HEAD_ATTRS + tuple(ints) if ints.get(k) == h and "dim" not in k
+                      and "size" not in k), None)
+        dim = next((k for k in ints if ints[k] == d), None) if heads is None else None
+        widths = tuple(k for k in ints if ints[k] == width and k not in (heads, dim))
+        site = _join(*[a for a, b in zip(name.split("."), full.split(".")) if a == b]) if not proj else name
+        if site and not (name == site or name.startswith(site + ".")):
+            site = ""
+        rel = name[len(site):].lstrip(".") if site else name
+
+        def at(p):
+            return _join(rel, p) if p else None
+
+        parts = tuple((at(p), s, n) for p, s, n in parts)
+        proj_path = at(proj) if proj else (full[len(site):].lstrip(".") if site else full)
+        rule = AttentionRule(at(heads), parts[0][0] if len(parts) == 1 else None, proj_path,
+                             tuple(at(w) for w in widths),
+                             *((parts[0][0], parts[1][0], parts[2][0], None) if len(parts) == 3 else
+                               (parts[0][0], None, None, parts[1][0]) if len(parts) == 2 else (None,) * 4),
+                             head_dim=at(dim))
+        return site, rule, h
+    return None
 
 
 def find_sites(model: nn.Module, example_inputs=None) -> List[AttentionSite]:
     """Every attention module of ``model`` that a rule (or the built-in ``nn.MultiheadAttention`` handling)
-    covers; with ``example_inputs``, each rule-covered site's ``tied`` is found by running the module once at a
-    stream one channel narrower (a deep copy, on the inputs it got in a forward pass of the model)."""
+    covers. With ``example_inputs``, one forward pass also finds attention no rule covers (a module whose
+    ``nn.Linear`` children are laid out as q/k/v projections and whose forward multiplies ``(B, heads, N,
+    head_dim)`` operands with ``heads x head_dim`` their width; :mod:`csgd_ext.kinds.attention_probe`): its rule is
+    kept for its class. Each rule-covered site's ``tied`` is found by running the module once at a stream one
+    channel narrower (a deep copy, on the inputs it got in the forward pass)."""
     sites: List[AttentionSite] = []
-    mods: Dict[str, nn.Module] = {}
-    for name, m in model.named_modules():
+    mods: Dict[str, nn.Module] = dict(model.named_modules())
+    covered = set()
+    for name, m in mods.items():
         if isinstance(m, nn.MultiheadAttention):
             sites.append(_mha_site(name, m))
-        else:
-            rule = rule_for(m)
-            site = _rule_site(name, m, rule) if rule is not None else None
-            if site is None:
-                continue
+            covered.add(id(m))
+            continue
+        rule = rule_for(m)
+        site = _rule_site(name, m, rule) if rule is not None else None
+        if site is not None:
             sites.append(site)
-            mods[name] = m
-    if example_inputs is not None and mods:
-        calls = _record_calls(model, example_inputs, mods)
-        for s in sites:
-            if s.name in mods and s.why is None:
-                s.tied = _needs_tied_stream(mods[s.name], s.rule, calls.get(s.name))
+            covered.update(id(mods[n]) for n, _, _ in site.parts)
+            covered.add(id(mods[site.proj]))
+    if example_inputs is None:
+        return sites
+    ruled = {s.name for s in sites if s.rule is not None}
+    cands = {n: m for n, m in mods.items() if not isinstance(m, (nn.Linear, nn.MultiheadAttention))
+             and n not in ruled and _layouts(m, covered)}
+    watch = {n: mods[n] for n in ruled | set(cands) | {n.rpartition(".")[0] for n in cands}}
+    traces = trace_modules(model, example_inputs, watch)
+    for name in cands:
+        found = _found_rule(name, mods[name], traces[name], traces, mods, covered)
+        if found is None:
+            continue
+        site_name, rule, h = found
+        site = _rule_site(site_name, mods[site_name], rule, count=h)
+        if site is None or site.why or any(id(mods[n]) in covered for n, _, _ in site.parts):
+            continue
+        if type(mods[site_name]) not in _RULES:
+            _FOUND[type(mods[site_name])] = rule
+        sites.append(site)
+        covered.update(id(mods[n]) for n, _, _ in site.parts)
+        covered.add(id(mods[site.proj]))
+        if site_name not in traces:
+            traces.update(trace_modules(model, example_inputs, {site_name: mods[site_name]}))
+    for s in sites:
+        if s.rule is not None and s.why is None:
+            call = traces[s.name].call if s.name in traces else None
+            s.tied = needs_tied_stream(mods[s.name], [p for p, _, _ in s.rule.parts], s.rule.proj, call)
     return sites
-
-
-def _record_calls(model: nn.Module, example_inputs, mods: Dict[str, nn.Module]) -> Dict[str, tuple]:
-    """The first ``(args, kwargs)`` each module of ``mods`` is called with in one eval-mode forward pass."""
-    calls: Dict[str, tuple] = {}
-    handles = []
-    for name, m in mods.items():
-        def hook(mod, args, kwargs, name=name):
-            calls.setdefault(name, (args, dict(kwargs)))
-        handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
-    training = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            call_model(model, example_inputs)
-    except Exception:  # noqa: BLE001 - the trace reports an untraceable model; here every site stays untied
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in training.items():
-            m.training = t
-    return calls
-
-
-def _needs_tied_stream(m: nn.Module, rule: AttentionRule, call: Optional[tuple]) -> bool:
-    """True when ``m`` fails (or changes its output width wrongly) with a stream one channel narrower: its
-    forward ties the stream width to ``heads * head_dim``. Unknown (never called) counts as tied."""
-    if call is None:
-        return True
-    args, kwargs = call
-    qkv, proj = getattr(m, rule.qkv), getattr(m, rule.proj)
-    c = qkv.in_features
-    if c < 2 or proj.out_features != c:
-        return proj.out_features == c  # a stream that changes width at this attention: no lockstep to hold
-    trial = copy.deepcopy(m)
-    tq, tp = getattr(trial, rule.qkv), getattr(trial, rule.proj)
-    with torch.no_grad():
-        tq.weight = nn.Parameter(tq.weight[:, :c - 1].clone())
-        tq.in_features = c - 1
-        tp.weight = nn.Parameter(tp.weight[:c - 1].clone())
-        if tp.bias is not None:
-            tp.bias = nn.Parameter(tp.bias[:c - 1].clone())
-        tp.out_features = c - 1
-
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[-1] == c:
-            return v[..., :c - 1]
-        return v
-
-    try:
-        with torch.no_grad():
-            out = trial.eval()(*[cut(a) for a in args], **{k: cut(v) for k, v in kwargs.items()})
-    except Exception:  # noqa: BLE001 - any failure means the stream width is tied to the heads
-        return True
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    return not (isinstance(out, torch.Tensor) and out.shape[-1] == c - 1)
 
 
 def head_of_row(r: int, heads: int, head_dim: int) -> int:
@@ -283,7 +354,15 @@ def refresh_heads(model: nn.Module, dims: Dict[str, Tuple[int, Optional[Attentio
             m.num_heads = m.in_proj_weight.shape[0] // (3 * d)
             m.head_dim = d
             continue
-        proj = getattr(m, rule.proj)
-        setattr(m, rule.heads, proj.in_features // d)
+        proj = get_path(m, rule.proj)
+        if rule.heads:
+            _set_path(m, rule.heads, proj.in_features // d)
+        if rule.head_dim:
+            _set_path(m, rule.head_dim, d)
         for a in rule.widths:
-            setattr(m, a, proj.in_features)
+            _set_path(m, a, proj.in_features)
+
+
+def _set_path(m: nn.Module, path: str, value: int) -> None:
+    owner, _, attr = path.rpartition(".")
+    setattr(get_path(m, owner) if owner else m, attr, value)

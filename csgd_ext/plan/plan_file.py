@@ -145,6 +145,8 @@ def _group_fields(d) -> dict:
         idx = _int_list(fname, index, wb, per_root)
         seen: Dict[int, int] = {}
         for r, c in enumerate(idx):
+            if c == -1 and d.get("heads") is not None:
+                continue  # a head group's separate q, k or v projection carries only its slots' rows
             if c < 0:
                 raise _FieldError(fname, f"entry {r} is {c}: channel indices must be >= 0")
             if c in seen:
@@ -290,7 +292,7 @@ def _check_plan_against_model(plan, model: nn.Module, parameters) -> None:
             _check_group_against_model(g, mods)
         except _FieldError as e:
             raise e.at(where) from None
-        claims = [("producers", n, c) for n, idx in g.producers.items() for c in idx]
+        claims = [("producers", n, c) for n, idx in g.producers.items() for c in idx if c >= 0]
         claims += [("consumers", n, c) for n, rows in g.consumers.items() for row in rows for c in row]
         for key in claims:
             if owner.setdefault(key, i) != i:

@@ -135,6 +135,8 @@ class ClusterPlan:
                 if len(cl) < 2:
                     continue
                 for name, index in getattr(g, attr).items():
+                    if attr == "producers" and index[cl[0]] < 0:
+                        continue  # a head group's q, k or v projection does not carry this cluster's slot
                     out.setdefault(name, []).append([index[r] for r in cl])
         return out
 

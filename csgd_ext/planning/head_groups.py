@@ -12,15 +12,16 @@ from __future__ import annotations
 from typing import Dict, List, Sequence, Set, Tuple
 
 import numpy as np
+import torch
 from torch import nn
 
 from csgd_ext.kinds.attention import find_sites, head_blocks, lift_head_labels
 from csgd_ext.planning.coupled import CoupledGroup, Member
-from csgd_ext.kinds.layer_kinds import LINEAR_KIND
+from csgd_ext.kinds.layer_kinds import LINEAR_KIND, weight_of
 from csgd_ext.planning.channel_clustering import probe_labels
 
 __all__ = ["add_head_groups", "HEAD_OP", "stream_ties", "untied_orphans", "bundles", "lockstep", "head_features",
-           "probe_overrides"]
+           "group_head_features", "probe_overrides"]
 
 #: the entry a head group always has in ``CoupledGroup.unverified``: the numeric check judges every head merge
 HEAD_OP = "attention heads"
@@ -30,7 +31,10 @@ def _head_group(site) -> CoupledGroup:
     h, d = site.heads, site.head_dim
     width = 3 * h * d
     proj = [[r - 2 * h * d] if r >= 2 * h * d else [] for r in range(width)]
-    return CoupledGroup(root=site.qkv, width=width, producers=[Member(site.qkv, site.qkv_kind, list(range(width)))],
+    # each q/k/v projection carries its slots' rows (-1 elsewhere: separate q, k, v or a q and a fused kv)
+    producers = [Member(name, site.qkv_kind, [r - s * h * d if s * h * d <= r < (s + n) * h * d else -1
+                                              for r in range(width)]) for name, s, n in site.parts]
+    return CoupledGroup(root=site.qkv, width=width, producers=producers,
                         consumers=[Member(site.proj, LINEAR_KIND, proj)], blocks=head_blocks(h, d, width),
                         unverified=[HEAD_OP], heads=(h, d), tied=site.qkv if site.tied else None)
 
@@ -48,25 +52,29 @@ def add_head_groups(model: nn.Module, example_inputs, groups: List[CoupledGroup]
     seen = {n for g in groups for n in g.modules} | {n for names, _ in skipped for n in names}
     why: Dict[str, str] = {}
     for s in sites:
-        m, qkv = mods[s.name], mods[s.qkv]
+        m, parts = mods[s.name], [mods[n] for n, _, _ in s.parts]
         if s.why:
             why[s.qkv] = s.why
-        elif any(id(x) in ignored for x in (m, qkv, mods[s.proj])):
+        elif any(id(x) in ignored for x in [m, mods[s.proj]] + parts):
             why[s.qkv] = f"{s.name!r} is in ignored_layers"
-        elif m in reused or qkv in reused:
+        elif m in reused or any(x in reused for x in parts):
             why[s.qkv] = f"{s.name!r} is called more than once in forward (shared weights)"
-        elif s.qkv not in seen:
+        elif not all(n in seen for n, _, _ in s.parts):
             why[s.qkv] = f"{s.name!r} did not run in forward"
     planned = [s for s in sites if s.qkv not in why]
-    taken = {s.qkv for s in planned}
-    # the q/k/v projection's own group (through an unbind or selects of q, k, v) is replaced by its head group
-    groups = [g for g in groups if g.root not in taken]
+    taken = {n for s in planned for n, _, _ in s.parts}
+    # the q/k/v projections' own groups (through an unbind, a split or selects of q, k, v) are replaced by the
+    # head group
+    groups = [g for g in groups if g.root not in taken and not taken & {p.name for p in g.producers}]
+    part_of = {n: s.qkv for s in sites for n, _, _ in s.parts}
     rest = []
     for names, reason in skipped:
-        if names and names[0] in taken:
+        if names and (names[0] in taken or taken & set(names) and not set(names) - taken - {
+                s.proj for s in planned}):
             continue
-        if names and names[0] in why:
-            reason = f"attention heads: {why[names[0]]}; {reason}"
+        first = part_of.get(names[0]) if names else None
+        if first in why:
+            reason = f"attention heads: {why[first]}; {reason}"
         rest.append((names, reason))
     listed = {names[0] for names, _ in rest if names} | {g.root for g in groups}
     rest += [((s.name, s.qkv, s.proj), f"attention heads: {why[s.qkv]}") for s in sites
@@ -112,6 +120,17 @@ def lockstep(groups: Sequence[CoupledGroup], widths: Dict[int, List[int]], ties:
 def head_features(weight, heads: int, head_dim: int):
     """``(heads, features)``: each head's q, k and v rows of a ``(3 * heads * head_dim, in)`` weight, flattened."""
     return weight.reshape(3, heads, head_dim, -1).transpose(0, 1).reshape(heads, -1)
+
+
+def group_head_features(mods, g):
+    """``(heads, features)`` of head group ``g``: each head's rows of every q/k/v projection, flattened."""
+    h, d = g.heads
+    feats = []
+    for p in g.producers:
+        rows = [i for i in p.index if i >= 0]
+        w = weight_of(mods[p.name]).detach().float().cpu()[torch.tensor(rows)]
+        feats.append(w.reshape(len(rows) // (h * d), h, d, -1).transpose(0, 1).reshape(h, -1))
+    return torch.cat(feats, 1)
 
 
 def probe_overrides(groups: Sequence[CoupledGroup], ties: Dict[int, int], seed: int = 0) -> Dict[int, List[int]]:

@@ -53,7 +53,7 @@ from csgd_ext.planning.channel_clustering import METHODS, block_sizes, cluster_b
 from csgd_ext.plan.options import check_keep, check_round_to, check_target_flops
 from csgd_ext.kinds.attention import lift_head_labels
 from csgd_ext.planning.channel_graph import coupled_groups
-from csgd_ext.planning.head_groups import bundles, head_features, lockstep, probe_overrides, stream_ties, untied_orphans
+from csgd_ext.planning.head_groups import bundles, group_head_features, lockstep, probe_overrides, stream_ties, untied_orphans
 from csgd_ext.kinds.layer_kinds import KERNEL_KINDS, BareParam, weight_of, named_members
 from csgd_ext.plan.records import ClusterPlan, GroupPlan
 from csgd_ext.measure.progress import progress
@@ -78,8 +78,7 @@ def _cluster_heads(mods, g, kept: int, method: str, seed: int) -> List[int]:
     h, d = g.heads
     if kept >= h:
         return list(range(g.width))
-    w = weight_of(mods[g.producers[0].name]).detach().float().cpu()
-    feats = head_features(w, h, d) if method == "kmeans" else torch.zeros(h, 1)
+    feats = group_head_features(mods, g) if method == "kmeans" else torch.zeros(h, 1)
     return lift_head_labels(cluster_channels(feats, kept, method, seed=seed), h, d, g.width)
 
 
@@ -196,7 +195,7 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[None, float, Map
     groups, skipped = coupled_groups(model, example_inputs, ignored_layers)
     ok = []
     for g in groups:
-        partial = [p.name for p in g.producers if -1 in p.index]
+        partial = [p.name for p in g.producers if -1 in p.index and not g.heads]  # (q, k, v carry their slots)
         bad_cons = [c.name for c in g.consumers if not _reads_whole_blocks(c.index, g.blocks)]
         if partial:
             skipped.append((tuple(g.modules), f"channels come from different layers ({partial}, e.g. a "
