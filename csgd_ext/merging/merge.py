@@ -173,6 +173,9 @@ def merge(model: nn.Module, plan) -> nn.Module:
         shrink(m, kind, keep_out, keep_in, name)
     refresh_heads(small, dims)  # 3. attention attributes (head counts, widths) from the new shapes
     refresh_widths(small)  # and the width attributes other modules keep (torchvision ViT's hidden_dim)
+    for m in small.modules():
+        if isinstance(m, nn.Embedding):  # (a token table whose columns were merged as a bare parameter)
+            m.embedding_dim = m.weight.shape[1]
     return small
 
 

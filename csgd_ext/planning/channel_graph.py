@@ -353,6 +353,18 @@ def coupled_groups(model: nn.Module, example_inputs,
                 elif check and check not in unverified:
                     unverified.append(check)
                 continue
+            if isinstance(m, nn.Embedding) and DG.is_out_channel_pruning_fn(dep.handler):
+                # a token (or position) table producing the stream: its columns are the channels, a bare
+                # parameter with the channels on its last dim
+                name = f"{names[m]}.weight"
+                involved.append(name)
+                if m.max_norm is not None:
+                    reasons.append(f"{names[m]!r} renormalizes its rows (max_norm): no exact merge")
+                kinds[name] = BARE_KIND
+                slot = prod.setdefault(name, {})
+                for i, r in zip(item.idxs, item.root_idxs):
+                    slot.setdefault(r, set()).add(int(i))
+                continue
             name = names[m]
             if name not in involved:
                 involved.append(name)
