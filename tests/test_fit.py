@@ -1,10 +1,15 @@
 """``python -m csgd_ext fit`` end to end on a tiny generated image folder: outputs, reload, resume after a
 SIGKILL (bitwise), and every bad input as one line, exit status 2, nothing written."""
 
+import hashlib
 import json
 import os
+import random
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -130,22 +135,147 @@ def test_factory_net_and_weights(folder, tmp_path, monkeypatch):
         sys.modules.pop("mynet", None)
 
 
-def test_killed_mid_epoch_then_resumed_gives_the_same_bits(folder, tmp_path, monkeypatch):
-    """Killed (SIGKILL) in the middle of the first epoch, resumed, killed again in the middle of the second,
-    resumed again: the merged weights are the uninterrupted run's, bit for bit."""
-    env = {k: v for k, v in os.environ.items() if k != "CSGD_EXT_FIT_KILL_AT"}
-    args = [sys.executable, "-m", "csgd_ext", "fit", "--model", "mynet:make_net", "--data", str(folder), *FAST]
-    assert run([*args[4:], "--out", str(tmp_path / "whole")], cwd=folder, monkeypatch=monkeypatch) == 0
-    out = tmp_path / "killed"
-    for resume, at, epoch_saved in (([], "0:3", 0), (["--resume"], "1:3", 1)):
-        killed = subprocess.run(args + ["--out", str(out), *resume], cwd=folder,
-                                env={**env, "CSGD_EXT_FIT_KILL_AT": at}, capture_output=True, text=True, timeout=300)
-        assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL mid-epoch
-        assert not (out / "merged.pt").exists()
-        assert read_checkpoint(out / "checkpoint.pt")["extra"]["epoch"] == epoch_saved
-    assert run([*args[4:], "--out", str(out), "--resume"], cwd=folder, monkeypatch=monkeypatch) == 0
-    a, b = read_checkpoint(tmp_path / "whole" / "merged.pt")["model"], read_checkpoint(out / "merged.pt")["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+class Killer:
+    """Runs ``fit`` in a subprocess and SIGKILLs it from outside at a moment chosen by watching its OUT folder
+    (nothing in the process helps). Every ~0.2 ms it notes when the process replaced ``checkpoint.pt``
+    (:attr:`events`, seconds after the start) and when ``merged.pt`` appeared; once ``when(self)`` holds it sleeps
+    ``delay`` s, freezes the process (SIGSTOP) and kills it if ``want(self)`` still holds, else thaws it and
+    watches on."""
+
+    def __init__(self, cmd, out, cwd):
+        self.cmd, self.out, self.cwd = cmd, out, cwd
+        self.events, self.merged_at, self.stdout = [], None, ""
+
+    def writes(self):
+        """Temporary files of atomic writes in progress (or left by a kill) in OUT."""
+        return [n for n in os.listdir(self.out) if n.endswith(".tmp")] if self.out.exists() else []
+
+    def _ino(self):
+        try:
+            return os.stat(self.out / "checkpoint.pt").st_ino
+        except FileNotFoundError:
+            return None
+
+    def _poll(self, t0):
+        ino = self._ino()
+        if ino is not None and ino != self._last:
+            self._last = ino
+            self.events.append(time.monotonic() - t0)
+        if self.merged_at is None and (self.out / "merged.pt").exists():
+            self.merged_at = time.monotonic() - t0
+
+    def checkpoint_epoch(self):
+        return read_checkpoint(self.out / "checkpoint.pt")["extra"]["epoch"]
+
+    def run(self, when=None, delay=0.0, want=lambda k: True, timeout=300):
+        """True if the process was killed, False if it finished (exit status 0) first."""
+        self.events, self.merged_at, self._last = [], None, self._ino()
+        proc = subprocess.Popen(self.cmd + ["--out", str(self.out)], cwd=self.cwd, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        t0 = time.monotonic()
+        try:
+            while proc.poll() is None and time.monotonic() - t0 < timeout:
+                self._poll(t0)
+                if when is not None and when(self):
+                    time.sleep(delay)
+                    proc.send_signal(signal.SIGSTOP)
+                    self._poll(t0)
+                    if want(self):
+                        proc.kill()
+                        self.stdout = proc.communicate()[0]
+                        return True
+                    proc.send_signal(signal.SIGCONT)
+                    delay = 0.0
+                time.sleep(0.0002)
+            self._poll(t0)
+            self.stdout, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, err[-2000:]
+            return False
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _env():
+    return {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+
+
+def kill_at(k, when, delays, want):
+    """``k.run(when, delay, want)`` for each seeded delay in turn until one kill lands where ``want`` says (a busy
+    machine can run an epoch faster or slower than the watched run did); OUT is put back as it was before each
+    try."""
+    snapshot = k.out.parent / (k.out.name + ".before")
+    shutil.rmtree(snapshot, ignore_errors=True)
+    if k.out.exists():
+        shutil.copytree(k.out, snapshot)
+    for delay in delays:
+        if k.run(when, delay=delay, want=want):
+            return True
+        shutil.rmtree(k.out)
+        if snapshot.exists():
+            shutil.copytree(snapshot, k.out)
+    return False
+
+
+def test_killed_at_random_moments_then_resumed_continues_and_gives_the_same_bits(folder, tmp_path, monkeypatch):
+    """Killed from outside (SIGKILL; nothing in the process helps) at seeded random moments: mid first epoch,
+    during a checkpoint write, mid second epoch, and after the last epoch (validation, collapse, merge); plan.json
+    lost once. Every resumed process says where it continued; the last one reports it and runs only the steps
+    left; the merged weights are the uninterrupted run's, bit for bit."""
+    rng = random.Random(1234)
+    fit = [sys.executable, "-m", "csgd_ext", "fit", "--model", "mynet:make_net", "--data", str(folder),
+           *[a for a in FAST if a != "--quiet"], "--epochs", "3", "--batch-size", "4", "--image-size", "32"]
+    epochs, steps = 3, 15  # 60 images in batches of 4; loud: the killed runs print "resuming after"
+    whole = Killer(fit, tmp_path / "whole", folder)
+    assert not whole.run()  # uninterrupted, watched: when it wrote each checkpoint and the merged model
+    assert len(whole.events) == epochs + 1 and whole.merged_at is not None
+    epoch_s, merge_s = whole.events[1] - whole.events[0], whole.merged_at - whole.events[-1]
+    rep = json.loads((whole.out / "report.json").read_text())
+    assert rep["resumed_from"] is None and rep["optimizer_steps"] == epochs * steps
+
+    k = Killer(fit, tmp_path / "killed", folder)
+    # mid first epoch: a seeded moment after checkpoint 0 (written before training starts)
+    assert kill_at(k, lambda k: len(k.events) == 1, [rng.uniform(0.05, 0.3) * epoch_s for _ in range(3)],
+                   want=lambda k: len(k.events) == 1)
+    assert k.checkpoint_epoch() == 0 and not (k.out / "merged.pt").exists()
+    (k.out / "plan.json").unlink()  # the state a kill between checkpoint.pt and plan.json leaves
+    k.cmd = fit + ["--resume"]
+    # during the write of epoch 1's checkpoint: frozen while its temporary file exists; the old file stays whole
+    assert kill_at(k, lambda k: any(n.startswith(".checkpoint.pt.") for n in k.writes()), [0.0] * 3,
+                   want=lambda k: any(n.startswith(".checkpoint.pt.") for n in k.writes()))
+    assert "resuming after epoch 0 of 3 (optimizer step 0)" in k.stdout, k.stdout
+    assert k.checkpoint_epoch() == 0 and (k.out / "plan.json").exists()  # plan.json recovered
+    # mid second epoch: a seeded moment after epoch 1's checkpoint
+    assert kill_at(k, lambda k: len(k.events) == 1, [rng.uniform(0.05, 0.3) * epoch_s for _ in range(3)],
+                   want=lambda k: len(k.events) == 1)
+    assert "resuming after epoch 0 of 3 (optimizer step 0)" in k.stdout, k.stdout
+    assert k.checkpoint_epoch() == 1
+    # after the last epoch's checkpoint: a seeded moment in the final validation, collapse and merge
+    assert kill_at(k, lambda k: len(k.events) == 2, [rng.uniform(0.0, 0.5) * merge_s for _ in range(3)],
+                   want=lambda k: k.merged_at is None)
+    assert f"resuming after epoch 1 of 3 (optimizer step {steps})" in k.stdout, k.stdout
+    assert k.checkpoint_epoch() == 3 and not (k.out / "merged.pt").exists()
+    # the last resume reports where it continued: no optimizer step is left to run
+    assert run([*fit[4:], "--quiet", "--out", str(k.out), "--resume"], cwd=folder, monkeypatch=monkeypatch) == 0
+    rep = json.loads((k.out / "report.json").read_text())
+    assert rep["resumed_from"] == {"epoch": 3, "step": 3 * steps} and rep["optimizer_steps"] == 0
+    assert not k.writes()  # the interrupted writes' temporary files were cleared
+    a, b = read_checkpoint(whole.out / "merged.pt")["model"], read_checkpoint(k.out / "merged.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_resume_mid_training_runs_only_the_steps_left(folder, tmp_path, monkeypatch):
+    """Killed after epoch 1's checkpoint, resumed in-process: the report says it continued after epoch 1 and ran
+    one epoch's steps (a resume that started over would run both epochs)."""
+    fit = [sys.executable, "-m", "csgd_ext", "fit", "--model", "mynet:make_net", "--data", str(folder), *FAST]
+    k = Killer(fit, tmp_path / "out", folder)
+    assert k.run(lambda k: len(k.events) == 2, want=lambda k: len(k.events) == 2)
+    assert k.checkpoint_epoch() == 1
+    assert run([*fit[4:], "--out", str(k.out), "--resume"], cwd=folder, monkeypatch=monkeypatch) == 0
+    rep = json.loads((k.out / "report.json").read_text())
+    assert rep["resumed_from"] == {"epoch": 1, "step": 7} and rep["optimizer_steps"] == 7
+    assert rep["history"]["epoch"] == [1, 2]
 
 
 def bad(args, capsys, cwd=None, monkeypatch=None):
@@ -246,20 +376,40 @@ def test_target_flops_and_round_to_reach_the_plan(folder, tmp_path):
     assert all(g["width_after"] % 8 == 0 for g in plan["groups"])
 
 
+def _shard(indices):
+    return {"samples": len(indices), "sha256": hashlib.sha256(",".join(map(str, indices)).encode()).hexdigest()}
+
+
 def test_torchrun_two_gloo_ranks_match_one_process(folder, tmp_path, monkeypatch):
     """Under torchrun (2 processes, gloo on CPU) the global batch is split over the ranks, gradients are averaged
-    by DDP, and only rank 0 writes: the merged model equals a single process's with the same global batch, to
-    float tolerance."""
-    env = {k: v for k, v in os.environ.items() if k not in ("CSGD_EXT_FIT_KILL_AT", "WORLD_SIZE", "RANK")}
+    by DDP, and only rank 0 writes: the run reports a world size of 2, each rank's sampler gave it exactly its
+    half of every global batch (the epoch's permutation drawn as torch's DistributedSampler draws it, computed
+    here), and the two-rank run's own merged model and checkpoint equal a single process's with the same global
+    batch, to float tolerance."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     common = ["-m", "csgd_ext", "fit", "--model", "mynet_nobn:make_net", "--data", str(folder), *FAST]
     assert run([*common[3:], "--out", str(tmp_path / "one")], cwd=folder, monkeypatch=monkeypatch) == 0
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           *common, "--out", str(tmp_path / "two")], cwd=folder, env=env, capture_output=True,
                          text=True, timeout=300)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    one_rep = json.loads((tmp_path / "one" / "report.json").read_text())
+    rep = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert one_rep["world_size"] == 1 and rep["world_size"] == 2
+    n, batch, seed = 60, 8, 0  # FAST: 60 train images, global batch 8, the default seed
+    for shards in rep["data_shards"]:
+        g = torch.Generator()
+        g.manual_seed((seed * 1_000_003) % 2 ** 62 + shards["epoch"] - 1)
+        order = torch.randperm(n, generator=g).tolist()
+        batches = [order[i:i + batch] for i in range(0, n - batch + 1, batch)]  # full global batches only
+        assert shards["ranks"] == [_shard([i for b in batches for i in b[r::2]]) for r in range(2)], shards
+        assert shards["ranks"][0]["samples"] == len(batches) * batch // 2
+    assert rep["optimizer_steps"] == one_rep["optimizer_steps"] == 2 * (n // batch)
     a, b = read_checkpoint(tmp_path / "one" / "merged.pt")["model"], read_checkpoint(tmp_path / "two" / "merged.pt")["model"]
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
-    moved = read_checkpoint(tmp_path / "one" / "checkpoint.pt")
-    assert moved["extra"]["epoch"] == 2
+    one_ck, two_ck = read_checkpoint(tmp_path / "one" / "checkpoint.pt"), read_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    assert two_ck["extra"]["epoch"] == 2 and two_ck["step"] == one_ck["step"]
+    for k in one_ck["model"]:
+        torch.testing.assert_close(two_ck["model"][k], one_ck["model"][k], rtol=1e-4, atol=1e-5, msg=k)

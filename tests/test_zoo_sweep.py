@@ -52,7 +52,9 @@ def _small():
 
 def test_sweep_rows_and_markdown():
     models = {"small_conv": _small, "broken_build": _broken_builder,
-              "broken_forward": lambda: zoo_sweep.Spec(BrokenForward(), inputs=[torch.randn(1, 3, 8, 8)])}
+              "broken_forward": lambda: zoo_sweep.Spec(BrokenForward(), inputs=[torch.randn(1, 3, 8, 8)]),
+              "nothing_to_plan": lambda: zoo_sweep.Spec(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)),
+                                                        inputs=[torch.randn(1, 3, 8, 8)])}
     rows = zoo_sweep.sweep(models, keep=0.5, method="even", source="test", budget_s=60, show_progress=False)
     by = {r["model"]: r for r in rows}
     assert list(by) == list(models)
@@ -69,7 +71,7 @@ def test_sweep_rows_and_markdown():
     rt, tf = ok["round_to"], ok["target_flops"]
     assert rt["round_to"] == 8 and rt["keep"] == 0.5 and rt["exact"] is True and rt["error"] is None
     assert ok["params_merged"] <= rt["params"] < ok["params"]  # widths rounded up to multiples of 8 (or kept)
-    assert tf["target_flops"] == 0.5 and tf["exact"] is True and 0.4 <= tf["flops_frac"] <= 0.5 + 1e-9
+    assert tf["target_flops"] == 0.5 and tf["exact"] is True and 0.45 <= tf["flops_frac"] <= 0.5 + 1e-9
 
     for name, words in (("broken_build", "ValueError: no such model"),
                         ("broken_forward", "RuntimeError: this forward always fails")):
@@ -86,8 +88,14 @@ def test_sweep_rows_and_markdown():
     assert len(table.splitlines()) == 2 + len(models)  # header, separator, one line per model
     assert "| round_to: params after (exact?) | target_flops: FLOPs reached (exact?) |" in table
     assert f"| {ok['plan_s']:.2f} | {ok['round_to']['params'] / 1e6:.2f}M, yes | " in table
+    # a plan that clusters nothing "merges" exactly, trivially: it is counted apart, not as exact
+    nothing = by["nothing_to_plan"]
+    assert nothing["groups"] == 0 and nothing["exact"] is True and nothing["params_merged"] == nothing["params"]
+    assert "| nothing_to_plan | test | n/a (nothing planned) |" in table
     s = zoo_sweep.summarize(rows)["test"]
-    assert s["models"] == 3 and s["exact"] == 1 and set(s["failed"]) == {"broken_build", "broken_forward"}
+    assert s["models"] == 4 and set(s["failed"]) == {"broken_build", "broken_forward"}
+    assert s["exact"] == 1 and s["compared"] == 1 and s["nothing_planned"] == ["nothing_to_plan"]
+    assert "merged exactly: 1 of 1 compared (nothing planned: 1, not counted)" in md
     assert s["round_to_exact"] == [1, 1] and s["target_flops_exact"] == [1, 1]
 
 

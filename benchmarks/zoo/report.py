@@ -23,13 +23,24 @@ def within(r: dict) -> bool:
 
 
 def nothing_planned(r: dict) -> bool:
-    return (r.get("groups") == 0 and r.get("params_tp") is not None and r.get("params") is not None
+    """The plan clustered no group: its "merge" is the model itself, so its exactness says nothing."""
+    return r.get("groups") == 0
+
+
+def tp_prunes_where_we_plan_nothing(r: dict) -> bool:
+    return (nothing_planned(r) and r.get("params_tp") is not None and r.get("params") is not None
             and r["params_tp"] < r["params"])
+
+
+def _judged(r: dict) -> bool:
+    """A row whose merge was compared and changed something."""
+    return r.get("exact") is not None and not nothing_planned(r)
 
 
 def _variant_exact(rs: Sequence[dict], key: str) -> List[int]:
     """``[exact, merged]`` over the rows' ``key`` plans (round_to / target_flops)."""
-    vs = [r[key] for r in rs if isinstance(r.get(key), Mapping) and r[key].get("exact") is not None]
+    vs = [r[key] for r in rs if isinstance(r.get(key), Mapping) and r[key].get("exact") is not None
+          and not nothing_planned(r)]
     return [sum(bool(v["exact"]) for v in vs), len(vs)]
 
 
@@ -41,15 +52,16 @@ def summarize(rows: Sequence[dict]) -> dict:
         out[src] = dict(
             models=len(rs),
             failed=[r["model"] for r in rs if r.get("error")],
-            compared=sum(r.get("exact") is not None for r in rs),
-            exact=sum(bool(r.get("exact")) for r in rs),
-            not_exact=[r["model"] for r in rs if r.get("exact") is False],
+            compared=sum(_judged(r) for r in rs),
+            exact=sum(_judged(r) and bool(r["exact"]) for r in rs),
+            not_exact=[r["model"] for r in rs if _judged(r) and r["exact"] is False],
             merged_smaller=sum(r.get("params_merged") is not None and r["params_merged"] < r["params"] for r in rs),
             tp_ok=sum(r.get("params_tp") is not None for r in rs),
             both_prune=sum(both_prune(r) for r in rs),
             within=sum(within(r) for r in rs),
             not_within=[r["model"] for r in rs if both_prune(r) and not within(r)],
             nothing_planned=[r["model"] for r in rs if nothing_planned(r)],
+            tp_only=[r["model"] for r in rs if tp_prunes_where_we_plan_nothing(r)],
             round_to_exact=_variant_exact(rs, "round_to"),
             target_flops_exact=_variant_exact(rs, "target_flops"),
         )
@@ -90,7 +102,8 @@ def table_row(r: dict) -> List[str]:
     if r.get("input") and r["input"] != "3x64x64":
         notes.append(f"input {r['input']}")
     flops = lambda v: "" if v.get("flops_frac") is None else f"{v['flops_frac']:.3f}"  # noqa: E731
-    return [r["model"], r["source"], _YES[r.get("exact")], rel, _m(r.get("params")), _m(r.get("params_merged")),
+    exact = "n/a (nothing planned)" if nothing_planned(r) and r.get("exact") is not None else _YES[r.get("exact")]
+    return [r["model"], r["source"], exact, rel, _m(r.get("params")), _m(r.get("params_merged")),
             _m(r.get("params_tp")), ratio, "" if r.get("groups") is None else str(r["groups"]),
             "" if r.get("skipped") is None else str(r["skipped"]), r.get("main_skip_reason", ""),
             "" if r.get("plan_s") is None else f"{r['plan_s']:.2f}",
@@ -137,11 +150,13 @@ def to_markdown(rows: Sequence[dict], meta: Optional[Mapping] = None) -> str:
         extra = "".join(f"; {k} merged exactly: {s[k + '_exact'][0]} of {s[k + '_exact'][1]}"
                         for k in ("round_to", "target_flops") if s[k + "_exact"][1])
         lines += [f"**{src}**: {s['models']} models, {len(s['failed'])} with an error; merged exactly: "
-                  f"{s['exact']} of {s['compared']} compared; both tools prune: {s['both_prune']}; "
+                  f"{s['exact']} of {s['compared']} compared (nothing planned: {len(s['nothing_planned'])}, not "
+                  f"counted); both tools prune: {s['both_prune']}; "
                   f"within 10 % of torch-pruning: {s['within']} of {s['both_prune']}{extra}.", "",
                   f"* not within 10 %: {_names(rows, s['not_within'], src, ratio)}",
                   f"* nothing planned although torch-pruning prunes: "
-                  f"{_names(rows, s['nothing_planned'], src, lambda r: 'tp ' + _m(r['params_tp']))}",
+                  f"{_names(rows, s['tp_only'], src, lambda r: 'tp ' + _m(r['params_tp']))}",
+                  f"* nothing planned: {_names(rows, s['nothing_planned'], src, lambda r: _m(r['params']))}",
                   f"* not exact: {_names(rows, s['not_exact'], src, _rel)}",
                   f"* errors: {_names(rows, s['failed'], src, lambda r: r['error'])}", ""]
     lines += ["## Models", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

@@ -6,7 +6,10 @@ cosine LR), collapse, merge, verify; write ``OUT/merged.pt`` (reload it with ``c
 
 A run killed at any moment resumes with ``--resume`` and ends with the same merged weights, bit for bit, as an
 uninterrupted run on the same machine: everything random in an epoch (data order, augmentation, dropout) is drawn
-from (seed, epoch), and a partial epoch is redone from its start. Without ``--resume`` or ``--force`` an ``OUT``
+from (seed, epoch), and a partial epoch is redone from its start. ``report.json`` says where a run resumed
+(``resumed_from``: the epoch and optimizer step of its checkpoint) and how many optimizer steps this process ran
+(``optimizer_steps``); under ``torchrun`` it also gives the world size and, per epoch and rank, how many samples
+the rank's sampler gave it and a SHA-256 of their indices in order (``data_shards``). Without ``--resume`` or ``--force`` an ``OUT``
 that holds files is refused and left untouched. Bad input is one ``error:`` line, exit status 2, nothing written.
 
 Example::
@@ -20,7 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import signal
+import hashlib
+import glob
 import sys
 import time
 from typing import Any, Dict
@@ -100,18 +104,28 @@ def _distributed(args):
     return dist.get_rank(), world
 
 
-def _crash_hook(epoch: int):
-    """Testing: ``CSGD_EXT_FIT_KILL_AT=EPOCH:STEP`` kills this process (SIGKILL, no cleanup) after that step of
-    that epoch (0-based), so a test can check that --resume ends with the uninterrupted run's bits."""
-    at = os.environ.get("CSGD_EXT_FIT_KILL_AT")
-    if not at or int(at.split(":")[0]) != epoch:
-        return ()
-    step = int(at.split(":")[1])
+def _shard(loader) -> Dict[str, Any]:
+    """What a rank's sampler gives it in an epoch: the number of samples and a SHA-256 of their indices in order."""
+    indices = [int(i) for batch in loader.batch_sampler for i in batch]
+    return {"samples": len(indices), "sha256": hashlib.sha256(",".join(map(str, indices)).encode()).hexdigest()}
 
-    def hook(state):
-        if state.step >= step:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return (hook,)
+
+def _all_ranks(obj, world: int) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` for one process)."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _clear_interrupted_writes(out: str) -> None:
+    """Temporary files of atomic writes a killed run left in ``out`` (they never replaced a finished file)."""
+    for name in OUTPUTS:
+        for tmp in glob.glob(os.path.join(out, f".{name}.*.tmp")) + glob.glob(os.path.join(out, f"{name}.tmp")):
+            os.remove(tmp)
 
 
 def _sizes_line(s: dict) -> str:
@@ -243,11 +257,14 @@ def run_fit(args: argparse.Namespace) -> int:
         ck = load_checkpoint(ck_path, model=model, optimizer=opt, scheduler=sched, scaler=scaler, restore_rng=False)
         extra = ck.extra or {}
         start, val_acc_base, history = int(extra["epoch"]), extra["val_acc_base"], extra["history"]
-        if lead and not os.path.isfile(plan_path):  # killed between the checkpoint and plan.json
-            plan.save(plan_path)
-        _say(args, f"resuming after epoch {start} of {args.epochs}")
+        if lead:
+            _clear_interrupted_writes(args.out)
+            if not os.path.isfile(plan_path):  # killed between the checkpoint and plan.json
+                plan.save(plan_path)
+        resumed_from = {"epoch": start, "step": start * steps_per_epoch}
+        _say(args, f"resuming after epoch {start} of {args.epochs} (optimizer step {resumed_from['step']})")
     else:
-        start = 0
+        start, resumed_from = 0, None
         _say(args, f"{plan.summary()}\n{_sizes_line(sizes)}")
         val_acc_base = validate(model, "val: starting model")[0] if lead else None
         if lead:  # the first write: everything before it was checked
@@ -255,12 +272,15 @@ def run_fit(args: argparse.Namespace) -> int:
             checkpoint(0)  # a run killed in its first epoch resumes from here
             plan.save(plan_path)
     t_train = time.perf_counter()
+    steps_run, shards = 0, []
     for epoch in range(start, args.epochs):
         torch.manual_seed(args.seed * 1000 + epoch)  # dropout and anything else random: from (seed, epoch)
         model.train()
-        state = train_model(wrapped, data.train_loader(args.batch_size, epoch, rank, world), opt, epochs=1,
-                            scheduler=sched, scaler=scaler, autocast=dtype, progress=show,
-                            callbacks=_crash_hook(epoch), desc=f"C-SGD epoch {epoch + 1}/{args.epochs}")
+        loader = data.train_loader(args.batch_size, epoch, rank, world)
+        state = train_model(wrapped, loader, opt, epochs=1, scheduler=sched, scaler=scaler, autocast=dtype,
+                            progress=show, desc=f"C-SGD epoch {epoch + 1}/{args.epochs}")
+        steps_run += state.step
+        shards.append({"epoch": epoch + 1, "ranks": _all_ranks(_shard(loader), world)})
         if not lead:  # rank 0 evaluates and writes; the others go on training
             continue
         acc = validate(model, f"val: epoch {epoch + 1}")[0]
@@ -300,12 +320,14 @@ def run_fit(args: argparse.Namespace) -> int:
         "max_logit_diff": float((collapsed_logits - merged_logits).abs().max()),
         "deviation_final": deviation_final, "wall_s": time.perf_counter() - t0,
         "image_size": size, "n_val": len(data.val), "history": history, "reload": rebuild,
+        "resumed_from": resumed_from, "optimizer_steps": steps_run, "world_size": world, "data_shards": shards,
         "versions": _versions(),
     }
     write_report(args.out, report, plan, base_model, small)
     _say(args, f"val accuracy: base {val_acc_base:.2f} %, C-SGD {val_acc_csgd:.2f} %, merged {val_acc_merged:.2f} %; "
                f"{_sizes_line(sizes)}; max logit "
-               f"difference {report['max_logit_diff']:.3g}; {report['wall_s']:.0f} s\nwrote {args.out}/: "
+               f"difference {report['max_logit_diff']:.3g}; {report['wall_s']:.0f} s; {steps_run} optimizer steps in this "
+               f"process" + (f" (resumed after epoch {start})" if resumed_from else "") + f"\nwrote {args.out}/: "
                f"{', '.join(OUTPUTS)} and plots; reload: {rebuild}")
     return 0
 
