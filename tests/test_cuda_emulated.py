@@ -7,6 +7,8 @@ of singleton rows), bitwise agreement with the CPU kernel, unaligned tensors, ma
 several launches, every output element written exactly once, and malformed layouts refused before any write.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -243,6 +245,7 @@ def test_csgd_optimizer_selects_it():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
 
 
+@functools.lru_cache(maxsize=None)
 def _interpreter_rounds_fma_once():
     """None when Triton's interpreter computes ``tl.fma`` with one rounding (as the GPU does), else why not. An
     interpreter that rounds ``x * y`` first cannot give the native kernel's bits: the Triton leg is skipped with

@@ -279,10 +279,32 @@ def test_a_resume_mid_training_runs_only_the_steps_left(folder, tmp_path, monkey
 
 
 def bad(args, capsys, cwd=None, monkeypatch=None):
-    code = run(args, cwd=cwd, monkeypatch=monkeypatch)
+    try:
+        code = run(args, cwd=cwd, monkeypatch=monkeypatch)
+    except SystemExit as e:  # argparse's own checks exit from the parser, as a process would
+        code = e.code
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err
+
+
+def test_the_image_size_defaults_to_the_images_own(folder, tmp_path, capsys, monkeypatch):
+    """The folder's images are all 32x32: fit trains at 32 without being told, and says why; the digits at 28."""
+    args = ["--model", "mynet:make_net", "--data", str(folder), "--epochs", "1", "--batch-size", "8"]
+    assert run([*args, "--out", str(tmp_path / "a")], cwd=folder, monkeypatch=monkeypatch) == 0
+    assert "image size: 32 (the images' own: all are 32x32)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["image_size"] == 32
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder / "train", mixed / "train")
+    shutil.copytree(folder / "val", mixed / "val")
+    from PIL import Image
+
+    Image.new("L", (40, 24)).save(mixed / "train" / "0" / "wide.png")
+    from csgd_ext.apps.fit_data import load_data
+
+    data = load_data(str(mixed), None, 0)
+    assert data.image_size == 224 and "2 sizes" in data.size_reason
+    assert load_data("digits", None, 0).image_size == 28 and load_data(str(mixed), 16, 0).image_size == 16
 
 
 def test_bad_inputs_are_one_line_exit_2_and_write_nothing(folder, tmp_path, capsys, monkeypatch):
@@ -292,9 +314,13 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(folder, tmp_path, caps
     empty.mkdir()
     broken = tmp_path / "broken"
     for split in ("train", "val"):
-        (broken / split / "a").mkdir(parents=True)
+        for c in ("a", "b"):
+            (broken / split / c).mkdir(parents=True)
     (broken / "train" / "a" / "x.png").write_bytes(b"not a png")
     (broken / "val" / "a" / "y.png").write_bytes(b"not a png")
+    one_class = tmp_path / "one_class"
+    shutil.copytree(folder / "train" / "3", one_class / "train" / "3")
+    shutil.copytree(folder / "val" / "3", one_class / "val" / "3")
     wrong = tmp_path / "wrong.pt"
     torch.save({"conv1.weight": torch.zeros(3)}, wrong)
     cases = [
@@ -310,6 +336,14 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(folder, tmp_path, caps
         (["--model", "torchvision:resnet18", "--data", str(folder)], "needs the torchvision package"),
         (["--model", "resnet20", "--data", str(folder), "--backend", "triton"], "--backend triton"),
         (["--model", "resnet20", "--data", str(folder), "--num-classes", "7"], "the data has 10 classes"),
+        (["--model", "resnet20", "--data", str(one_class)],
+         f"--data: {str(one_class / 'train')!r} has one class folder ('3'): a classifier needs at least two"),
+        (["--model", "resnet20", "--data", str(folder), "--lr", "-1"], "--lr must be a number > 0, got -1.0"),
+        (["--model", "resnet20", "--data", str(folder), "--lr", "nan"], "--lr must be a number > 0, got nan"),
+        (["--model", "resnet20", "--data", str(folder), "--lr", "fast"], "--lr must be a number > 0, got 'fast'"),
+        (["--model", "resnet20", "--data", str(folder), "--centripetal", "-0.1"],
+         "--centripetal must be a number >= 0, got -0.1"),
+        (["--model", "resnet20", "--data", str(folder), "--workers", "-2"], "--workers must be an integer >= 0"),
     ]
     for args, match in cases:
         lib = args[1].partition(":")[0]

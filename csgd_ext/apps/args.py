@@ -11,12 +11,14 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
 from csgd_ext.plan.options import check_keep
 
-__all__ = ["CLIError", "Parser", "keep_fraction", "positive_int", "check_out_dir", "first_line"]
+__all__ = ["CLIError", "Parser", "keep_fraction", "positive_int", "non_negative_int", "positive_float",
+           "non_negative_float", "check_out_dir", "first_line"]
 
 
 class CLIError(Exception):
@@ -64,6 +66,33 @@ def positive_int(flag: str):
             raise ValueError(f"{flag} must be a positive integer, got {v}")
         return v
     return _arg_type(flag, int, "a positive integer", check)
+
+
+def non_negative_int(flag: str):
+    """An argparse type: an integer >= 0, errors naming ``flag``."""
+    def check(v: int) -> int:
+        if v < 0:
+            raise ValueError(f"{flag} must be an integer >= 0, got {v}")
+        return v
+    return _arg_type(flag, int, "an integer >= 0", check)
+
+
+def _finite(flag: str, kind: str, ok):
+    def check(v: float) -> float:
+        if not math.isfinite(v) or not ok(v):
+            raise ValueError(f"{flag} must be {kind}, got {v}")
+        return v
+    return _arg_type(flag, float, kind, check)
+
+
+def positive_float(flag: str):
+    """An argparse type: a finite number > 0, errors naming ``flag``."""
+    return _finite(flag, "a number > 0", lambda v: v > 0)
+
+
+def non_negative_float(flag: str):
+    """An argparse type: a finite number >= 0, errors naming ``flag``."""
+    return _finite(flag, "a number >= 0", lambda v: v >= 0)
 
 
 def check_out_dir(out: str, force: bool, files) -> None:

@@ -39,7 +39,8 @@ from csgd_ext.plan.records import ClusterPlan
 from csgd_ext.planning.planner import plan_clusters
 from csgd_ext.measure.progress import progress
 from csgd_ext.training.loop import predict, train_model
-from csgd_ext.apps.args import CLIError, first_line, keep_fraction, positive_int
+from csgd_ext.apps.args import CLIError, first_line, keep_fraction, non_negative_float, non_negative_int, \
+    positive_float, positive_int
 from csgd_ext.apps.fit_data import load_data
 from csgd_ext.apps.fit_model import build_model
 from csgd_ext.apps.fit_report import write_report
@@ -212,8 +213,9 @@ def run_fit(args: argparse.Namespace) -> int:
     args.quiet = args.quiet or not lead
     show = not args.quiet
     set_determinism(args.seed, args.threads)
-    size = args.image_size or (28 if args.data == "digits" else 224)
-    data = load_data(args.data, size, args.seed, args.workers)
+    data = load_data(args.data, args.image_size, args.seed, args.workers)
+    size = data.image_size
+    _say(args, f"image size: {size} ({data.size_reason})")
     model, rebuild = build_model(args.model, data.channels, len(data.classes), args.num_classes, args.weights,
                                  args.seed)
     device = torch.device(args.device)
@@ -346,15 +348,16 @@ def register(sub) -> argparse.ArgumentParser:
                    help="every kept width a multiple of N")
     p.add_argument("--epochs", type=positive_int("--epochs"), default=3)
     p.add_argument("--batch-size", type=positive_int("--batch-size"), default=64)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--centripetal", type=float, default=3.0)
+    p.add_argument("--lr", type=positive_float("--lr"), default=0.05)
+    p.add_argument("--centripetal", type=non_negative_float("--centripetal"), default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default=None, help="a state dict or csgd_ext checkpoint to start from")
     p.add_argument("--num-classes", type=positive_int("--num-classes"), default=None,
                    help="replace the classifier when its classes differ from the data's")
     p.add_argument("--image-size", type=positive_int("--image-size"), default=None,
-                   help="training and validation image size (default 28 for digits, else 224)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+                   help="training and validation image size (default: the images' own when they all share one "
+                        "size, 28 for digits, else 224)")
+    p.add_argument("--workers", type=non_negative_int("--workers"), default=0, help="DataLoader worker processes")
     p.add_argument("--threads", type=positive_int("--threads"), default=1, help="intra-op CPU threads")
     p.add_argument("--backend", default="auto", choices=["auto", "native", "triton", "cuda", "reference"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

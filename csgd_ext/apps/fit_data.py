@@ -126,6 +126,8 @@ class FitData:
     channels: int
     description: str
     workers: int = 0
+    image_size: int = 224
+    size_reason: str = ""
 
     def train_loader(self, batch_size: int, epoch: int, rank: int = 0, world: int = 1) -> DataLoader:
         """Epoch ``epoch``'s batches of ``batch_size`` (global: each of ``world`` ranks gets its share)."""
@@ -150,18 +152,22 @@ def _files(root: str, classes: Sequence[str]) -> List[Tuple[str, int]]:
     return out
 
 
-def _check_images(items) -> None:
+def _check_images(items) -> set:
+    """Every image decodes (else the error names it); returns the set of their ``(width, height)``."""
     from PIL import Image, UnidentifiedImageError
 
+    sizes = set()
     for path, _ in items:
         try:
             with Image.open(path) as im:
+                sizes.add(im.size)
                 im.verify()
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
             raise CLIError(f"--data: cannot decode image {path!r}: {type(e).__name__}: {e}") from None
+    return sizes
 
 
-def _folder(root: str, size: int, seed: int) -> FitData:
+def _folder(root: str, size: Optional[int], seed: int) -> FitData:
     if not os.path.isdir(root):
         raise CLIError(f"--data: no such directory {root!r} (an ImageFolder layout, or 'digits')")
     split = os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val"))
@@ -169,6 +175,9 @@ def _folder(root: str, size: int, seed: int) -> FitData:
     classes = _class_dirs(tr_root)
     if not classes:
         raise CLIError(f"--data: {tr_root!r} has no class folders (expected {tr_root}/<class>/<image>)")
+    if len(classes) == 1:
+        raise CLIError(f"--data: {tr_root!r} has one class folder ({classes[0]!r}): a classifier needs at least two "
+                       f"classes, one folder each")
     if split and _class_dirs(va_root) != classes:
         raise CLIError(f"--data: the class folders of {va_root!r} differ from those of {tr_root!r}")
     train = _files(tr_root, classes)
@@ -187,14 +196,22 @@ def _folder(root: str, size: int, seed: int) -> FitData:
         train = [t for i, t in enumerate(train) if i not in val_idx]
     if not val:
         raise CLIError(f"--data: no validation images in {va_root!r}")
-    _check_images(train + val)
+    sizes = _check_images(train + val)
+    if size is not None:
+        reason = "--image-size"
+    elif len(sizes) == 1:
+        (w, h), = sizes
+        size, reason = min(w, h), f"the images' own: all are {w}x{h}" + ("" if w == h else ", the shorter side")
+    else:
+        size, reason = 224, f"the default: the images come in {len(sizes)} sizes; --image-size sets one"
     desc = f"{root} ({len(train)} train / {len(val)} val images, {len(classes)} classes" + \
            ("" if split else ", val split by the seed") + ")"
     return FitData(_FolderImages(train, size, _RGB_MEAN, _RGB_STD, True, seed, flip=True),
-                   _FolderImages(val, size, _RGB_MEAN, _RGB_STD, False, seed, flip=False), classes, 3, desc)
+                   _FolderImages(val, size, _RGB_MEAN, _RGB_STD, False, seed, flip=False), classes, 3, desc,
+                   image_size=size, size_reason=reason)
 
 
-def _digits(size: int, seed: int) -> FitData:
+def _digits(size: Optional[int], seed: int) -> FitData:
     from csgd_ext.apps import data as digits
 
     s = digits.mnist_split(0.2, seed)
@@ -204,12 +221,16 @@ def _digits(size: int, seed: int) -> FitData:
     val = [(x_te[i], int(s.y_test[i])) for i in range(len(x_te))]
     classes = [str(i) for i in range(digits.NUM_CLASSES)]
     desc = f"digits (embedded MNIST: {len(train)} train / {len(val)} val, 10 classes)"
+    size, reason = (size, "--image-size") if size is not None else (28, "the digits' own")
     return FitData(_TensorImages(train, size, _DIGITS_MEAN, _DIGITS_STD, True, seed, flip=False),
-                   _TensorImages(val, size, _DIGITS_MEAN, _DIGITS_STD, False, seed, flip=False), classes, 1, desc)
+                   _TensorImages(val, size, _DIGITS_MEAN, _DIGITS_STD, False, seed, flip=False), classes, 1, desc,
+                   image_size=size, size_reason=reason)
 
 
-def load_data(spec: str, image_size: int, seed: int, workers: int = 0) -> FitData:
-    """``"digits"`` or an image folder (see the module docstring); :class:`CLIError` for anything unusable."""
+def load_data(spec: str, image_size: Optional[int], seed: int, workers: int = 0) -> FitData:
+    """``"digits"`` or an image folder (see the module docstring); :class:`CLIError` for anything unusable.
+    ``image_size`` None: the images' own size when they all share one (the shorter side when they are not
+    square), 28 for the digits, else 224; ``data.image_size`` and ``data.size_reason`` say which."""
     data = _digits(image_size, seed) if spec == "digits" else _folder(spec, image_size, seed)
     data.workers = workers
     return data
