@@ -4,30 +4,44 @@ C-SGD clusters whole heads: heads in a cluster are pulled to identical q, k and 
 identical, and the merge keeps one head per cluster, sums the matching input columns of the output projection
 and lowers the head count. The per-head width, and so the softmax scale, does not change.
 
-A **head group** is a :class:`csgd_ext.planning.channel_graph.CoupledGroup` whose root channels are the rows of the fused
-``qkv`` projection, laid out ``(slot, head, dim)`` as ``reshape(B, N, 3, heads, head_dim)`` reads them (the
-layout of timm and of ``nn.MultiheadAttention``). Its labels cluster whole heads: row ``(s, h, d)`` of a head in
-cluster ``c`` is in row cluster ``(s, c, d)`` (:func:`lift_head_labels`), so the optimizer, the collapse and the
-merge treat it as any other group. The output projection reads the v rows' columns.
+A **head group** is a :class:`csgd_ext.planning.channel_graph.CoupledGroup` whose root channels are the q, k and v
+rows, laid out ``(slot, head, dim)`` as ``reshape(B, N, 3, heads, head_dim)`` reads a fused ``qkv`` (the layout of
+timm and of ``nn.MultiheadAttention``). Separate ``q``, ``k``, ``v`` projections, or a ``q`` and a fused ``kv``
+(PVT), each carry their slots' rows (``-1`` elsewhere in their channel maps). Its labels cluster whole heads:
+row ``(s, h, d)`` of a head in cluster ``c`` is in row cluster ``(s, c, d)`` (:func:`lift_head_labels`), so a
+cluster joins the same heads of q, k and v, and the optimizer, the collapse and the merge treat it as any other
+group. The output projection reads the v rows' columns.
 
 **Rules** (:class:`AttentionRule`, one per module class, as torch-pruning keeps one pruning function per layer
-kind) say where the head count lives (``num_heads``), which child is the fused q/k/v projection (``qkv``) and
-which the output projection (``proj``), and which width attributes equal ``heads * head_dim`` (timm's
-``attn_dim``). A class without a registered rule gets the default rule when it has ``nn.Linear`` children
-``qkv`` and ``proj`` and an int head count in one of :data:`HEAD_ATTRS` (timm's ``Attention``, older timm, and
-the usual user code). ``nn.MultiheadAttention`` (packed ``in_proj_weight``, ``out_proj``) is built in. After a
-merge, :func:`refresh_heads` sets each attention's attributes from its new shapes.
+kind) say where the head count lives (``num_heads``), which children are the q/k/v projections (``qkv``, or
+``q``/``k``/``v``, or ``q``/``kv``; dotted paths, so an output projection in a sibling module is
+``"output.dense"``) and which the output projection (``proj``), and which width attributes equal
+``heads * head_dim``. A class without a registered rule gets the default rule when it has ``nn.Linear``
+children ``qkv`` and ``proj`` and an int head count in one of :data:`HEAD_ATTRS`. ``nn.MultiheadAttention``
+(packed ``in_proj_weight``, ``out_proj``) is built in. After a merge, :func:`refresh_heads` sets each
+attention's attributes from its new shapes.
+
+**Found by running.** Any other module whose ``nn.Linear`` children are shaped like q/k/v projections (three of
+one shape, a ``w`` and a ``2 w``, or one ``3 w``) is run once in a forward pass of the model
+(:mod:`csgd_ext.kinds.attention_probe`): the ``(B, heads, N, head_dim)`` operands of its attention products with
+``heads * head_dim == w`` give the head count, and the attribute holding that value (whatever its name: ``h``,
+``n_head``, ``num_attention_heads``), or else the head width, is the one the merge refreshes; the output
+projection is a child reading ``w`` features or else the ``nn.Linear`` that reads the module's output (Hugging
+Face's ``ViTSelfOutput.dense``, the site then being their common parent). The rule found is kept for the class.
+An attention with a tensor laid out per head beside its projections (a relative-position table, a temperature,
+talking heads, gated positional attention) keeps its heads, with that reason in the plan.
 
 **Tied widths.** A forward that takes the head width from its *input* (``C // self.num_heads``) or reshapes its
 output to the input width, and ``nn.MultiheadAttention`` (whose ``embed_dim`` is both), only runs when the
 residual stream keeps ``heads * head_dim`` channels. Running the module once at a narrower stream width tells
 (:func:`find_sites`); the planner then sizes that stream group and its head groups in lockstep.
 
-Register a rule for your own class::
+Register a rule where running cannot settle it (heads folded into the batch, no attribute holding them)::
 
     class MyAttention(nn.Module):        # self.n_head, self.to_qkv (fused), self.to_out
         ...
     csgd_ext.register_attention(MyAttention, heads="n_head", qkv="to_qkv", proj="to_out")
+    csgd_ext.register_attention(MyOther, heads="nh", q="wq", k="wk", v="wv", proj="wo")
 
 Whatever the rule says, a head group is kept only when the numeric check of :mod:`csgd_ext.planning.numeric_check` finds its
 merge exact: a rule that is wrong for some subclass is refused there.
@@ -37,7 +51,10 @@ q/k/v rows are not laid out ``(3, heads, head_dim)`` is refused by the numeric c
 (``tests/test_attention_heads.py``). At ``keep=0.5``, 2-block ViTs written the timm-1.0 way, the input-width way,
 on ``nn.MultiheadAttention`` and with a registered class each keep 29 % of their parameters, exact; C-SGD
 training on the digits with head clusters takes the heads' deviation down by more than 1000x, and merging
-without a collapse then changes the logits by less than 1e-3. A width a model keeps in an attribute and reads
+without a collapse then changes the logits by less than 1e-3. With nothing registered, ViTs whose attention keeps
+its head count in ``self.h``, uses separate ``q_proj``/``k_proj``/``v_proj``, a ``q`` and ``kv``, or Hugging
+Face's self-attention/self-output split, and a nanoGPT (token and position ``nn.Embedding`` s, ``split(C)``,
+causal) keep 29 % to 30 % of their parameters, exact (``tests/test_user_attention.py``). A width a model keeps in an attribute and reads
 in its forward follows the merge once it has a rule (:mod:`csgd_ext.kinds.width_attrs`). Planning times of a
 large ViT (``method="even"`` vs k-means) are in ``benchmarks/README.md``.
 """
@@ -202,7 +219,31 @@ def _rule_site(name: str, m: nn.Module, rule: AttentionRule, count: Optional[int
         if x.out_features != n * width:
             what = "q, k, v" if n == 3 else ("k, v" if n == 2 else "one of q, k, v")
             site.why = f"{p!r} has {x.out_features} outputs, not {n} x {width} ({what} of {heads} heads)"
+    per_head = _per_head_tensor(m, [x for *_, x in parts] + [proj], heads, site.head_dim)
+    if site.why is None and per_head:
+        site.why = (f"{per_head} holds one entry per head (a position bias, a temperature, a mixing of heads): "
+                    "heads are not merged with it")
     return site
+
+
+def _per_head_tensor(m: nn.Module, projections, heads: int, head_dim: int) -> Optional[str]:
+    """The first parameter of ``m`` outside its projections that is laid out per head: a bare parameter of two or
+    more dims with one of size ``heads`` (a relative-position table, a temperature), or a Linear over the heads
+    (talking heads, gated positional attention). None when ``heads == head_dim`` (the sizes cannot tell)."""
+    if heads == head_dim or heads < 2:
+        return None
+    skip = {id(x) for x in projections}
+    for name, sub in m.named_modules():
+        if id(sub) in skip:
+            continue
+        if isinstance(sub, nn.Linear) and heads in (sub.in_features, sub.out_features):
+            return f"{name!r} ({sub.in_features} -> {sub.out_features} over the heads)"
+        if isinstance(sub, nn.Linear) or isinstance(sub, nn.modules.conv._ConvNd):
+            continue
+        for pname, t in sub.named_parameters(recurse=False):
+            if t.dim() >= 2 and heads in t.shape:
+                return f"{_join(name, pname)!r} (shape {tuple(t.shape)})"
+    return None
 
 
 def _layouts(m: nn.Module, covered) -> List[Tuple[Tuple[Tuple[str, int, int], ...], int]]:

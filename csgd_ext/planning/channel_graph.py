@@ -6,7 +6,8 @@ group into a :class:`CoupledGroup`:
 * **producers** - layers whose output channels are the group's channels and are clustered: conv/linear
   output rows, depthwise and grouped convs, batch/instance norms and their subclasses (affine params and
   running stats), Layer/RMS/GroupNorms over the channels, per-channel PReLU, bare per-channel parameters
-  (layer scales, position embeddings, class tokens).
+  (layer scales, position embeddings, class tokens), the table of an ``nn.Embedding`` producing the stream
+  (a token model's embedding: its columns are the channels, held as a bare parameter).
   ``index[r]`` is the producer's channel for root channel ``r`` (``-1`` where the producer does not carry it,
   e.g. one input of a concatenation that feeds a residual add).
 * **consumers** - conv/linear layers that read the channels; ``index[r]`` lists the consumer's input features

@@ -1,9 +1,11 @@
 """Attention head groups for :func:`csgd_ext.planning.channel_graph.coupled_groups` (see :mod:`csgd_ext.kinds.attention`).
 
-torch-pruning's graph gives an attention's fused q/k/v projection a group that runs through an unbind of
-q, k and v, which no channel map describes. For every attention a rule covers, :func:`add_head_groups` replaces
+torch-pruning's graph gives an attention's fused q/k/v projection a group that runs through an unbind (or a
+split) of q, k and v, which no channel map describes, and separate q, k, v projections one group of equal
+channels, which ignores the heads. For every attention a rule covers, :func:`add_head_groups` replaces
 that group (or, for ``nn.MultiheadAttention``, which the graph treats as one node, adds one) by a head group:
-root channels are the projection's rows ``(slot, head, dim)``, blocks are ``(slot, dim)`` (a cluster joins the same
+root channels are the q, k and v rows ``(slot, head, dim)`` (separate q, k, v projections, or a q and a fused
+kv, each carry their slots' rows), blocks are ``(slot, dim)`` (a cluster joins the same
 position of other heads), the output projection reads each v row's column. The planner clusters whole heads.
 """
 
