@@ -71,10 +71,12 @@ from csgd_ext.kinds.attention_probe import Trace, get_path, needs_tied_stream, t
 from csgd_ext.kinds.layer_kinds import LINEAR_KIND, MHA_KIND
 
 __all__ = ["AttentionRule", "register_attention", "rule_for", "AttentionSite", "find_sites", "lift_head_labels",
-           "head_labels_of", "head_of_row", "refresh_heads", "HEAD_ATTRS"]
+           "head_labels_of", "head_of_row", "refresh_heads", "HEAD_ATTRS", "PER_HEAD"]
 
 #: attribute names the default rule accepts as the head count (a found rule takes any name)
 HEAD_ATTRS = ("num_heads", "heads", "n_heads", "num_attention_heads", "n_head")
+#: the words of the reason an attention with a per-head tensor beside its projections keeps its heads
+PER_HEAD = "holds one entry per head"
 #: attribute names the default rule updates to ``heads * head_dim`` when they hold that value
 WIDTH_ATTRS = ("attn_dim", "all_head_dim", "inner_dim")
 
@@ -221,8 +223,7 @@ def _rule_site(name: str, m: nn.Module, rule: AttentionRule, count: Optional[int
             site.why = f"{p!r} has {x.out_features} outputs, not {n} x {width} ({what} of {heads} heads)"
     per_head = _per_head_tensor(m, [x for *_, x in parts] + [proj], heads, site.head_dim)
     if site.why is None and per_head:
-        site.why = (f"{per_head} holds one entry per head (a position bias, a temperature, a mixing of heads): "
-                    "heads are not merged with it")
+        site.why = f"{per_head} {PER_HEAD} (a position bias, a temperature, a mixing of heads): heads are not merged"
     return site
 
 
@@ -336,7 +337,8 @@ def find_sites(model: nn.Module, example_inputs=None) -> List[AttentionSite]:
             continue
         site_name, rule, h = found
         site = _rule_site(site_name, mods[site_name], rule, count=h)
-        if site is None or site.why or any(id(mods[n]) in covered for n, _, _ in site.parts):
+        if site is None or (site.why and PER_HEAD not in site.why) or any(id(mods[n]) in covered
+                                                                           for n, _, _ in site.parts):
             continue
         if type(mods[site_name]) not in _RULES:
             _FOUND[type(mods[site_name])] = rule

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from csgd_ext.kinds.attention import find_sites, head_blocks, lift_head_labels
+from csgd_ext.kinds.attention import PER_HEAD, find_sites, head_blocks, lift_head_labels
 from csgd_ext.planning.coupled import CoupledGroup, Member
 from csgd_ext.kinds.layer_kinds import LINEAR_KIND, weight_of
 from csgd_ext.planning.channel_clustering import probe_labels
@@ -69,7 +69,10 @@ def add_head_groups(model: nn.Module, example_inputs, groups: List[CoupledGroup]
     # head group
     groups = [g for g in groups if g.root not in taken and not taken & {p.name for p in g.producers}]
     part_of = {n: s.qkv for s in sites for n, _, _ in s.parts}
-    rest = []
+    # an attention with a per-head tensor keeps its heads: its projections' own groups would cut across them
+    per_head = {n for s in sites if s.why and PER_HEAD in s.why for n, _, _ in s.parts}
+    rest = [(tuple(g.modules), f"attention heads: {why[part_of[g.root]]}") for g in groups if g.root in per_head]
+    groups = [g for g in groups if g.root not in per_head]
     for names, reason in skipped:
         if names and (names[0] in taken or taken & set(names) and not set(names) - taken - {
                 s.proj for s in planned}):
@@ -78,7 +81,7 @@ def add_head_groups(model: nn.Module, example_inputs, groups: List[CoupledGroup]
         if first in why:
             reason = f"attention heads: {why[first]}; {reason}"
         rest.append((names, reason))
-    listed = {names[0] for names, _ in rest if names} | {g.root for g in groups}
+    listed = {n for names, _ in rest for n in names[:1]} | {g.root for g in groups} | per_head
     rest += [((s.name, s.qkv, s.proj), f"attention heads: {why[s.qkv]}") for s in sites
              if s.qkv in why and s.qkv not in listed]  # (an nn.MultiheadAttention has no group of its own)
     return groups + [_head_group(s) for s in planned], rest
