@@ -148,3 +148,27 @@ def test_register_attention_checks_the_separate_projection_arguments():
         csgd_ext.register_attention(FlatHeads, kv="wk", proj="wo")
     with pytest.raises(TypeError, match="attribute name"):
         csgd_ext.register_attention(FlatHeads, q="wq", k="wk", v=3, proj="wo")
+
+
+def test_an_attention_with_a_per_head_bias_keeps_its_heads_with_the_reason():
+    from user_attention_nets import HAttention
+
+    class BiasedAttention(HAttention):  # a learned bias per head, as timm's relative-position attentions
+        def __init__(self, d, h):
+            super().__init__(d, h)
+            self.rel_bias = nn.Parameter(torch.randn(h, 17, 17))
+
+        def forward(self, x):
+            B, N, d = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+            return self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_bias)
+                             .transpose(1, 2).reshape(B, N, d))
+
+    net = vit("h")
+    for b in net.blocks:
+        b.attn = BiasedAttention(32, 4)
+    plan, small, diff = _merge(net, X)
+    assert not any(g.heads for g in plan.groups) and diff <= 1e-4
+    reasons = [why for mods, why in plan.skipped if "blocks.0.attn.qkv" in mods]
+    assert reasons and reasons[0].startswith("attention heads: 'rel_bias' (shape (4, 17, 17)) holds one entry per "
+                                             "head"), plan.skipped
