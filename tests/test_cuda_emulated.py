@@ -245,6 +245,18 @@ def test_csgd_optimizer_selects_it():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
 
 
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fma_kernel(a_ptr, b_ptr, c_ptr, out_ptr):
+        i = tl.arange(0, 2)
+        tl.store(out_ptr + i, tl.fma(tl.load(a_ptr + i), tl.load(b_ptr + i), tl.load(c_ptr + i)))
+except ImportError:  # no Triton: the probe below says so through the backend's reason
+    pass
+
+
 @functools.lru_cache(maxsize=None)
 def _interpreter_rounds_fma_once():
     """None when Triton's interpreter computes ``tl.fma`` with one rounding (as the GPU does), else why not. An
@@ -256,12 +268,6 @@ def _interpreter_rounds_fma_once():
     if why is not None:
         return why
     import triton
-    import triton.language as tl
-
-    @triton.jit
-    def fma_kernel(a_ptr, b_ptr, c_ptr, out_ptr):
-        i = tl.arange(0, 2)
-        tl.store(out_ptr + i, tl.fma(tl.load(a_ptr + i), tl.load(b_ptr + i), tl.load(c_ptr + i)))
 
     a = torch.full((2,), 1 + 2.0 ** -12)  # a * a = 1 + 2^-11 + 2^-24: rounding it first loses the 2^-24
     out = torch.empty(2)

@@ -41,7 +41,7 @@ def make_net():  # no BatchNorm: DDP keeps per-rank BN statistics, a single proc
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
 '''
-FAST = ["--epochs", "2", "--batch-size", "8", "--image-size", "16", "--quiet"]
+FAST = ["--epochs", "2", "--batch-size", "8", "--image-size", "16", "--quiet", "--export", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,13 @@ def check_outputs(out, model):
 
 def test_zoo_net_on_an_image_folder(folder, tmp_path):
     out = tmp_path / "out"
-    assert run(["--model", "resnet20", "--data", str(folder), "--out", str(out), *FAST]) == 0
+    assert run(["--model", "resnet20", "--data", str(folder), "--out", str(out), *FAST, "--export", "all"]) == 0
     rep, small = check_outputs(out, csgd_ext.models.get_model("resnet20", in_channels=3, num_classes=10))
+    # the deployable files (tests/test_export.py loads them without csgd_ext): written, or the reason why not
+    assert rep["exports"]["pt2"] == {"path": str(out / "merged.pt2"), "dynamic_batch": True}
+    assert (out / "merged.pt2").exists()
+    assert (out / "merged.onnx").exists() if "path" in rep["exports"]["onnx"] else "not installed" in \
+        rep["exports"]["onnx"]["error"]
     assert rep["classes"] == [str(i) for i in range(10)] and "20 val images" in rep["data"]
     # the reloaded model's accuracy on the val images is the report's
     from csgd_ext.apps.fit_data import load_data

@@ -2,7 +2,8 @@
 
 Plan clusters (``--keep``), evaluate the starting model, train with C-SGD (the demo's recipe: Nesterov momentum,
 cosine LR), collapse, merge, verify; write ``OUT/merged.pt`` (reload it with ``csgd_ext.load_merged``),
-``plan.json``, ``checkpoint.pt`` (atomic, at every epoch end), ``report.json``, ``report.md`` and plots.
+``merged.pt2`` and ``merged.onnx`` (the merged model without csgd_ext: :mod:`csgd_ext.apps.export`), ``plan.json``,
+``checkpoint.pt`` (atomic, at every epoch end), ``report.json``, ``report.md`` and plots.
 
 A run killed at any moment resumes with ``--resume`` and ends with the same merged weights, bit for bit, as an
 uninterrupted run on the same machine: everything random in an epoch (data order, augmentation, dropout) is drawn
@@ -41,6 +42,7 @@ from csgd_ext.measure.progress import progress
 from csgd_ext.training.loop import predict, train_model
 from csgd_ext.apps.args import CLIError, first_line, keep_fraction, non_negative_float, non_negative_int, \
     positive_float, positive_int
+from csgd_ext.apps.export import EXPORT_CHOICES, export_merged, summary
 from csgd_ext.apps.fit_data import load_data
 from csgd_ext.apps.fit_model import build_model
 from csgd_ext.apps.fit_report import write_report
@@ -49,6 +51,7 @@ from csgd_ext.apps.recipes import cosine, make_csgd, set_determinism
 __all__ = ["register", "run_fit", "OUTPUTS"]
 
 OUTPUTS = ("merged.pt", "plan.json", "checkpoint.pt", "report.json", "report.md")
+DEPLOY = ("merged.pt2", "merged.onnx")
 PLOTS = ("training.png", "widths.png")
 #: the options a checkpoint must share with a --resume run (everything that changes the result)
 RESUME_KEYS = ("model", "data", "keep", "target_flops", "round_to", "epochs", "batch_size", "lr", "centripetal",
@@ -174,7 +177,7 @@ def _start_out(out: str) -> None:
     """The run's first write: ``out`` created, and the outputs of an earlier run there (``--force``) removed, so
     none of them can be taken for this run's."""
     os.makedirs(out, exist_ok=True)
-    for name in OUTPUTS + PLOTS:
+    for name in OUTPUTS + DEPLOY + PLOTS:
         if os.path.isfile(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
 
@@ -313,6 +316,7 @@ def run_fit(args: argparse.Namespace) -> int:
     collapsed_logits = validate(model, "val: collapsed model")[1]
     val_acc_merged, merged_logits = validate(small, "val: merged model")
     save_checkpoint(os.path.join(args.out, "merged.pt"), model=small, plan=plan, rng=False)
+    exports = export_merged(copy.deepcopy(small).cpu(), example.cpu(), os.path.join(args.out, "merged"), args.export)
     report = {
         "model": args.model, "data": data.description, "classes": data.classes, "epochs": args.epochs,
         "seed": args.seed, "keep": plan.meta.get("keep"), "target_flops": args.target_flops,
@@ -322,7 +326,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "max_logit_diff": float((collapsed_logits - merged_logits).abs().max()),
         "deviation_final": deviation_final, "wall_s": time.perf_counter() - t0,
         "image_size": size, "n_val": len(data.val), "history": history, "reload": rebuild,
-        "resumed_from": resumed_from, "optimizer_steps": steps_run, "world_size": world, "data_shards": shards,
+        "exports": exports, "resumed_from": resumed_from, "optimizer_steps": steps_run, "world_size": world, "data_shards": shards,
         "versions": _versions(),
     }
     write_report(args.out, report, plan, base_model, small)
@@ -330,7 +334,8 @@ def run_fit(args: argparse.Namespace) -> int:
                f"{_sizes_line(sizes)}; max logit "
                f"difference {report['max_logit_diff']:.3g}; {report['wall_s']:.0f} s; {steps_run} optimizer steps in this "
                f"process" + (f" (resumed after epoch {start})" if resumed_from else "") + f"\nwrote {args.out}/: "
-               f"{', '.join(OUTPUTS)} and plots; reload: {rebuild}")
+               f"{', '.join(OUTPUTS)} and plots; reload: {rebuild}"
+               + (f"\ndeploy without csgd_ext: {summary(exports)}" if exports else ""))
     return 0
 
 
@@ -363,6 +368,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--export", choices=EXPORT_CHOICES, default="all",
+                   help="also write merged.pt2 (torch.export) and merged.onnx (with the [export] extra): all "
+                        "(default), pt2, or none")
     p.add_argument("--force", action="store_true", help="start over in an OUT that holds files")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(func=_dispatch)

@@ -6,7 +6,7 @@ Typical workflow::
     python -m csgd_ext prune --model mypkg.nets:make_net --input-shape 3,32,32 --keep 0.625 \\
         --checkpoint trained.pt --plan-out plan.json
     # 2. train with C-SGD in your own loop (csgd_ext.ClusterPlan.load("plan.json", model), csgd_ext.CSGD,
-    #    csgd_ext.training.loop.fit), saving the weights (csgd_ext.save_checkpoint or torch.save(state_dict))
+    #    csgd_ext.train_model), saving the weights (csgd_ext.save_checkpoint or torch.save(state_dict))
     # 3. collapse + merge into a physically smaller model
     python -m csgd_ext prune --model mypkg.nets:make_net --input-shape 3,32,32 --plan plan.json \\
         --checkpoint csgd_trained.pt --out merged.pt
@@ -19,7 +19,9 @@ merged model has between F - 0.05 and F of the FLOPs; ``--round-to N`` makes eve
 name (``resnet20``, ``resnet56``, ``vgg16``, ...; ``--num-classes`` and the ``C`` of ``--input-shape`` are
 passed to it). ``--checkpoint`` reads a csgd_ext checkpoint, a plain ``state_dict`` file, or a dict holding
 one under ``"state_dict"``/``"model"``. ``--out`` is a csgd_ext checkpoint of the merged model with the plan
-embedded; reload it with :func:`csgd_ext.load_merged`. Existing outputs are never overwritten without ``--force``.
+embedded; reload it with :func:`csgd_ext.load_merged`. Beside ``--out X.pt`` go ``X.pt2`` (``torch.export``) and,
+with the ``[export]`` extra, ``X.onnx``: the merged model without csgd_ext (:mod:`csgd_ext.apps.export`;
+``--export pt2|none`` writes less). Existing outputs are never overwritten without ``--force``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from csgd_ext.models import available_models, get_model
 from csgd_ext.plan.records import ClusterPlan
 from csgd_ext.planning.planner import plan_clusters
 from csgd_ext.apps.args import CLIError, first_line, keep_fraction, positive_int
+from csgd_ext.apps.export import EXPORT_CHOICES, EXPORT_SUFFIXES, export_merged, summary
 from csgd_ext.apps.weights import load_weights
 
 __all__ = ["register", "load_user_model", "parse_input_shape", "run_prune",
@@ -105,7 +108,9 @@ def _check_request(args) -> None:
         raise CLIError(f"--plan: no such file {args.plan!r}")
     if args.plan_out is None and args.out is None:
         raise CLIError("nothing to write: give --plan-out FILE and/or --out FILE")
-    for flag, path in [("--plan-out", args.plan_out), ("--out", args.out)]:
+    stem = os.path.splitext(args.out)[0] if args.out else None
+    exports = [("--out", stem + s) for s in EXPORT_SUFFIXES] if args.out and args.export != "none" else []
+    for flag, path in [("--plan-out", args.plan_out), ("--out", args.out)] + exports:
         if path is None:
             continue
         if os.path.isdir(path):
@@ -171,6 +176,9 @@ def run_prune(args: argparse.Namespace) -> int:
         print(f"collapsed (largest intra-cluster deviation was {dev:.3g}); merged: params {n_before:,} -> "
               f"{n_after:,}; max |output difference| collapsed vs merged {diff:.3g}")
         print(f"wrote merged model to {args.out} (reload: csgd_ext.load_merged({args.out!r}, model))")
+        if args.export != "none":
+            res = export_merged(small, example, os.path.splitext(args.out)[0], args.export)
+            print(f"deploy without csgd_ext: {summary(res)}")
     return 0
 
 
@@ -194,6 +202,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=10, help="classes for a zoo model (default 10)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the k-means clustering and of a zoo model's random initial weights (default 0)")
+    p.add_argument("--export", choices=EXPORT_CHOICES, default="all",
+                   help="beside --out X.pt, also write X.pt2 (torch.export) and X.onnx (with the [export] extra): "
+                        "all (default), pt2, or none")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=run_prune)
     return p
