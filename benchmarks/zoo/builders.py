@@ -2,8 +2,8 @@
 
 A builder is a no-argument callable returning an ``nn.Module`` or a :class:`Spec` (the module, candidate
 example inputs and its classifier's names). :func:`torchvision_models` and :func:`timm_models` give
-``{name: builder}`` for the two zoos (random weights, nothing downloaded); neither zoo is needed to import this
-module.
+``{name: builder}`` for the two zoos (random weights, nothing downloaded); :func:`hf_models` gives Hugging Face
+``transformers`` models built from their configs (:data:`HF_MODELS`). No zoo is needed to import this module.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["TIMM_MODELS", "Spec", "as_spec", "pick_input", "count_params", "logits_of", "default_classifier",
-           "torchvision_models", "timm_models"]
+           "torchvision_models", "timm_models", "HF_MODELS", "hf_models", "HFClassifier", "tokens"]
 
 # timm models swept by default (whichever exist in the installed timm): CNN families with concatenations,
 # splits, grouped/depthwise convs, SE/SK attention, weight-standardised and norm-free convs, GroupNorm/LayerNorm
@@ -40,8 +40,10 @@ class Spec:
     """What a builder may return instead of a bare module.
 
     ``inputs``: candidate example inputs, tried in order (the first whose forward runs is used; default one
-    1x3x64x64 image). ``classifier``: names of the output layer(s) torch-pruning must not prune (default: the
-    last ``nn.Linear`` in module order, else the last conv).
+    1x3x64x64 image; an integer tensor is token ids, and the comparison batch draws ids below its largest + 1).
+    ``classifier``: names of the output layer(s) torch-pruning must not prune (default: the last ``nn.Linear``
+    in module order, else the last conv). ``extra["tp_heads"]``: which torch-pruning example's head options
+    to use (:data:`benchmarks.zoo.tp.HF_HEAD_OPTIONS`; default: found from the model).
     """
 
     model: nn.Module
@@ -167,3 +169,71 @@ def timm_models(size: int, num_classes: int, only: Optional[Sequence[str]] = Non
             continue  # --only names a torchvision-only model
         out[n] = builder(n)
     return out
+
+
+# Hugging Face models swept by ``--source hf``: ``{name: (config class, model class, config overrides, tp)}``,
+# each the library's default (base) config unless overridden; tp: the torch-pruning example whose head options
+# it gets (benchmarks/zoo/tp.py). Swin is tried at its native size only: a forward at a smaller size shrinks its
+# layers' window_size for good (transformers 5.25), so that the native size fails after it.
+HF_MODELS = {
+    "hf_vit_base": ("ViTConfig", "ViTForImageClassification", {}, "hf_vit"),
+    "hf_deit_base": ("DeiTConfig", "DeiTForImageClassification", {}, "hf_vit"),
+    "hf_clip_vision_base32": ("CLIPVisionConfig", "CLIPVisionModel", {}, "hf_vit"),
+    "hf_dinov2_base": ("Dinov2Config", "Dinov2ForImageClassification", {}, "hf_vit"),
+    "hf_bert_base": ("BertConfig", "BertForSequenceClassification", {}, "hf_bert"),
+    "hf_swin_tiny": ("SwinConfig", "SwinForImageClassification", {}, "hf_swin"),
+}
+_NATIVE_ONLY = {"SwinForImageClassification"}
+
+
+class HFClassifier(nn.Module):
+    """A headless Hugging Face vision model (``CLIPVisionModel``) with a linear classifier on its
+    ``pooler_output``, as one fine-tunes it: the logits are the model's output, not its hidden states."""
+
+    def __init__(self, backbone: nn.Module, width: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, pixel_values):
+        return self.classifier(self.backbone(pixel_values).pooler_output)
+
+
+def tokens(vocab: int, length: int = 16, seed: int = 0) -> torch.Tensor:
+    """One sequence of ``length`` token ids below ``vocab`` whose largest is ``vocab - 1`` (the comparison
+    batch draws ids below the example's largest + 1: the whole vocabulary)."""
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+    ids[0, -1] = vocab - 1
+    return ids
+
+
+def hf_models(size: int, num_classes: int, only: Optional[Sequence[str]] = None,
+              names: Optional[Sequence[str]] = None) -> Dict[str, Callable]:
+    """``{name: builder}`` of :data:`HF_MODELS` (random weights from the config, nothing downloaded, eager
+    attention as the config leaves it)."""
+    import transformers
+
+    wanted = [n for n in (names or HF_MODELS) if not only or n in only]
+
+    def builder(name):
+        cfg_name, cls_name, overrides, tp_heads = HF_MODELS[name]
+
+        def build():
+            cfg = getattr(transformers, cfg_name)(**overrides)
+            headless = cls_name == "CLIPVisionModel"
+            if not headless:
+                cfg.num_labels = num_classes
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = getattr(transformers, cls_name)(cfg)
+            if headless:
+                model = HFClassifier(model, cfg.hidden_size, num_classes)
+            extra = dict(tp_heads=tp_heads)
+            if hasattr(cfg, "vocab_size") and not hasattr(cfg, "image_size"):
+                return Spec(model, inputs=[tokens(cfg.vocab_size)], classifier=["classifier"], extra=extra)
+            native = _native_image(getattr(cfg, "image_size", 224))
+            sizes = [native] if cls_name in _NATIVE_ONLY else [size, 2 * size, native]
+            return Spec(model, inputs=_images(sizes), classifier=["classifier"], extra=extra)
+        return build
+
+    return {n: builder(n) for n in wanted}

@@ -52,7 +52,11 @@ def _merge_and_compare(model: nn.Module, plan, x: torch.Tensor, seed: int, out: 
     small = csgd_ext.merge(model, plan)
     out["params_merged"] = count_params(small)
     out["where"] = "compare"
-    xc = torch.randn(2, *x.shape[1:], generator=torch.Generator().manual_seed(seed + 1), dtype=x.dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    if x.dtype.is_floating_point:
+        xc = torch.randn(2, *x.shape[1:], generator=gen, dtype=x.dtype)
+    else:  # token ids: below the example's largest + 1
+        xc = torch.randint(0, int(x.max()) + 1, (2, *x.shape[1:]), generator=gen, dtype=x.dtype)
     with torch.no_grad():
         ref, got = logits_of(model(xc)), logits_of(small(xc))
     if ref.shape != got.shape:
@@ -143,7 +147,7 @@ def run_one(name: str, builder: Callable, keep: float, method: str, *, source: s
         try:
             with time_limit(budget_s), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                row["params_tp"], note = tp_row(model, x, keep, classifier)
+                row["params_tp"], note = tp_row(model, x, keep, classifier, spec.extra.get("tp_heads"))
                 row["tp_error"] = note or None
         except StageTimeout as e:
             row["tp_error"] = f"tp skipped: {e}"

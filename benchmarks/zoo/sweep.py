@@ -4,6 +4,7 @@
         --json /tmp/zoo.json --markdown benchmarks/zoo/ZOO.md
     python benchmarks/zoo/sweep.py --only resnet50 densenet121 --source timm
     python benchmarks/zoo/sweep.py --only vit_tiny_patch16_224 --round-to 0 --target-flops 0.3
+    python benchmarks/zoo/sweep.py --source hf --only hf_bert_base     # Hugging Face transformers, from configs
 
 For every model (random weights, nothing downloaded, ``num_classes=10``, eval mode, one example image of the
 smallest size that runs: 64x64, then 128x128, then the model's native size):
@@ -45,8 +46,8 @@ if ROOT not in sys.path:
     sys.path.append(ROOT)  # appended: a PYTHONPATH (e.g. another checkout of csgd_ext) wins
 
 import csgd_ext  # noqa: E402
-from benchmarks.zoo.builders import (TIMM_MODELS, Spec, default_classifier, timm_models,  # noqa: E402,F401
-                                     torchvision_models)
+from benchmarks.zoo.builders import (HF_MODELS, TIMM_MODELS, Spec, default_classifier, hf_models,  # noqa: E402,F401
+                                     timm_models, torchvision_models)
 from benchmarks.zoo.compare import EXACT_REL, run_isolated, run_one, sweep  # noqa: E402,F401
 from benchmarks.zoo.isolated import StageTimeout, time_limit  # noqa: E402,F401
 from benchmarks.zoo.reasons import condense_skips, one_line  # noqa: E402,F401
@@ -87,7 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--method", default="even", choices=["even", "kmeans"])
     ap.add_argument("--only", nargs="+", metavar="NAME", help="only these models (either zoo)")
-    ap.add_argument("--source", default="both", choices=["torchvision", "timm", "both"])
+    ap.add_argument("--source", default="both", choices=["torchvision", "timm", "both", "hf"],
+                    help="both: torchvision and timm; hf: Hugging Face transformers (only when named)")
     ap.add_argument("--json", help="write {meta, rows} here")
     ap.add_argument("--markdown", help="write the markdown report here (default: print it)")
     ap.add_argument("--size", type=int, default=64, help="first input size tried (then 2x, then native)")
@@ -114,7 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
     meta = dict(command="python " + " ".join(shlex.quote(a) for a in cmd),
                 date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-                versions={m: _version(m) for m in ("torch", "torchvision", "timm", "torch-pruning")},
+                versions={m: _version(m) for m in ("torch", "torchvision", "timm", "torch-pruning")
+                          + (("transformers",) if args.source == "hf" else ())},
                 keep=args.keep, method=args.method, round_to=args.round_to or "not run",
                 target_flops=args.target_flops or "not run", num_classes=args.num_classes,
                 input=f"1x3x{args.size}x{args.size}, else {2 * args.size}, else the model's native size",
@@ -123,8 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if commit:
         meta["commit"] = commit
     zoos = []
-    for src, make in (("torchvision", torchvision_models), ("timm", timm_models)):
-        if args.source not in (src, "both"):
+    for src, make in (("torchvision", torchvision_models), ("timm", timm_models), ("hf", hf_models)):
+        if args.source not in (src, "both") or (src == "hf" and args.source != "hf"):
             continue
         try:
             zoos.append((src, make(args.size, args.num_classes, args.only)))
