@@ -143,8 +143,10 @@ def plan_clusters(model: nn.Module, example_inputs, keep: Union[None, float, Map
         keep: a fraction in (0, 1] (each group keeps ``max(1, round(keep * n))`` of its ``n`` channels) or a
             dict ``{producer module name: target width}`` (groups not named keep their width); 0.625 when
             neither ``keep`` nor ``target_flops`` is given.
-        method: ``"kmeans"`` (seeded scikit-learn KMeans on the producers' flattened kernels) or ``"even"``.
-        seed: KMeans seed (``n_init`` is fixed at 10: same inputs, same plan).
+        method: ``"kmeans"`` (k-means on the producers' flattened kernels: Ward + Hartigan refinement, plus
+            10 seeded k-means++ starts for widths under a quarter of a group;
+            :mod:`csgd_ext.planning.channel_clustering`) or ``"even"``.
+        seed: seed of the k-means++ starts and of the numeric check's probe clusters (same inputs, same plan).
         ignored_layers: module names or modules whose channels are not touched (with their submodules).
         verify: run the numeric check of :mod:`csgd_ext.planning.numeric_check` (merge random clusters of a float64 copy and
             compare outputs; one merge and two forward passes when every group is exact). Groups it finds
