@@ -88,7 +88,7 @@ setup(
         "torch>=2.4",
         "numpy>=1.23",
         "torch-pruning>=1.5,<2",
-        "scikit-learn>=1.2",
+        "scipy>=1.9",  # Ward clustering of a group's channels (csgd_ext.planning.channel_clustering)
         "tqdm>=4.60",
         "Pillow>=9",  # images of `python -m csgd_ext fit --data DIR`
     ],
@@ -100,7 +100,8 @@ setup(
         "export": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
         # the tests run the demo and the export too, so they need those extras
         "test": ["pytest>=7", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6.80", "triton>=3.0", "ninja>=1.10",
-                 "matplotlib>=3.6", "mlxtend>=0.23", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+                 "matplotlib>=3.6", "mlxtend>=0.23", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18",
+                 "scikit-learn>=1.2"],  # the reference k-means tests/test_kmeans.py compares against
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -291,7 +291,8 @@ def test_csgd_training_makes_merge_lossless():
         if step % 50 == 49:
             devs.append(csgd_ext.deviation(net, plan))
     assert dev0 > 0.05
-    assert all(b <= a for a, b in zip(devs, devs[1:])), devs
+    # falls at every check until it reaches float32's rounding floor, where it jitters by an ulp (~1e-7)
+    assert all(b <= a or b < 1e-6 for a, b in zip(devs, devs[1:])), devs
     assert devs[-1] < 1e-5 * max(dev0, 1.0), devs
     assert torch.isfinite(loss)
     net.eval()

@@ -28,8 +28,9 @@ widths) or from a FLOPs budget ``target_flops`` (:mod:`csgd_ext.planning.budget`
   and its token stream are clustered: the position embedding and class token carry the channels on their last
   dim, and ``plan.clusters`` gives them as ``(ids, dim)``, which ``CSGD`` clusters along that dim. Attention
   heads: :mod:`csgd_ext.kinds.attention`.
-* **Clustering:** ``method="kmeans"`` (scikit-learn, seeded, deterministic) on the concatenated producer filters
-  of each group, or ``method="even"`` (seconds on large transformers). ``plan.param_groups(...)`` follows the
+* **Clustering:** ``method="kmeans"`` (Ward, refined by Hartigan moves, with seeded k-means++ starts for narrow
+  widths: :mod:`csgd_ext.planning.channel_clustering`; deterministic) on the concatenated producer filters of each
+  group, or ``method="even"``. ``plan.param_groups(...)`` follows the
   official recipe: clustered kernels get ``weight_decay`` and ``centripetal``, clustered vectors (BN affine,
   biases) ``vector_centripetal_scale * centripetal`` and ``bias_weight_decay``.
   ``csgd_ext.merge_report(model, plan, example_inputs)`` gives params and MACs before/after.
