@@ -209,3 +209,59 @@ def test_isolated_sweep_survives_a_dying_model():
     assert ok["model"] == "small_conv" and ok["exact"] is True and ok["params_merged"] < ok["params"]
     assert dead["model"] == "dies" and dead["params"] is not None  # what the stages before the crash found
     assert "exited with code 7" in dead["tp_error"] and dead["error"]
+
+
+class TokenClassifier(nn.Module):
+    """BERT-like, as ``--source hf`` sweeps it (no transformers needed): token ids -> ``nn.Embedding`` stream ->
+    blocks with Hugging Face-style self-attention (``query``/``key``/``value``, ``num_attention_heads``, the
+    output ``dense`` in a sibling) -> the first token -> ``classifier``."""
+
+    def __init__(self, vocab=64, dim=32, heads=4):
+        from user_attention_nets import Block
+
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.Sequential(Block(dim, heads, "hf"), Block(dim, heads, "hf"))
+        self.norm, self.classifier = nn.LayerNorm(dim), nn.Linear(dim, 5)
+
+    def forward(self, ids):
+        return self.classifier(self.norm(self.blocks(self.embed(ids)))[:, 0])
+
+
+def test_token_ids_and_torch_prunings_hugging_face_head_options():
+    pytest.importorskip("torch_pruning")
+    from benchmarks.zoo import tp as zoo_tp
+    from benchmarks.zoo.builders import HFClassifier, tokens
+
+    ids = tokens(64)
+    assert ids.dtype == torch.long and ids.shape == (1, 16) and int(ids.max()) == 63
+    torch.manual_seed(0)
+    model = TokenClassifier().eval()
+    found = zoo_tp.hf_attention(model)
+    assert [h for _, h in found.values()] == ["num_attention_heads"] * 2
+    for which in ("hf_bert", "hf_vit"):
+        row = zoo_sweep.run_one(which, lambda: zoo_sweep.Spec(TokenClassifier(), inputs=[ids],
+                                                              extra=dict(tp_heads=which)),
+                                0.5, "even", budget_s=60, round_to=None, target_flops=None)
+        assert row["error"] is None and row["exact"] is True and row["input"] == "16", row
+        assert row["params_merged"] < row["params"] and row["tp_error"] is None, row["tp_error"]
+        assert row["params_tp"] < row["params"]
+
+    class Backbone(nn.Module):  # a headless model whose output has a pooler_output, as CLIPVisionModel's
+        def forward(self, x):
+            return type("Out", (), {"pooler_output": x.mean(1)})()
+
+    assert HFClassifier(Backbone(), 8, 3)(torch.randn(2, 4, 8)).shape == (2, 3)
+
+
+def test_a_report_goes_into_its_own_section_and_replaces_it_on_a_rerun():
+    from benchmarks.zoo.report import put_section
+
+    doc = "# Zoo\n\n## Summary\n\nold rows\n"
+    md = "# Model-zoo sweep\n\n```bash\npython sweep.py\n```\n\n## Summary\n\none\n\n## Models\n\n| a |\n"
+    once = put_section(doc, md, "Hugging Face", "From configs.")
+    assert once.startswith(doc) and "## Hugging Face\n\nFrom configs.\n\n```bash" in once
+    assert "### Summary\n\none" in once and "### Models" in once and "# Model-zoo" not in once
+    twice = put_section(once + "\n## After\n\nkept\n", md.replace("one", "two"), "Hugging Face")
+    assert twice.count("## Hugging Face") == 1 and "one" not in twice and "### Summary\n\ntwo" in twice
+    assert twice.startswith(doc) and twice.endswith("## After\n\nkept\n")

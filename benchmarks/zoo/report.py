@@ -8,7 +8,8 @@ from typing import Callable, List, Mapping, Optional, Sequence
 
 from .compare import EXACT_REL
 
-__all__ = ["WITHIN", "COLUMNS", "both_prune", "within", "nothing_planned", "summarize", "table_row", "to_markdown"]
+__all__ = ["WITHIN", "COLUMNS", "both_prune", "within", "nothing_planned", "summarize", "table_row", "to_markdown",
+           "put_section"]
 
 WITHIN = 1.10  # "within 10 %": merged params <= 1.10 x torch-pruning's
 
@@ -163,3 +164,23 @@ def to_markdown(rows: Sequence[dict], meta: Optional[Mapping] = None) -> str:
     for r in rows:
         lines.append("| " + " | ".join(_cell(c) for c in table_row(r)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def put_section(doc: str, md: str, title: str, intro: str = "") -> str:
+    """``doc`` with the report ``md`` (:func:`to_markdown`) as its section ``## title``: the report's own title
+    dropped, its headings one level down, ``intro`` after the heading; an existing ``## title`` section (up to
+    the next ``## `` heading) is replaced, else the section is appended."""
+    body = [("#" + ln if ln.startswith("#") and not ln.startswith("# ") else ln)
+            for ln in md.splitlines() if not ln.startswith("# ")]
+    while body and not body[0].strip():
+        body.pop(0)
+    section = [f"## {title}", ""] + ([intro.strip(), ""] if intro.strip() else []) + body
+    lines = doc.rstrip("\n").splitlines()
+    head = f"## {title}"
+    if head in lines:
+        i = lines.index(head)
+        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+        lines[i:j] = section + ([""] if j < len(lines) else [])
+    else:
+        lines += [""] + section
+    return "\n".join(lines).rstrip("\n") + "\n"

@@ -1,4 +1,5 @@
-"""Plan -> collapse -> merge over torchvision's and timm's classification zoos, beside torch-pruning's count.
+"""Plan -> collapse -> merge over torchvision's and timm's classification zoos (and, with ``--source hf``,
+Hugging Face ``transformers`` models built from their configs), beside torch-pruning's count.
 
     PYTHONPATH=/work/main python benchmarks/zoo/sweep.py --keep 0.5 --method even \\
         --json /tmp/zoo.json --markdown benchmarks/zoo/ZOO.md
@@ -51,7 +52,7 @@ from benchmarks.zoo.builders import (HF_MODELS, TIMM_MODELS, Spec, default_class
 from benchmarks.zoo.compare import EXACT_REL, run_isolated, run_one, sweep  # noqa: E402,F401
 from benchmarks.zoo.isolated import StageTimeout, time_limit  # noqa: E402,F401
 from benchmarks.zoo.reasons import condense_skips, one_line  # noqa: E402,F401
-from benchmarks.zoo.report import summarize, to_markdown  # noqa: E402,F401
+from benchmarks.zoo.report import put_section, summarize, to_markdown  # noqa: E402,F401
 
 # the command line, and the pieces a script or test reaches through this module
 __all__ = ["main", "TIMM_MODELS", "Spec", "default_classifier", "timm_models", "torchvision_models", "EXACT_REL",
@@ -106,6 +107,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "native code costs one row)")
     ap.add_argument("--mem-gib", type=float, default=12.0,
                     help="memory cap of each model's process, GiB (isolated runs only; 0: none)")
+    ap.add_argument("--section", metavar="TITLE",
+                    help="write the report into --markdown as its section '## TITLE' (replaced if there, else "
+                         "appended; the rest of the file kept) instead of the whole file")
+    ap.add_argument("--intro", default="", help="with --section: a paragraph after the section's heading")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in --json (same keep, method, round_to, target_flops) and run only "
                          "the other models")
@@ -166,6 +171,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dump()
     md = to_markdown(rows, meta)
     if args.markdown:
+        if args.section:
+            doc = open(args.markdown).read() if os.path.exists(args.markdown) else ""
+            md = put_section(doc, md, args.section, args.intro)
         with open(args.markdown, "w") as f:
             f.write(md)
         s = summarize(rows)["all"]
