@@ -4,9 +4,11 @@
     python benchmarks/step/step_ab.py --so before=/tmp/old_C.so --rounds 5
 
 Each build runs in its own process (two builds cannot be loaded into one), rounds interleaved (A B A B ...),
-one intra-op thread by default. A process times the native C-SGD step on ResNet-50's parameter shapes
-(5/8 and 1/2 clusters, all singletons) against ``torch.optim.SGD(fused=True)`` on the same shapes, interleaved,
-and reports the ratio of the medians; the table gives the median ratio over the rounds. The portable build is
+one intra-op thread by default. A process times the native C-SGD step against ``torch.optim.SGD(fused=True)`` on
+the same shapes, interleaved, and reports the ratio of the medians, for: ResNet-50's parameter shapes at 5/8 and
+1/2 clusters (members scattered, as k-means gives), all singletons, 5/8 with every cluster's members adjacent
+(what ``csgd_ext.contiguous_clusters`` gives), and the demo net (ResNet-20, 65 tensors, 272k elements) at 5/8. The
+table gives, per build, the median ratio over the rounds (one process each) and its range. The portable build is
 ``CSGD_EXT_NATIVE_ARCH=0`` (no ``-march=native``), built into a temporary directory.
 """
 
@@ -25,19 +27,22 @@ from typing import Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-KEEPS = (0.625, 0.5, 1.0)
+#: (column, net, keep, members adjacent)
+CASES = (("5/8", "resnet50", 0.625, False), ("1/2", "resnet50", 0.5, False), ("singletons", "resnet50", 1.0, False),
+         ("5/8 adjacent", "resnet50", 0.625, True), ("demo net 5/8", "resnet20", 0.625, False))
 
 
 def child(threads: int, repeats: int) -> Dict[str, float]:
-    """In the build's process: median C-SGD / fused SGD step time per keep."""
+    """In the build's process: median C-SGD / fused SGD step time per case."""
     import torch
 
     from benchmarks.harness import workloads as wl
 
     torch.set_num_threads(threads)
     out = {}
-    for keep in KEEPS:
-        ws = wl.param_set("resnet50", keep)
+    for column, net, keep, adjacent in CASES:
+        ws = wl.param_set(net, keep)
+        ws = ws.contiguous() if adjacent else ws
         oc, of = wl.make_optimizer("csgd-native", ws.clone()), wl.make_optimizer("sgd-fused", ws.clone())
         for _ in range(3):
             oc.step()
@@ -50,7 +55,7 @@ def child(threads: int, repeats: int) -> Dict[str, float]:
             of.step()
             tf.append(time.perf_counter() - t1)
             tc.append(t1 - t0)
-        out[str(keep)] = statistics.median(tc) / statistics.median(tf)
+        out[column] = statistics.median(tc) / statistics.median(tf)
     import csgd_ext._C  # noqa: F401
 
     out["build"] = torch.ops.csgd_ext.build_info()
@@ -103,7 +108,7 @@ def main(argv: List[str] = None) -> int:
         if not args.no_portable:
             builds["portable"] = build_portable(tmp)
         dirs = {label: package_dir(tmp, label.replace(" ", "_"), so) for label, so in builds.items()}
-        ratios: Dict[str, Dict[str, List[float]]] = {b: {str(k): [] for k in KEEPS} for b in builds}
+        ratios: Dict[str, Dict[str, List[float]]] = {b: {c[0]: [] for c in CASES} for b in builds}
         info = {}
         for r in range(args.rounds):
             for label, d in dirs.items():
@@ -116,11 +121,12 @@ def main(argv: List[str] = None) -> int:
                     ratios[label][k].append(v)
                 print(f"round {r + 1}/{args.rounds} {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()),
                       flush=True)
-    print(f"\nResNet-50 shapes, C-SGD native step / SGD(fused=True) step, median of {args.rounds} rounds "
-          f"({args.threads} thread{'s' if args.threads > 1 else ''}):\n")
-    print("| build | 5/8 | 1/2 | singletons | build_info |\n|---|---|---|---|---|")
+    print(f"\nC-SGD native step / SGD(fused=True) step, median [min to max] of {args.rounds} rounds, one process "
+          f"each ({args.threads} thread{'s' if args.threads > 1 else ''}):\n")
+    print("| build | " + " | ".join(c[0] for c in CASES) + " | build_info |\n" + "|---" * (len(CASES) + 2) + "|")
     for label in builds:
-        cells = [f"{statistics.median(ratios[label][str(k)]):.3f}x" for k in KEEPS]
+        cells = [f"{statistics.median(v):.3f}x [{min(v):.2f} to {max(v):.2f}]"
+                 for v in (ratios[label][c[0]] for c in CASES)]
         print(f"| {label} | " + " | ".join(cells) + f" | {info[label]} |")
     return 0
 
