@@ -59,6 +59,8 @@ def assert_one_line_error(code, err, *needles):
 
 
 PRUNE = ["prune", "--model", "user_nets_for_cli:make_net", "--input-shape", "3,16,16"]
+#: the user net's layers are 8 channels wide: under the default --round-to 8 they keep their width (nothing merges)
+R1 = ["--round-to", "1"]
 
 
 @pytest.mark.parametrize("argv, needles", [
@@ -136,7 +138,8 @@ def test_prune_plans_merges_and_reloads(user_pkg, capsys):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     torch.save({"state_dict": net.state_dict()}, user_pkg / "trained.pt")
-    code, out, err = run(PRUNE + ["--keep", "0.5", "--checkpoint", "trained.pt", "--plan-out", "plan.json"], capsys)
+    code, out, err = run(PRUNE + ["--keep", "0.5", *R1, "--checkpoint", "trained.pt", "--plan-out", "plan.json"],
+                         capsys)
     assert code == 0, err
     assert "wrote plan" in out
     net.eval()
@@ -245,7 +248,7 @@ def test_zoo_model_without_checkpoint_warns_and_is_seeded(user_pkg, capsys):
 
 
 def test_reload_line_printed_by_prune_works_after_a_plain_import(user_pkg, capsys):
-    code, out, err = run(PRUNE + ["--keep", "0.5", "--out", "m.pt"], capsys)
+    code, out, err = run(PRUNE + ["--keep", "0.5", *R1, "--out", "m.pt"], capsys)
     assert code == 0, err
     line = next(ln for ln in out.splitlines() if "reload:" in ln)
     assert "csgd_ext.load_merged('m.pt', model)" in line
@@ -264,3 +267,27 @@ def test_missing_demo_extra_is_one_line_naming_the_install_command(user_pkg, cap
         code, _, err = run(argv, capsys)
         assert_one_line_error(code, err, "matplotlib", 'pip install --no-build-isolation -e ".[demo]"')
     assert not os.path.exists(user_pkg / "d")
+
+
+def test_demo_times_and_prints_channels_last_beside_nchw():
+    """The demo's latency pairs come in both layouts, and its table prints the channels-last rows (keeping the
+    NCHW rows and the column width of the others)."""
+    from csgd_ext.apps.demo import format_table, latency_layouts_ms
+    from csgd_ext.models import get_model
+
+    torch.manual_seed(0)
+    a, b = get_model("resnet20", width=0.5, in_channels=1), get_model("resnet20", width=0.25, in_channels=1)
+    lat = latency_layouts_ms(a, b, torch.randn(2, 1, 28, 28), repeats=2)
+    assert set(lat) == {"nchw", "channels_last"} and all(t > 0 for pair in lat.values() for t in pair)
+    res = {"model": "m", "n_train": 1, "n_test": 1000, "base_accuracy": 90.0, "csgd_accuracy_before_merge": 90.0,
+           "merged_accuracy": 90.0, "predictions_identical": True, "max_logit_diff": 1e-6, "params_before": 2,
+           "params_after": 1, "flops_before": 2, "flops_after": 1, "flops_reduction": 0.5,
+           "latency_ms_before": 2.0, "latency_ms_after": 1.0, "latency64_ms_before": 20.0, "latency64_ms_after": 10.0,
+           "latency_cl_ms_before": 3.0, "latency_cl_ms_after": 1.5, "latency64_cl_ms_before": 30.0,
+           "latency64_cl_ms_after": 12.0, "step_ms_csgd": 1.0, "step_ms_sgd": 1.0, "step_time_ratio": 1.0,
+           "csgd_backend": "native", "threads": 1, "wall_s": 1.0}
+    lines = format_table(res).splitlines()
+    assert "CPU latency before -> after (batch 64, median)  20.00 ms -> 10.00 ms (x2.00)" in lines
+    assert "CPU latency, channels-last (batch 1, median)    3.000 ms -> 1.500 ms" in lines
+    assert "CPU latency, channels-last (batch 64, median)   30.00 ms -> 12.00 ms (x2.50)" in lines
+    assert "model                                           m" in lines  # the key column as wide as before

@@ -42,6 +42,8 @@ def make_net():  # no BatchNorm: DDP keeps per-rank BN statistics, a single proc
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
 '''
 FAST = ["--epochs", "2", "--batch-size", "8", "--image-size", "16", "--quiet", "--export", "none"]
+#: mynet's layers are 8 channels wide: under the default --round-to 8 they keep their width (nothing merges)
+R1 = ["--round-to", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,17 @@ def test_zoo_net_on_an_image_folder(folder, tmp_path):
     assert (out / "merged.onnx").exists() if "path" in rep["exports"]["onnx"] else "not installed" in \
         rep["exports"]["onnx"]["error"]
     assert rep["classes"] == [str(i) for i in range(10)] and "20 val images" in rep["data"]
+    # the default --round-to 8: every kept width a multiple of 8 (resnet20's 16/32/64 have one)
+    plan = json.loads((out / "plan.json").read_text())
+    assert rep["round_to"] == 8 and plan["meta"]["round_to"] == 8
+    assert all(g["width_after"] % 8 == 0 and g["width_after"] < g["width_before"] for g in plan["groups"])
+    # base vs merged CPU latency in both layouts, in report.json and report.md
+    lat = rep["latency"]
+    assert lat["batch"] == 1 and lat["threads"] == 1 and lat["repeats"] > 0
+    for layout in ("nchw", "channels_last"):
+        assert lat[layout]["base_ms"] > 0 and lat[layout]["merged_ms"] > 0, layout
+    md = (out / "report.md").read_text()
+    assert "| CPU latency, batch 1, NCHW " in md and "| CPU latency, batch 1, channels-last " in md
     # the reloaded model's accuracy on the val images is the report's
     from csgd_ext.apps.fit_data import load_data
 
@@ -122,7 +135,7 @@ def test_factory_net_and_weights(folder, tmp_path, monkeypatch):
         torch.save(mynet.make_net().state_dict(), w)
         out = tmp_path / "out"
         code = run(["--model", "mynet:make_net", "--data", str(folder), "--out", str(out), "--weights", str(w),
-                    "--keep", "0.5", *FAST], cwd=folder, monkeypatch=monkeypatch)
+                    "--keep", "0.5", *FAST, *R1], cwd=folder, monkeypatch=monkeypatch)
         assert code == 0
         rep, small = check_outputs(out, mynet.make_net())
         from csgd_ext.apps.fit_data import load_data
@@ -132,7 +145,7 @@ def test_factory_net_and_weights(folder, tmp_path, monkeypatch):
         # --force starts over in that OUT: the earlier run's outputs are replaced
         stale = (out / "merged.pt").stat().st_mtime_ns
         assert run(["--model", "mynet:make_net", "--data", str(folder), "--out", str(out), "--keep", "0.75",
-                    "--force", *FAST, "--epochs", "1"], cwd=folder, monkeypatch=monkeypatch) == 0
+                    "--force", *FAST, *R1, "--epochs", "1"], cwd=folder, monkeypatch=monkeypatch) == 0
         assert (out / "merged.pt").stat().st_mtime_ns != stale
         assert json.loads((out / "report.json").read_text())["keep"] == 0.75
     finally:
@@ -230,7 +243,7 @@ def test_killed_at_random_moments_then_resumed_continues_and_gives_the_same_bits
     left; the merged weights are the uninterrupted run's, bit for bit."""
     rng = random.Random(1234)
     fit = [sys.executable, "-m", "csgd_ext", "fit", "--model", "mynet:make_net", "--data", str(folder),
-           *[a for a in FAST if a != "--quiet"], "--epochs", "3", "--batch-size", "4", "--image-size", "32"]
+           *[a for a in FAST if a != "--quiet"], *R1, "--epochs", "3", "--batch-size", "4", "--image-size", "32"]
     epochs, steps = 3, 15  # 60 images in batches of 4; loud: the killed runs print "resuming after"
     whole = Killer(fit, tmp_path / "whole", folder)
     assert not whole.run()  # uninterrupted, watched: when it wrote each checkpoint and the merged model
@@ -273,7 +286,7 @@ def test_killed_at_random_moments_then_resumed_continues_and_gives_the_same_bits
 def test_a_resume_mid_training_runs_only_the_steps_left(folder, tmp_path, monkeypatch):
     """Killed after epoch 1's checkpoint, resumed in-process: the report says it continued after epoch 1 and ran
     one epoch's steps (a resume that started over would run both epochs)."""
-    fit = [sys.executable, "-m", "csgd_ext", "fit", "--model", "mynet:make_net", "--data", str(folder), *FAST]
+    fit = [sys.executable, "-m", "csgd_ext", "fit", "--model", "mynet:make_net", "--data", str(folder), *FAST, *R1]
     k = Killer(fit, tmp_path / "out", folder)
     assert k.run(lambda k: len(k.events) == 2, want=lambda k: len(k.events) == 2)
     assert k.checkpoint_epoch() == 1
@@ -404,51 +417,68 @@ def test_resume_with_other_options_names_the_option(folder, tmp_path, capsys, mo
     assert {p: (out / p).stat().st_mtime_ns for p in os.listdir(out)} == before
 
 
-def test_target_flops_and_round_to_reach_the_plan(folder, tmp_path):
+def test_round_to_default_and_resume_of_a_run_without_rounding(folder, tmp_path, capsys, monkeypatch):
+    """A checkpoint of a run from before --round-to 8 was the default (options round_to None: no rounding) is
+    refused by a --resume with the new default, naming --round-to, and resumes with --round-to 1 (the same plan);
+    --round-to 1 plans exactly what no rounding does."""
+    from csgd_ext.apps import fit as fit_mod
+    from csgd_ext.apps.cli import build_parser
+
+    for argv in (["fit", "--model", "m", "--data", "d", "--out", "o"],
+                 ["prune", "--model", "m", "--input-shape", "1,2,2"]):
+        assert build_parser().parse_args(argv).round_to == 8, argv
     out = tmp_path / "out"
-    assert run(["--model", "resnet20", "--data", str(folder), "--out", str(out), "--target-flops", "0.5",
-                "--round-to", "8", *FAST, "--epochs", "1"]) == 0
+    old = fit_mod._options
+    monkeypatch.setattr(fit_mod, "_options", lambda args: {**old(args), "round_to": None})  # the old default
+    args = ["--model", "mynet:make_net", "--data", str(folder), "--out", str(out), *FAST, "--epochs", "1"]
+    assert run([*args, *R1], cwd=folder, monkeypatch=monkeypatch) == 0
+    monkeypatch.setattr(fit_mod, "_options", old)
+    assert json.loads((out / "plan.json").read_text())["meta"]["round_to"] is None  # 1: no rounding
+    before = {p: (out / p).stat().st_mtime_ns for p in os.listdir(out)}
+    err = bad([*args, "--resume"], capsys, cwd=folder, monkeypatch=monkeypatch)
+    assert "the checkpoint was made with --round-to 1, not 8" in err, err
+    assert {p: (out / p).stat().st_mtime_ns for p in os.listdir(out)} == before
+    assert run([*args, *R1, "--resume"], cwd=folder, monkeypatch=monkeypatch) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["target_flops"] == 0.5 and rep["round_to"] == 8 and rep["keep"] is None
-    assert 0.45 <= rep["flops_after"] / rep["flops_before"] <= 0.5
-    plan = json.loads((out / "plan.json").read_text())
-    assert all(g["width_after"] % 8 == 0 for g in plan["groups"])
+    assert rep["resumed_from"] == {"epoch": 1, "step": 7} and rep["round_to"] == 1
+    assert rep["params_after"] < rep["params_before"]  # --round-to 1: the 8-channel layers were narrowed
 
 
-def _shard(indices):
-    return {"samples": len(indices), "sha256": hashlib.sha256(",".join(map(str, indices)).encode()).hexdigest()}
+def test_fit_latency_times_both_layouts_interleaved_and_leaves_the_models_alone():
+    """fit's latency: per layout, 3 warmup forwards of each model, then rounds alternating base and merged; the
+    channels-last pass runs channels-last copies on a channels-last input, the NCHW pass the models as they are;
+    the models passed in keep their layout and training flag."""
+    from torch import nn
 
+    from csgd_ext.apps.fit import _latency, latency_line
 
-def test_torchrun_two_gloo_ranks_match_one_process(folder, tmp_path, monkeypatch):
-    """Under torchrun (2 processes, gloo on CPU) the global batch is split over the ranks, gradients are averaged
-    by DDP, and only rank 0 writes: the run reports a world size of 2, each rank's sampler gave it exactly its
-    half of every global batch (the epoch's permutation drawn as torch's DistributedSampler draws it, computed
-    here), and the two-rank run's own merged model and checkpoint equal a single process's with the same global
-    batch, to float tolerance."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
-    common = ["-m", "csgd_ext", "fit", "--model", "mynet_nobn:make_net", "--data", str(folder), *FAST]
-    assert run([*common[3:], "--out", str(tmp_path / "one")], cwd=folder, monkeypatch=monkeypatch) == 0
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          *common, "--out", str(tmp_path / "two")], cwd=folder, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
-    one_rep = json.loads((tmp_path / "one" / "report.json").read_text())
-    rep = json.loads((tmp_path / "two" / "report.json").read_text())
-    assert one_rep["world_size"] == 1 and rep["world_size"] == 2
-    n, batch, seed = 60, 8, 0  # FAST: 60 train images, global batch 8, the default seed
-    for shards in rep["data_shards"]:
-        g = torch.Generator()
-        g.manual_seed((seed * 1_000_003) % 2 ** 62 + shards["epoch"] - 1)
-        order = torch.randperm(n, generator=g).tolist()
-        batches = [order[i:i + batch] for i in range(0, n - batch + 1, batch)]  # full global batches only
-        assert shards["ranks"] == [_shard([i for b in batches for i in b[r::2]]) for r in range(2)], shards
-        assert shards["ranks"][0]["samples"] == len(batches) * batch // 2
-    assert rep["optimizer_steps"] == one_rep["optimizer_steps"] == 2 * (n // batch)
-    a, b = read_checkpoint(tmp_path / "one" / "merged.pt")["model"], read_checkpoint(tmp_path / "two" / "merged.pt")["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
-    one_ck, two_ck = read_checkpoint(tmp_path / "one" / "checkpoint.pt"), read_checkpoint(tmp_path / "two" / "checkpoint.pt")
-    assert two_ck["extra"]["epoch"] == 2 and two_ck["step"] == one_ck["step"]
-    for k in one_ck["model"]:
-        torch.testing.assert_close(two_ck["model"][k], one_ck["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    class Log(list):
+        def __deepcopy__(self, memo):  # shared by the copies fit times
+            return self
+
+    log = Log()
+
+    class Seen(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.conv, self.name, self.log = nn.Conv2d(3, 4, 3), name, log
+
+        def forward(self, x):
+            self.log.append((self.name, x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last),
+                             self.conv.weight.is_contiguous(memory_format=torch.channels_last)))
+            return self.conv(x)
+
+    a, b = Seen("base"), Seen("merged")
+    a.train()
+    lat = _latency(a, b, torch.randn(1, 3, 8, 8), threads=1)
+    n = lat["repeats"]
+    assert n > 0 and len(log) == 2 * 2 * (3 + n)
+    nchw, cl = (True, False, False), (False, True, True)  # input contiguous, input / weight channels-last
+    for i, layout in enumerate((nchw, cl)):
+        calls = log[i * 2 * (3 + n):(i + 1) * 2 * (3 + n)]
+        assert [c[0] for c in calls] == ["base"] * 3 + ["merged"] * 3 + ["base", "merged"] * n
+        assert all(c[1:] == layout for c in calls), (layout, calls)
+    assert a.training and not a.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    line = latency_line(lat)
+    assert line.startswith("CPU latency base -> merged (batch 1, 1 thread, interleaved medians): NCHW ")
+    assert "; channels-last " in line

@@ -226,5 +226,24 @@ def test_prune_cli_takes_both_flags(tmp_path, capsys):
     fails(["--target-flops", "1.5"], "--target-flops must be in (0, 1], got 1.5")
     fails(["--target-flops", "0"], "--target-flops must be in (0, 1], got 0.0")
     fails(["--keep", "0.5", "--round-to", "0"], "--round-to must be a positive integer, got 0")
-    fails(["--target-flops", "0.001"], "planning failed: target_flops=0.001 cannot be reached: the smallest merged "
-                                       "model this plan can make has 0.002 of the FLOPs")
+    fails(["--target-flops", "0.001", "--round-to", "1"],
+          "planning failed: target_flops=0.001 cannot be reached: the smallest merged model this plan can make has "
+          "0.002 of the FLOPs")
+    fails(["--target-flops", "0.001"], "has 0.120 of the FLOPs (every group at its narrowest multiple of round_to=8)")
+
+
+def test_prune_rounds_to_8_by_default_and_round_to_1_turns_it_off(tmp_path):
+    """prune's default --round-to 8; --round-to 1 plans what plan_clusters plans without rounding (stored as None)."""
+    model = csgd_ext.models.get_model("resnet20")
+    plans = {}
+    for extra in ([], ["--round-to", "1"]):
+        out = tmp_path / f"plan{len(extra)}.json"
+        assert main(["prune", "--model", "resnet20", "--input-shape", "3,32,32", "--keep", "0.625", *extra,
+                     "--plan-out", str(out)]) == 0
+        plans[len(extra)] = csgd_ext.ClusterPlan.load(out, model)
+    assert plans[0].meta["round_to"] == 8 and all(g.width_after % 8 == 0 for g in plans[0].groups)
+    torch.manual_seed(0)  # prune seeds the zoo model's initial weights with --seed 0
+    plain = csgd_ext.plan_clusters(csgd_ext.models.get_model("resnet20"), torch.zeros(1, 3, 32, 32), keep=0.625)
+    assert plans[2].meta["round_to"] is None
+    assert [(g.width_after, g.labels) for g in plans[2].groups] == [(g.width_after, g.labels) for g in plain.groups]
+    assert {g.width_after for g in plans[2].groups} == {10, 20, 40}  # 5/8 of 16, 32, 64: not all multiples of 8

@@ -2,8 +2,8 @@
 
 Trains a narrow ResNet-20 from the zoo on the embedded MNIST split, plans clusters at ``--keep`` width,
 trains with C-SGD, collapses and merges, then reports accuracy before/after, the largest logit difference,
-params/FLOPs, CPU inference latency and optimizer step time (C-SGD vs SGD, side by side). Writes
-``DIR/results.json`` and PNG plots.
+params/FLOPs, CPU inference latency (NCHW and channels-last) and optimizer step time (C-SGD vs SGD, side by
+side). Writes ``DIR/results.json`` and PNG plots.
 
 Example::
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from csgd_ext.optim import ops
 from csgd_ext.measure.flops import count_flops_params
-from csgd_ext.measure.latency import measure_latency_interleaved
+from csgd_ext.measure.latency import measure_latency_interleaved, measure_latency_layouts
 from csgd_ext.merging.merge import merge
 from csgd_ext.training.monitor import collapse
 from csgd_ext.plan.records import ClusterPlan
@@ -41,7 +41,8 @@ from csgd_ext.apps.recipes import Recipe, make_csgd, make_sgd, set_determinism, 
     train_csgd
 from csgd_ext.apps.stats import accuracy_interval, format_accuracy
 
-__all__ = ["DemoConfig", "run_demo", "format_table", "latency_pair_ms", "step_time_ms", "RESULTS_FILE"]
+__all__ = ["DemoConfig", "run_demo", "format_table", "latency_pair_ms", "latency_layouts_ms", "step_time_ms",
+           "RESULTS_FILE"]
 
 RESULTS_FILE = "results.json"
 
@@ -76,6 +77,14 @@ def latency_pair_ms(a: nn.Module, b: nn.Module, example: torch.Tensor, repeats: 
     """Median CPU latencies (ms) of ``a`` and ``b``, interleaved round by round (same load for both)."""
     r = measure_latency_interleaved({"a": a, "b": b}, example, repeats=repeats, warmup=5, threads=threads)
     return float(r["a"]["median_ms"]), float(r["b"]["median_ms"])
+
+
+def latency_layouts_ms(a: nn.Module, b: nn.Module, example: torch.Tensor, repeats: int,
+                       threads: int = 1) -> Dict[str, Tuple[float, float]]:
+    """``{"nchw": (a, b), "channels_last": (a, b)}``: median CPU latencies (ms) of ``a`` and ``b``, interleaved
+    round by round, in each memory layout (:func:`csgd_ext.measure.latency.measure_latency_layouts`)."""
+    r = measure_latency_layouts({"a": a, "b": b}, example, repeats=repeats, warmup=5, threads=threads)
+    return {k: (float(v["a"]["median_ms"]), float(v["b"]["median_ms"])) for k, v in r.items()}
 
 
 def step_time_ms(model: nn.Module, plan, cfg: DemoConfig) -> Dict[str, float]:
@@ -153,9 +162,11 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
 
     before, after = count_flops_params(base, example), count_flops_params(merged, example)
     flops_b, params_b, flops_a, params_a = before.flops, before.params, after.flops, after.params
-    lat_b, lat_a = latency_pair_ms(base, merged, example, cfg.latency_repeats, cfg.threads)
     big = split.x_test[:64]
-    lat64_b, lat64_a = latency_pair_ms(base, merged, big, max(3, cfg.latency_repeats // 2), cfg.threads)
+    lat = {batch: latency_layouts_ms(base, merged, x, repeats, cfg.threads)
+           for batch, x, repeats in ((1, example, cfg.latency_repeats), (64, big, max(3, cfg.latency_repeats // 2)))}
+    (lat_b, lat_a), (lat_cl_b, lat_cl_a) = lat[1]["nchw"], lat[1]["channels_last"]
+    (lat64_b, lat64_a), (lat64_cl_b, lat64_cl_a) = lat[64]["nchw"], lat[64]["channels_last"]
     steps = step_time_ms(base, plan, cfg)
 
     res: Dict[str, Any] = {
@@ -178,6 +189,8 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         "latency_ms_before": lat_b, "latency_ms_after": lat_a,
         "latency_batch": int(example.shape[0]),
         "latency64_ms_before": lat64_b, "latency64_ms_after": lat64_a,
+        "latency_cl_ms_before": lat_cl_b, "latency_cl_ms_after": lat_cl_a,
+        "latency64_cl_ms_before": lat64_cl_b, "latency64_cl_ms_after": lat64_cl_a,
         **steps,
         "deviation": {"steps": dev.steps, "values": dev.values},
         "threads": torch.get_num_threads(),
@@ -216,6 +229,12 @@ def format_table(res: Dict[str, Any]) -> str:
         ("CPU latency before -> after (batch 64, median)",
          f"{res['latency64_ms_before']:.2f} ms -> {res['latency64_ms_after']:.2f} ms "
          f"(x{res['latency64_ms_before'] / res['latency64_ms_after']:.2f})"),
+        *([("CPU latency, channels-last (batch 1, median)",
+            f"{res['latency_cl_ms_before']:.3f} ms -> {res['latency_cl_ms_after']:.3f} ms"),
+           ("CPU latency, channels-last (batch 64, median)",
+            f"{res['latency64_cl_ms_before']:.2f} ms -> {res['latency64_cl_ms_after']:.2f} ms "
+            f"(x{res['latency64_cl_ms_before'] / res['latency64_cl_ms_after']:.2f})")]
+          if "latency64_cl_ms_before" in res else []),
         ("optimizer step C-SGD vs SGD default (median)",
          f"{res['step_ms_csgd']:.3f} ms vs {res['step_ms_sgd']:.3f} ms "
          f"(x{res['step_time_ratio']:.2f}, backend {res['csgd_backend']})"),

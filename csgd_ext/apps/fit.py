@@ -3,7 +3,9 @@
 Plan clusters (``--keep``), evaluate the starting model, train with C-SGD (the demo's recipe: Nesterov momentum,
 cosine LR), collapse, merge, verify; write ``OUT/merged.pt`` (reload it with ``csgd_ext.load_merged``),
 ``merged.pt2`` and ``merged.onnx`` (the merged model without csgd_ext: :mod:`csgd_ext.apps.export`), ``plan.json``,
-``checkpoint.pt`` (atomic, at every epoch end), ``report.json``, ``report.md`` and plots.
+``checkpoint.pt`` (atomic, at every epoch end), ``report.json``, ``report.md`` and plots. The report and the last
+lines printed give the CPU latency of the starting and the merged model in NCHW and channels-last. ``--round-to``
+defaults to 8 (``--round-to 1``: no rounding).
 
 A run killed at any moment resumes with ``--resume`` and ends with the same merged weights, bit for bit, as an
 uninterrupted run on the same machine: everything random in an epoch (data order, augmentation, dropout) is drawn
@@ -38,6 +40,7 @@ from csgd_ext.training.monitor import collapse, deviation
 from csgd_ext.optim.ops import resolve as resolve_backend
 from csgd_ext.plan.records import ClusterPlan
 from csgd_ext.planning.planner import plan_clusters
+from csgd_ext.measure.latency import measure_latency_layouts
 from csgd_ext.measure.progress import progress
 from csgd_ext.training.loop import predict, train_model
 from csgd_ext.apps.args import CLIError, first_line, keep_fraction, non_negative_float, non_negative_int, \
@@ -46,12 +49,16 @@ from csgd_ext.apps.export import EXPORT_CHOICES, export_merged, summary
 from csgd_ext.apps.fit_data import load_data
 from csgd_ext.apps.fit_model import build_model
 from csgd_ext.apps.fit_report import write_report
+from csgd_ext.apps.prune import ROUND_TO, ROUND_TO_HELP, plan_round_to
 from csgd_ext.apps.recipes import cosine, make_csgd, set_determinism
 
 __all__ = ["register", "run_fit", "OUTPUTS"]
 
 OUTPUTS = ("merged.pt", "plan.json", "checkpoint.pt", "report.json", "report.md")
 DEPLOY = ("merged.pt2", "merged.onnx")
+#: rounds of the base-vs-merged CPU latency timing (per layout, the two models alternating)
+LATENCY_REPEATS = 20
+LAYOUT_NAMES = {"nchw": "NCHW", "channels_last": "channels-last"}
 PLOTS = ("training.png", "widths.png")
 #: the options a checkpoint must share with a --resume run (everything that changes the result)
 RESUME_KEYS = ("model", "data", "keep", "target_flops", "round_to", "epochs", "batch_size", "lr", "centripetal",
@@ -80,7 +87,8 @@ def _check_out(args) -> None:
 def _plan_kwargs(args) -> Dict[str, Any]:
     if args.keep is not None and args.target_flops is not None:
         raise CLIError("--keep and --target-flops: give one of them, not both")
-    return {"keep": args.keep, "seed": args.seed, "target_flops": args.target_flops, "round_to": args.round_to}
+    return {"keep": args.keep, "seed": args.seed, "target_flops": args.target_flops,
+            "round_to": plan_round_to(args.round_to)}
 
 
 def _autocast(args):
@@ -165,7 +173,9 @@ def _resume_options(args) -> dict:
         payload = read_checkpoint(os.path.join(args.out, "checkpoint.pt"))
     except (ValueError, OSError) as e:
         raise CLIError(f"--resume: {first_line(e)}") from None
-    saved = (payload.get("extra") or {}).get("options", {})
+    saved = dict((payload.get("extra") or {}).get("options", {}))
+    if "round_to" in saved and saved["round_to"] is None:  # a run from before --round-to 8 was the default
+        saved["round_to"] = 1  # (no rounding: the same plan)
     for k in RESUME_KEYS:
         if saved.get(k) != getattr(args, k):
             raise CLIError(f"--resume: the checkpoint was made with --{k.replace('_', '-')} {saved.get(k)!r}, "
@@ -180,6 +190,25 @@ def _start_out(out: str) -> None:
     for name in OUTPUTS + DEPLOY + PLOTS:
         if os.path.isfile(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
+
+
+def _latency(base, merged, example, threads: int) -> Dict[str, Any]:
+    """CPU latency of the starting and the merged model on one example, in NCHW and channels-last: medians of
+    ``LATENCY_REPEATS`` rounds, the two models alternating round by round (:mod:`csgd_ext.measure.latency`)."""
+    models = {"base": copy.deepcopy(base).cpu(), "merged": copy.deepcopy(merged).cpu()}
+    res = measure_latency_layouts(models, example.cpu(), repeats=LATENCY_REPEATS, warmup=3, threads=threads)
+    out: Dict[str, Any] = {"batch": int(example.shape[0]), "threads": threads, "repeats": LATENCY_REPEATS}
+    for layout, r in res.items():
+        out[layout] = {"base_ms": r["base"]["median_ms"], "merged_ms": r["merged"]["median_ms"]}
+    return out
+
+
+def latency_line(lat: Dict[str, Any]) -> str:
+    """``report["latency"]`` in one line: base -> merged per layout, with the speed-up."""
+    parts = [f"{LAYOUT_NAMES[k]} {lat[k]['base_ms']:.3g} ms -> {lat[k]['merged_ms']:.3g} ms "
+             f"(x{lat[k]['base_ms'] / lat[k]['merged_ms']:.2f})" for k in LAYOUT_NAMES if k in lat]
+    return (f"CPU latency base -> merged (batch {lat['batch']}, {lat['threads']} thread"
+            f"{'' if lat['threads'] == 1 else 's'}, interleaved medians): " + "; ".join(parts))
 
 
 class _Validation:
@@ -317,6 +346,7 @@ def run_fit(args: argparse.Namespace) -> int:
     val_acc_merged, merged_logits = validate(small, "val: merged model")
     save_checkpoint(os.path.join(args.out, "merged.pt"), model=small, plan=plan, rng=False)
     exports = export_merged(copy.deepcopy(small).cpu(), example.cpu(), os.path.join(args.out, "merged"), args.export)
+    latency = _latency(base_model, small, example, args.threads)
     report = {
         "model": args.model, "data": data.description, "classes": data.classes, "epochs": args.epochs,
         "seed": args.seed, "keep": plan.meta.get("keep"), "target_flops": args.target_flops,
@@ -326,10 +356,12 @@ def run_fit(args: argparse.Namespace) -> int:
         "max_logit_diff": float((collapsed_logits - merged_logits).abs().max()),
         "deviation_final": deviation_final, "wall_s": time.perf_counter() - t0,
         "image_size": size, "n_val": len(data.val), "history": history, "reload": rebuild,
-        "exports": exports, "resumed_from": resumed_from, "optimizer_steps": steps_run, "world_size": world, "data_shards": shards,
+        "exports": exports, "latency": latency,
+        "resumed_from": resumed_from, "optimizer_steps": steps_run, "world_size": world, "data_shards": shards,
         "versions": _versions(),
     }
     write_report(args.out, report, plan, base_model, small)
+    _say(args, latency_line(latency))
     _say(args, f"val accuracy: base {val_acc_base:.2f} %, C-SGD {val_acc_csgd:.2f} %, merged {val_acc_merged:.2f} %; "
                f"{_sizes_line(sizes)}; max logit "
                f"difference {report['max_logit_diff']:.3g}; {report['wall_s']:.0f} s; {steps_run} optimizer steps in this "
@@ -349,8 +381,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--keep", type=keep_fraction("--keep"), default=None, help="fraction of channels kept (default 0.625)")
     p.add_argument("--target-flops", type=keep_fraction("--target-flops"), default=None,
                    help="FLOPs of the merged model as a fraction of the original's, instead of --keep")
-    p.add_argument("--round-to", type=positive_int("--round-to"), default=None,
-                   help="every kept width a multiple of N")
+    p.add_argument("--round-to", type=positive_int("--round-to"), default=ROUND_TO,
+                   help=ROUND_TO_HELP)
     p.add_argument("--epochs", type=positive_int("--epochs"), default=3)
     p.add_argument("--batch-size", type=positive_int("--batch-size"), default=64)
     p.add_argument("--lr", type=positive_float("--lr"), default=0.05)

@@ -3,6 +3,9 @@
 * ``training.png``: validation accuracy and cluster deviation (log scale) per epoch;
 * ``widths.png``: every clustered group's width before and after the merge.
 
+``report.md``'s table gives the CPU latency of the starting and the merged model in NCHW and channels-last
+(``report["latency"]``: medians, the two models timed interleaved; machine-dependent).
+
 Plots need matplotlib (the ``.[demo]`` extra); without it the report says so and the rest is written.
 """
 
@@ -62,6 +65,20 @@ def _plots(out: str, report: Dict[str, Any], plan) -> List[str]:
     return paths
 
 
+def _latency_rows(lat) -> List[str]:
+    """The table's CPU latency rows (NCHW, channels-last): base and merged, with the speed-up."""
+    if not lat:
+        return []
+    rows = []
+    for key, name in (("nchw", "NCHW"), ("channels_last", "channels-last")):
+        if key in lat:
+            b, m = lat[key]["base_ms"], lat[key]["merged_ms"]
+            rows.append(f"| CPU latency, batch {lat['batch']}, {name} (median of {lat['repeats']}, {lat['threads']} "
+                        f"thread{'' if lat['threads'] == 1 else 's'}, interleaved) | {b:.3g} ms | | {m:.3g} ms "
+                        f"(x{b / m:.2f}) |")
+    return rows
+
+
 def write_report(out: str, report: Dict[str, Any], plan, base: nn.Module, small: nn.Module) -> None:
     """Write ``report.json``, ``report.md`` and the plots into ``out``."""
     report["plots"] = [os.path.basename(p) for p in _plots(out, report, plan)]
@@ -77,7 +94,7 @@ def write_report(out: str, report: Dict[str, Any], plan, base: nn.Module, small:
           f"| parameters | {r['params_before']:,} | | {r['params_after']:,} "
           f"(-{100 * (1 - r['params_after'] / r['params_before']):.1f} %) |",
           f"| FLOPs / image | {r['flops_before']:,} | | {r['flops_after']:,} "
-          f"(-{100 * (1 - r['flops_after'] / r['flops_before']):.1f} %) |", "",
+          f"(-{100 * (1 - r['flops_after'] / r['flops_before']):.1f} %) |", *_latency_rows(r.get("latency")), "",
           f"Largest logit difference, merged vs collapsed model: {r['max_logit_diff']:.3g}; cluster deviation at "
           f"collapse: {r['deviation_final']:.3g}; wall time {r['wall_s']:.0f} s.", "",
           "Reload the merged model: `csgd_ext.load_merged(\"merged.pt\", model)` with `model` = "

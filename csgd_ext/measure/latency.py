@@ -13,10 +13,13 @@ Example::
     stats["median_ms"], stats["p10_ms"], stats["p90_ms"]
     both = measure_latency_interleaved({"full": resnet56(), "slim": resnet56(width=0.625)}, x)
     both["full"]["median_ms"] / both["slim"]["median_ms"]          # speed-up, measured side by side
+    by_layout = measure_latency_layouts({"full": resnet56(), "slim": resnet56(width=0.625)}, x)
+    by_layout["channels_last"]["slim"]["median_ms"]                # the same, models and input channels-last
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -29,7 +32,10 @@ from torch import nn
 from csgd_ext.kinds.model_call import call_model
 from csgd_ext.measure.progress import progress as make_progress
 
-__all__ = ["measure_latency", "measure_latency_interleaved", "summarize_times"]
+__all__ = ["measure_latency", "measure_latency_interleaved", "measure_latency_layouts", "summarize_times", "LAYOUTS"]
+
+#: the memory layouts :func:`measure_latency_layouts` times: as given (NCHW), and channels-last (NHWC)
+LAYOUTS = ("nchw", "channels_last")
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -146,3 +152,40 @@ def measure_latency_interleaved(models: Mapping[str, nn.Module], inputs, *, repe
                 times[n].append(1e3 * (time.perf_counter() - t0))
     meta = {"repeats": repeats, "warmup": warmup, "threads": used_threads, "batch_size": _batch_size(inputs)}
     return {n: {**summarize_times(times[n]), **meta} for n in names}
+
+
+def _channels_last(inputs):
+    """``inputs`` with every 4-D tensor in channels-last memory format (others as they are)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.contiguous(memory_format=torch.channels_last) if inputs.dim() == 4 else inputs
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_channels_last(t) for t in inputs)
+    if isinstance(inputs, dict):
+        return {k: _channels_last(v) for k, v in inputs.items()}
+    return inputs
+
+
+def measure_latency_layouts(models: Mapping[str, nn.Module], inputs, *, layouts: Sequence[str] = LAYOUTS,
+                            repeats: int = 30, warmup: int = 5,
+                            threads: Optional[int] = 1) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """:func:`measure_latency_interleaved` once per memory layout: ``{layout: {name: stats}}``.
+
+    ``"nchw"`` times the models and ``inputs`` as they are; ``"channels_last"`` times copies of the models
+    converted with ``.to(memory_format=torch.channels_last)`` on the 4-D tensors of ``inputs`` made channels-last
+    (the models passed in are not changed). Within a layout the models alternate round by round.
+    """
+    if not isinstance(models, Mapping) or not models:
+        raise TypeError("models must be a non-empty mapping {name: nn.Module}")
+    for layout in layouts:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layouts: {layout!r} is not one of {LAYOUTS}")
+    _validate(models, repeats, warmup, threads)
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for layout in layouts:
+        if layout == "channels_last":
+            these = {n: copy.deepcopy(m).to(memory_format=torch.channels_last) for n, m in models.items()}
+            x = _channels_last(inputs)
+        else:
+            these, x = dict(models), inputs
+        out[layout] = measure_latency_interleaved(these, x, repeats=repeats, warmup=warmup, threads=threads)
+    return out
