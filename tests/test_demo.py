@@ -40,8 +40,9 @@ def test_demo_merge_is_lossless_and_smaller(demo_run):
     assert 0.3 < r["flops_after"] / r["flops_before"] < 0.5
     dev = r["deviation"]["values"]
     assert dev[0] > 0 and dev[-1] < 1e-4 * dev[0]
-    for key in ("base_accuracy", "latency_ms_before", "latency_ms_after", "step_ms_csgd", "step_ms_sgd",
-                "step_time_ratio"):
+    for key in ("base_accuracy", "latency_ms_before", "latency_ms_after", "latency64_ms_before",
+                "latency64_ms_after", "latency_cl_ms_before", "latency_cl_ms_after", "latency64_cl_ms_before",
+                "latency64_cl_ms_after", "step_ms_csgd", "step_ms_sgd", "step_time_ratio"):
         assert isinstance(r[key], float) and r[key] > 0, key
 
 
