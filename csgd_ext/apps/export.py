@@ -22,6 +22,7 @@ the report.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import warnings
 from typing import Dict, Optional
@@ -88,6 +89,9 @@ def export_merged(model: nn.Module, example: torch.Tensor, stem: str, which: str
         out["onnx"] = {"error": why}
         return out
     path = stem + ".onnx"
+    quiet = logging.getLogger("torch.onnx")  # e.g. "torchvision is not installed. Skipping ...", once per op
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -100,4 +104,6 @@ def export_merged(model: nn.Module, example: torch.Tensor, stem: str, which: str
         if os.path.exists(path):
             os.remove(path)
         out["onnx"] = {"error": f"ONNX export failed: {type(e).__name__}: {first_line(e)}"}
+    finally:
+        quiet.setLevel(level)
     return out
