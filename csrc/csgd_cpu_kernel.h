@@ -27,6 +27,7 @@ struct Tensor {
   const void* g;
   void* b;              // momentum buffer (nullptr without momentum)
   const int64_t* lay;   // [offsets (clusters + 1) | perm (rows)], validated; nullptr when unclustered
+  const int64_t* order; // the clusters in visiting order (nullptr: layout order)
   int64_t rows, cols, clusters;
 };
 

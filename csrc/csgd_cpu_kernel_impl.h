@@ -1,17 +1,25 @@
 // The CPU kernel's compute code, compiled once per instruction set (see csgd_cpu_kernel.h): include it with
 // CSGD_CPU_NS set to the copy's namespace and CSGD_CPU_FMA to 1 where the copy may use FMA instructions.
 //
-// Inside a clustered tile, each cluster's member rows are read once to form the column sums of g and w (fixed
-// member order: deterministic), then every member is updated while its rows are still in cache, so the
-// memory traffic per element is that of fused momentum SGD (read w, g, b; write w, b). The update of one
-// element is csgd_math.h's (torch SGD's fused multiply-adds). fp16/bf16 are computed in fp32 and rounded
-// once when stored; fp64 in fp64.
+// A clustered tile visits its clusters in the tensor's visiting order (csgd_step_cpu.cpp: by each cluster's
+// first member row, so singletons and first members go through memory in row order). Each cluster's member
+// rows are read once to form the column sums of g and w (fixed member order: deterministic, the order of the
+// CUDA device code), then every member is updated while its rows are still in cache, so the memory traffic
+// per element is that of fused momentum SGD (read w, g, b; write w, b). How a cluster's rows are walked
+// depends on where they lie (benchmarks/README.md has the measurements):
+//   * members in consecutive rows, rows up to kAdjacentMaxCols: whole rows, two passes (cluster_rows_f32):
+//     the cluster is one block of memory, read front to back;
+//   * otherwise: all members in lockstep, 16 columns at a time (cluster_cols16), so that the rows of a
+//     scattered cluster are fetched concurrently, with software prefetch of the next cluster's rows.
+// The update of one element is csgd_math.h's (torch SGD's fused multiply-adds). fp16/bf16 are computed in
+// fp32 and rounded once when stored; fp64 in fp64.
 #include "csgd_cpu_kernel.h"
 #include "csgd_math.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -86,7 +94,121 @@ inline void cluster_chunk(T* __restrict w, const T* __restrict g, T* __restrict 
   }
 }
 
-// fp32 fast path of cluster_chunk for kVec = 16 columns: 8-wide vectors (GCC vector extensions; two AVX2
+// fp32 vectors of kW lanes (GCC vector extensions): one AVX-512 register where the copy is compiled for it
+// (a -march=native build on an AVX-512 CPU), else one AVX2 register (two SSE registers in the baseline copy).
+#if defined(__AVX512F__)
+constexpr int64_t kW = 16;
+#else
+constexpr int64_t kW = 8;
+#endif
+typedef float vfloat __attribute__((vector_size(kW * sizeof(float))));
+
+struct FV {  // a struct, so that math::update finds fmadd(FV, FV, FV) below by argument-dependent lookup
+  vfloat v;
+};
+inline FV operator+(FV a, FV b) { return {a.v + b.v}; }
+inline FV operator-(FV a, FV b) { return {a.v - b.v}; }
+inline FV operator*(FV a, FV b) { return {a.v * b.v}; }
+inline FV fmadd(FV a, FV b, FV c) {
+#if CSGD_CPU_FMA && defined(__AVX512F__)
+  return {reinterpret_cast<vfloat>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a.v), reinterpret_cast<__m512>(b.v),
+                                                   reinterpret_cast<__m512>(c.v)))};
+#elif CSGD_CPU_FMA
+  return {reinterpret_cast<vfloat>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a.v), reinterpret_cast<__m256>(b.v),
+                                                   reinterpret_cast<__m256>(c.v)))};
+#else
+  FV r;
+  for (int k = 0; k < kW; ++k) r.v[k] = __builtin_fmaf(a.v[k], b.v[k], c.v[k]);
+  return r;
+#endif
+}
+inline FV splat(float x) { return {vfloat{} + x}; }
+
+inline FV loadv(const float* p) {
+  FV v;
+  std::memcpy(&v.v, p, sizeof(v.v));
+  return v;
+}
+
+inline void storev(float* p, FV v) { std::memcpy(p, &v.v, sizeof(v.v)); }
+
+constexpr int64_t kBlk = 1024;  // columns of the row buffers of cluster_rows_f32 (4 KiB each: L1)
+
+// One cluster (members mem[0..s), s >= 2) of an fp32 tensor on columns [j0, j1), in blocks of `blk` columns,
+// each in two passes over whole member rows:
+//   1. the sums of g and w over the members, in member order (0 + g_0 + g_1 + ...), into two row buffers
+//      that stay in L1; the last member's pass also turns the g sum into the mean (times sign / size);
+//   2. each member's update, one sequential sweep over its w and b (its g entered only through the mean).
+// Every member row is walked from left to right, so at most 2 rows stream at once (g and w, then w and b),
+// against 3 x s when the members were walked a few columns at a time. The arithmetic is cluster_chunk's:
+// the same sums in the same order, the same update.
+template <bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
+__attribute__((noinline)) void cluster_rows_f32(float* __restrict w, const float* __restrict g, float* __restrict b,
+                                                const int64_t* __restrict mem, int64_t s, int64_t cols, int64_t j0,
+                                                int64_t j1, const Coefs<float>& c) {
+  alignas(64) float sg[kBlk], sw[kBlk];
+  constexpr int64_t blk = kBlk;
+  const float inv = 1.0f / static_cast<float>(s), sinv = c.sign * inv;  // multiply: no vector divisions
+  const math::Coefs<FV> k{splat(c.k.neg_lr), splat(c.k.wd), splat(c.k.mom), splat(c.k.damp1), splat(c.k.cp)};
+  const FV vninv = splat(-inv), vsinv = splat(sinv), zero = splat(0.0f);
+  for (int64_t jb = j0; jb < j1; jb += blk) {
+    const int64_t n = std::min(blk, j1 - jb), nv = n / kW * kW;
+    // pass 1: sums (the first member's plus 0, as the sums start at 0)
+    {
+      const int64_t o = mem[0] * cols + jb;
+      for (int64_t j = 0; j < nv; j += kW) {
+        storev(sg + j, zero + loadv(g + o + j));
+        storev(sw + j, zero + loadv(w + o + j));
+      }
+      for (int64_t j = nv; j < n; ++j) {
+        sg[j] = 0.0f + g[o + j];
+        sw[j] = 0.0f + w[o + j];
+      }
+    }
+    for (int64_t q = 1; q + 1 < s; ++q) {
+      const int64_t o = mem[q] * cols + jb;
+      for (int64_t j = 0; j < nv; j += kW) {
+        storev(sg + j, loadv(sg + j) + loadv(g + o + j));
+        storev(sw + j, loadv(sw + j) + loadv(w + o + j));
+      }
+      for (int64_t j = nv; j < n; ++j) {
+        sg[j] += g[o + j];
+        sw[j] += w[o + j];
+      }
+    }
+    {  // the last member, and the mean
+      const int64_t o = mem[s - 1] * cols + jb;
+      for (int64_t j = 0; j < nv; j += kW) {
+        storev(sg + j, (loadv(sg + j) + loadv(g + o + j)) * vsinv);
+        storev(sw + j, loadv(sw + j) + loadv(w + o + j));
+      }
+      for (int64_t j = nv; j < n; ++j) {
+        sg[j] = (sg[j] + g[o + j]) * sinv;
+        sw[j] += w[o + j];
+      }
+    }
+    // pass 2: each member's update
+    for (int64_t q = 0; q < s; ++q) {
+      const int64_t o = mem[q] * cols + jb;
+      float* wq = w + o;
+      float* bq = MOM ? b + o : nullptr;
+      for (int64_t j = 0; j < nv; j += kW) {
+        FV bj{};
+        const FV bold = (MOM && !FIRST) ? loadv(bq + j) : FV{};
+        const FV wn = math::update<true, FV>(loadv(wq + j), loadv(sg + j), loadv(sw + j), vninv, bold, &bj,
+                                             kFlags<WD, CP, MOM, FIRST, NEST>, k);
+        if constexpr (MOM) storev(bq + j, bj);
+        storev(wq + j, wn);
+      }
+      if (nv < n) {
+        update_row<float, true, MOM, FIRST, NEST, WD, CP>(wq + nv, g + o + nv, MOM ? bq + nv : nullptr, sg + nv,
+                                                          sw + nv, -inv, n - nv, c);
+      }
+    }
+  }
+}
+
+// fp32 fast path of cluster_chunk for kVec = 16 columns on scattered members: 8-wide vectors (two AVX2
 // registers per value) keep the sums in registers; the auto-vectoriser leaves that member loop scalar.
 // Same operations in the same order as the generic version.
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -108,7 +230,7 @@ inline F8 fmadd(F8 a, F8 b, F8 c) {
   return r;
 #endif
 }
-inline F8 splat(float x) { return {f32x8{} + x}; }
+inline F8 splat8(float x) { return {f32x8{} + x}; }
 
 inline F8 load8(const float* p) {
   F8 v;
@@ -129,12 +251,13 @@ inline void update8(float* __restrict w, float* __restrict b, F8 mg, F8 sw, F8 n
 
 // Columns [j0, j1) of one cluster in chunks of 16; returns the first column not done (the tail < 16).
 // Software prefetch, each measured to help a little (5-10 %) on ResNet-50 shapes:
-// * each chunk prefetches the same columns of the next cluster's members (`nmem`, `ns`; ns = 0 for none):
-//   their rows are anywhere in the tensor, so the hardware prefetcher cannot see them coming;
+// * each chunk prefetches the same columns of the next visited cluster's members (`nmem`, `ns`; ns = 0 for
+//   none): their rows are anywhere in the tensor, so the hardware prefetcher cannot see them coming;
 // * rows of kPrefetchMin+ columns also prefetch each member's g, w and b kPrefetchAhead columns ahead: a
 //   cluster reads 3 x s row streams at once, more than the hardware prefetcher keeps ahead of.
 constexpr int64_t kPrefetchAhead = 64;  // columns (256 bytes of fp32)
 constexpr int64_t kPrefetchMin = 256;
+constexpr int64_t kAdjacentMaxCols = 1024;  // adjacent members on rows up to this long: whole-row passes
 
 template <int S, bool PF, bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict g, float* __restrict b,
@@ -142,8 +265,8 @@ inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict 
                                    const Coefs<float>& c, const int64_t* __restrict nmem, int64_t ns) {
   const int64_t s = S > 0 ? S : s_dyn;  // S > 0: the member loops are unrolled
   const float inv = 1.0f / static_cast<float>(s), sinv = c.sign * inv;  // multiply: no vector divisions
-  const math::Coefs<F8> k{splat(c.k.neg_lr), splat(c.k.wd), splat(c.k.mom), splat(c.k.damp1), splat(c.k.cp)};
-  const F8 vninv = splat(-inv), vsinv = splat(sinv);
+  const math::Coefs<F8> k{splat8(c.k.neg_lr), splat8(c.k.wd), splat8(c.k.mom), splat8(c.k.damp1), splat8(c.k.cp)};
+  const F8 vninv = splat8(-inv), vsinv = splat8(sinv);
   int64_t j = j0;
   for (; j + 16 <= j1; j += 16) {
     F8 sg0{}, sg1{}, sw0{}, sw1{};
@@ -253,7 +376,10 @@ void run_tile(const Job& job, const Tile& tl) {
     scalar_clusters<T, MOM, FIRST, NEST, WD, CP>(w, g, b, off, perm, tl.a0, tl.a1, c);
     return;
   }
-  for (int64_t cl = tl.a0; cl < tl.a1; ++cl) {
+  // clusters visited in the tensor's visiting order (ts.order: position -> cluster; nullptr: layout order)
+  const int64_t* ord = ts.order;
+  for (int64_t i = tl.a0; i < tl.a1; ++i) {
+    const int64_t cl = ord ? ord[i] : i;
     const auto [m0, m1] = members_of(off, cl);
     if (m1 - m0 == 1) {
       const int64_t o = perm[m0] * cols + tl.j0;
@@ -263,10 +389,21 @@ void run_tile(const Job& job, const Tile& tl) {
     }
     int64_t j = tl.j0;
     if constexpr (std::is_same_v<T, float>) {
-      // the next cluster's members, prefetched
-      const int64_t n1 = cl + 1 < tl.a1 ? off[cl + 2] : m1;
-      j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c, perm + m1,
-                                                   n1 - m1);
+      bool adjacent = len <= kAdjacentMaxCols;  // members in consecutive rows: one block of memory
+      for (int64_t q = m0 + 1; adjacent && q < m1; ++q) adjacent = perm[q] == perm[q - 1] + 1;
+      if (adjacent) {
+        cluster_rows_f32<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c);
+        continue;
+      }
+      // the next visited cluster's members, prefetched
+      int64_t ns = 0;
+      const int64_t* nmem = nullptr;
+      if (i + 1 < tl.a1) {
+        const auto [n0, n1] = members_of(off, ord ? ord[i + 1] : i + 1);
+        nmem = perm + n0;
+        ns = n1 - n0;
+      }
+      j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c, nmem, ns);
     } else {
       for (; j + kVec <= tl.j1; j += kVec) {
         cluster_chunk<T, kVec, MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, j, kVec, c);
