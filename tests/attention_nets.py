@@ -82,11 +82,14 @@ class HeadMajorAttention(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-norm block; ``kind`` names one of :data:`ATTENTION` (or ``"mha"``) or is a factory ``(dim, heads)``."""
+
     def __init__(self, dim, heads, kind):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.mha = kind == "mha"
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True) if self.mha else ATTENTION[kind](dim, heads)
+        make = ATTENTION[kind] if isinstance(kind, str) and not self.mha else kind
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True) if self.mha else make(dim, heads)
         self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
 
     def forward(self, x):

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import attention_nets
+
 
 class HAttention(nn.Module):
     def __init__(self, d, h):
@@ -103,35 +105,9 @@ class HFAttention(nn.Module):
 ATTENTION = {"h": HAttention, "sep": SepAttention, "q_kv": QKVAttention, "hf": HFAttention}
 
 
-class Block(nn.Module):
-    def __init__(self, dim, heads, kind):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = ATTENTION[kind](dim, heads)
-        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-class ViT(nn.Module):
-    def __init__(self, kind="h", dim=32, heads=4, depth=2, classes=10):
-        super().__init__()
-        self.patch = nn.Conv2d(1, dim, 7, 7)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(dim, heads, kind) for _ in range(depth)])
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
-
-    def forward(self, x):
-        x = self.patch(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
-        return self.head(self.norm(self.blocks(x))[:, 0])
-
-
-def vit(kind: str, **kw) -> ViT:
-    return ViT(kind, **kw)
+def vit(kind: str, **kw) -> attention_nets.ViT:
+    """The 2-block ViT of :mod:`attention_nets` with the attention ``kind`` of :data:`ATTENTION`."""
+    return attention_nets.ViT(ATTENTION[kind], **kw)
 
 
 class CausalSelfAttention(nn.Module):
