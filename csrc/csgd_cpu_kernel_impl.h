@@ -101,36 +101,49 @@ constexpr int64_t kW = 16;
 #else
 constexpr int64_t kW = 8;
 #endif
-typedef float vfloat __attribute__((vector_size(kW * sizeof(float))));
-
-struct FV {  // a struct, so that math::update finds fmadd(FV, FV, FV) below by argument-dependent lookup
-  vfloat v;
+// One struct for every width (a struct, so that math::update finds fmadd below by argument-dependent lookup):
+// FV, kW lanes, for the whole-row passes; F8, 8 lanes (two per 16-column chunk), for scattered members.
+template <int N>
+struct FVec {
+  typedef float type __attribute__((vector_size(N * sizeof(float))));
+  type v;
 };
-inline FV operator+(FV a, FV b) { return {a.v + b.v}; }
-inline FV operator-(FV a, FV b) { return {a.v - b.v}; }
-inline FV operator*(FV a, FV b) { return {a.v * b.v}; }
-inline FV fmadd(FV a, FV b, FV c) {
+template <int N>
+inline FVec<N> operator+(FVec<N> a, FVec<N> b) { return {a.v + b.v}; }
+template <int N>
+inline FVec<N> operator-(FVec<N> a, FVec<N> b) { return {a.v - b.v}; }
+template <int N>
+inline FVec<N> operator*(FVec<N> a, FVec<N> b) { return {a.v * b.v}; }
+template <int N>
+inline FVec<N> fmadd(FVec<N> a, FVec<N> b, FVec<N> c) {
 #if CSGD_CPU_FMA && defined(__AVX512F__)
-  return {reinterpret_cast<vfloat>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a.v), reinterpret_cast<__m512>(b.v),
-                                                   reinterpret_cast<__m512>(c.v)))};
-#elif CSGD_CPU_FMA
-  return {reinterpret_cast<vfloat>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a.v), reinterpret_cast<__m256>(b.v),
-                                                   reinterpret_cast<__m256>(c.v)))};
-#else
-  FV r;
-  for (int k = 0; k < kW; ++k) r.v[k] = __builtin_fmaf(a.v[k], b.v[k], c.v[k]);
-  return r;
+  if constexpr (N == 16)
+    return {reinterpret_cast<decltype(a.v)>(
+        _mm512_fmadd_ps(reinterpret_cast<__m512>(a.v), reinterpret_cast<__m512>(b.v), reinterpret_cast<__m512>(c.v)))};
 #endif
+#if CSGD_CPU_FMA
+  if constexpr (N == 8)
+    return {reinterpret_cast<decltype(a.v)>(
+        _mm256_fmadd_ps(reinterpret_cast<__m256>(a.v), reinterpret_cast<__m256>(b.v), reinterpret_cast<__m256>(c.v)))};
+#endif
+  FVec<N> r;
+  for (int k = 0; k < N; ++k) r.v[k] = __builtin_fmaf(a.v[k], b.v[k], c.v[k]);
+  return r;
 }
-inline FV splat(float x) { return {vfloat{} + x}; }
-
-inline FV loadv(const float* p) {
-  FV v;
+template <int N>
+inline FVec<N> splatv(float x) { return {typename FVec<N>::type{} + x}; }
+template <int N>
+inline FVec<N> loadv(const float* p) {
+  FVec<N> v;
   std::memcpy(&v.v, p, sizeof(v.v));
   return v;
 }
+template <int N>
+inline void storev(float* p, FVec<N> v) { std::memcpy(p, &v.v, sizeof(v.v)); }
 
-inline void storev(float* p, FV v) { std::memcpy(p, &v.v, sizeof(v.v)); }
+using FV = FVec<kW>;
+inline FV splat(float x) { return splatv<kW>(x); }
+inline FV loadv(const float* p) { return loadv<kW>(p); }
 
 constexpr int64_t kBlk = 1024;  // columns of the row buffers of cluster_rows_f32 (4 KiB each: L1)
 
@@ -211,34 +224,11 @@ __attribute__((noinline)) void cluster_rows_f32(float* __restrict w, const float
 // fp32 fast path of cluster_chunk for kVec = 16 columns on scattered members: 8-wide vectors (two AVX2
 // registers per value) keep the sums in registers; the auto-vectoriser leaves that member loop scalar.
 // Same operations in the same order as the generic version.
-typedef float f32x8 __attribute__((vector_size(32)));
 static_assert(kVec == 16, "the fp32 fast path holds 16 columns (two 8-wide vectors)");
-
-struct F8 {  // a struct, so that math::update finds fmadd(F8, F8, F8) below by argument-dependent lookup
-  f32x8 v;
-};
-inline F8 operator+(F8 a, F8 b) { return {a.v + b.v}; }
-inline F8 operator-(F8 a, F8 b) { return {a.v - b.v}; }
-inline F8 operator*(F8 a, F8 b) { return {a.v * b.v}; }
-inline F8 fmadd(F8 a, F8 b, F8 c) {
-#if CSGD_CPU_FMA
-  return {reinterpret_cast<f32x8>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a.v), reinterpret_cast<__m256>(b.v),
-                                                  reinterpret_cast<__m256>(c.v)))};
-#else
-  F8 r;
-  for (int k = 0; k < 8; ++k) r.v[k] = __builtin_fmaf(a.v[k], b.v[k], c.v[k]);
-  return r;
-#endif
-}
-inline F8 splat8(float x) { return {f32x8{} + x}; }
-
-inline F8 load8(const float* p) {
-  F8 v;
-  std::memcpy(&v.v, p, sizeof(v.v));
-  return v;
-}
-
-inline void store8(float* p, F8 v) { std::memcpy(p, &v.v, sizeof(v.v)); }
+using F8 = FVec<8>;
+inline F8 splat8(float x) { return splatv<8>(x); }
+inline F8 load8(const float* p) { return loadv<8>(p); }
+inline void store8(float* p, F8 v) { storev<8>(p, v); }
 
 template <bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 inline void update8(float* __restrict w, float* __restrict b, F8 mg, F8 sw, F8 ninv, const math::Coefs<F8>& k) {
