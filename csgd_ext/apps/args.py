@@ -59,40 +59,34 @@ def keep_fraction(flag: str):
     return _arg_type(flag, float, "a number", lambda v: check_keep(v, flag))
 
 
+def _checked(flag: str, convert, kind: str, ok):
+    """An argparse type: ``convert(text)``, which ``ok`` must accept (and be finite); errors name ``flag`` and
+    ``kind``, e.g. "--lr must be a number > 0, got -1.0"."""
+    def check(v):
+        if not math.isfinite(v) or not ok(v):
+            raise ValueError(f"{flag} must be {kind}, got {v}")
+        return v
+    return _arg_type(flag, convert, kind, check)
+
+
 def positive_int(flag: str):
     """An argparse type: an integer >= 1, errors naming ``flag``."""
-    def check(v: int) -> int:
-        if v < 1:
-            raise ValueError(f"{flag} must be a positive integer, got {v}")
-        return v
-    return _arg_type(flag, int, "a positive integer", check)
+    return _checked(flag, int, "a positive integer", lambda v: v >= 1)
 
 
 def non_negative_int(flag: str):
     """An argparse type: an integer >= 0, errors naming ``flag``."""
-    def check(v: int) -> int:
-        if v < 0:
-            raise ValueError(f"{flag} must be an integer >= 0, got {v}")
-        return v
-    return _arg_type(flag, int, "an integer >= 0", check)
-
-
-def _finite(flag: str, kind: str, ok):
-    def check(v: float) -> float:
-        if not math.isfinite(v) or not ok(v):
-            raise ValueError(f"{flag} must be {kind}, got {v}")
-        return v
-    return _arg_type(flag, float, kind, check)
+    return _checked(flag, int, "an integer >= 0", lambda v: v >= 0)
 
 
 def positive_float(flag: str):
     """An argparse type: a finite number > 0, errors naming ``flag``."""
-    return _finite(flag, "a number > 0", lambda v: v > 0)
+    return _checked(flag, float, "a number > 0", lambda v: v > 0)
 
 
 def non_negative_float(flag: str):
     """An argparse type: a finite number >= 0, errors naming ``flag``."""
-    return _finite(flag, "a number >= 0", lambda v: v >= 0)
+    return _checked(flag, float, "a number >= 0", lambda v: v >= 0)
 
 
 def check_out_dir(out: str, force: bool, files) -> None:
