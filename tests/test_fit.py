@@ -444,6 +444,56 @@ def test_round_to_default_and_resume_of_a_run_without_rounding(folder, tmp_path,
     assert rep["params_after"] < rep["params_before"]  # --round-to 1: the 8-channel layers were narrowed
 
 
+def test_target_flops_and_round_to_reach_the_plan(folder, tmp_path):
+    out = tmp_path / "out"
+    assert run(["--model", "resnet20", "--data", str(folder), "--out", str(out), "--target-flops", "0.5",
+                "--round-to", "8", *FAST, "--epochs", "1"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["target_flops"] == 0.5 and rep["round_to"] == 8 and rep["keep"] is None
+    assert 0.45 <= rep["flops_after"] / rep["flops_before"] <= 0.5
+    plan = json.loads((out / "plan.json").read_text())
+    assert all(g["width_after"] % 8 == 0 for g in plan["groups"])
+
+
+def _shard(indices):
+    return {"samples": len(indices), "sha256": hashlib.sha256(",".join(map(str, indices)).encode()).hexdigest()}
+
+
+def test_torchrun_two_gloo_ranks_match_one_process(folder, tmp_path, monkeypatch):
+    """Under torchrun (2 processes, gloo on CPU) the global batch is split over the ranks, gradients are averaged
+    by DDP, and only rank 0 writes: the run reports a world size of 2, each rank's sampler gave it exactly its
+    half of every global batch (the epoch's permutation drawn as torch's DistributedSampler draws it, computed
+    here), and the two-rank run's own merged model and checkpoint equal a single process's with the same global
+    batch, to float tolerance."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    common = ["-m", "csgd_ext", "fit", "--model", "mynet_nobn:make_net", "--data", str(folder), *FAST, *R1]
+    assert run([*common[3:], "--out", str(tmp_path / "one")], cwd=folder, monkeypatch=monkeypatch) == 0
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *common, "--out", str(tmp_path / "two")], cwd=folder, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    one_rep = json.loads((tmp_path / "one" / "report.json").read_text())
+    rep = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert one_rep["world_size"] == 1 and rep["world_size"] == 2
+    n, batch, seed = 60, 8, 0  # FAST: 60 train images, global batch 8, the default seed
+    for shards in rep["data_shards"]:
+        g = torch.Generator()
+        g.manual_seed((seed * 1_000_003) % 2 ** 62 + shards["epoch"] - 1)
+        order = torch.randperm(n, generator=g).tolist()
+        batches = [order[i:i + batch] for i in range(0, n - batch + 1, batch)]  # full global batches only
+        assert shards["ranks"] == [_shard([i for b in batches for i in b[r::2]]) for r in range(2)], shards
+        assert shards["ranks"][0]["samples"] == len(batches) * batch // 2
+    assert rep["optimizer_steps"] == one_rep["optimizer_steps"] == 2 * (n // batch)
+    a, b = read_checkpoint(tmp_path / "one" / "merged.pt")["model"], read_checkpoint(tmp_path / "two" / "merged.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    one_ck, two_ck = read_checkpoint(tmp_path / "one" / "checkpoint.pt"), read_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    assert two_ck["extra"]["epoch"] == 2 and two_ck["step"] == one_ck["step"]
+    for k in one_ck["model"]:
+        torch.testing.assert_close(two_ck["model"][k], one_ck["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_fit_latency_times_both_layouts_interleaved_and_leaves_the_models_alone():
     """fit's latency: per layout, 3 warmup forwards of each model, then rounds alternating base and merged; the
     channels-last pass runs channels-last copies on a channels-last input, the NCHW pass the models as they are;

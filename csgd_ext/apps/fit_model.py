@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from csgd_ext.kinds.model_call import set_path
 from csgd_ext.models import get_model
 from csgd_ext.apps.args import CLIError, first_line
 from csgd_ext.apps.prune import load_user_model
@@ -58,9 +59,7 @@ def _replace_classifier(model: nn.Module, classes: int) -> None:
     if found is None:
         raise CLIError("--num-classes: the model has no nn.Linear classifier to replace")
     name, lin = found
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr,
-            nn.Linear(lin.in_features, classes, bias=lin.bias is not None))
+    set_path(model, name, nn.Linear(lin.in_features, classes, bias=lin.bias is not None))
 
 
 def build_model(spec: str, channels: int, data_classes: int, num_classes: Optional[int], weights: Optional[str],

@@ -67,7 +67,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from csgd_ext.kinds.attention_probe import Trace, get_path, needs_tied_stream, trace_modules
+from csgd_ext.kinds.attention_probe import Trace, needs_tied_stream, trace_modules
+from csgd_ext.kinds.model_call import get_path, set_path
 from csgd_ext.kinds.layer_kinds import LINEAR_KIND, MHA_KIND
 
 __all__ = ["AttentionRule", "register_attention", "rule_for", "AttentionSite", "find_sites", "lift_head_labels",
@@ -399,13 +400,10 @@ def refresh_heads(model: nn.Module, dims: Dict[str, Tuple[int, Optional[Attentio
             continue
         proj = get_path(m, rule.proj)
         if rule.heads:
-            _set_path(m, rule.heads, proj.in_features // d)
+            set_path(m, rule.heads, proj.in_features // d)
         if rule.head_dim:
-            _set_path(m, rule.head_dim, d)
+            set_path(m, rule.head_dim, d)
         for a in rule.widths:
-            _set_path(m, a, proj.in_features)
+            set_path(m, a, proj.in_features)
 
 
-def _set_path(m: nn.Module, path: str, value: int) -> None:
-    owner, _, attr = path.rpartition(".")
-    setattr(get_path(m, owner) if owner else m, attr, value)

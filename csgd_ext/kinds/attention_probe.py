@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from csgd_ext.kinds.model_call import call_model
+from csgd_ext.kinds.model_call import call_model, get_path
 
-__all__ = ["Trace", "trace_modules", "needs_tied_stream", "get_path"]
+__all__ = ["Trace", "trace_modules", "needs_tied_stream"]
 
 _PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
              torch.Tensor.bmm, torch.nn.functional.scaled_dot_product_attention, torch.einsum}
@@ -47,15 +47,6 @@ class Trace:
             if len(s) == 4 and s[1] * s[3] == width and s[1] > 1:
                 count[(s[1], s[3])] = count.get((s[1], s[3]), 0) + 1
         return sorted(count, key=lambda k: -count[k])
-
-
-def get_path(m: nn.Module, path: str):
-    """The attribute at dotted ``path`` of ``m`` (None where missing)."""
-    for part in path.split("."):
-        m = getattr(m, part, None)
-        if m is None:
-            return None
-    return m
 
 
 class _Recorder(TorchFunctionMode):

@@ -28,6 +28,7 @@ from typing import Dict, List, Set, Tuple
 import torch
 from torch import nn
 
+from csgd_ext.kinds.model_call import set_path
 from csgd_ext.kinds.weight_baking import bake
 from csgd_ext.measure.flops import count_flops_params
 from csgd_ext.kinds.attention import head_dims, refresh_heads
@@ -139,7 +140,7 @@ def merge(model: nn.Module, plan) -> nn.Module:
     for name in plan.consumer_clusters():
         baked = bake(mods[name])
         if baked is not None:
-            _replace(small, name, baked)
+            set_path(small, name, baked)
             mods[name] = baked
     for name, clusters in plan.consumer_clusters().items():
         if _kind_of(plan, name) in GROUPED_CONSUMER_KINDS:
@@ -167,7 +168,7 @@ def merge(model: nn.Module, plan) -> nn.Module:
         keep_out = _kept(o, out_rm.get(name, set()), dev)
         if kind in WEIGHTED_KINDS:  # counts: the kept channels' cluster sizes (summed when weighted)
             counts = sizes[name].index_select(0, keep_out.cpu())
-            _replace(small, name, weighted_norm(m, keep_out, counts))
+            set_path(small, name, weighted_norm(m, keep_out, counts))
             continue
         keep_in = None if kind in CHANNELWISE_KINDS else _kept(i, in_rm.get(name, set()), dev)
         shrink(m, kind, keep_out, keep_in, name)
@@ -196,11 +197,6 @@ def _cluster_sizes(plan, mods) -> Dict[str, torch.Tensor]:
                 t = out[name]
                 t[index[cl[0]]] = sum(float(t[index[r]]) for r in cl)
     return out
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def merge_report(model: nn.Module, plan, example_inputs) -> dict:
