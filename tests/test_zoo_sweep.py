@@ -217,11 +217,12 @@ class TokenClassifier(nn.Module):
     output ``dense`` in a sibling) -> the first token -> ``classifier``."""
 
     def __init__(self, vocab=64, dim=32, heads=4):
-        from user_attention_nets import Block
+        from attention_nets import Block
+        from user_attention_nets import HFAttention
 
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.Sequential(Block(dim, heads, "hf"), Block(dim, heads, "hf"))
+        self.blocks = nn.Sequential(Block(dim, heads, HFAttention), Block(dim, heads, HFAttention))
         self.norm, self.classifier = nn.LayerNorm(dim), nn.Linear(dim, 5)
 
     def forward(self, ids):
