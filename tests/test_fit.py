@@ -471,7 +471,7 @@ def test_torchrun_two_gloo_ranks_match_one_process(folder, tmp_path, monkeypatch
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           *common, "--out", str(tmp_path / "two")], cwd=folder, env=env, capture_output=True,
                          text=True, timeout=300)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-12000:]  # the ranks' own errors come first
     one_rep = json.loads((tmp_path / "one" / "report.json").read_text())
     rep = json.loads((tmp_path / "two" / "report.json").read_text())
     assert one_rep["world_size"] == 1 and rep["world_size"] == 2
