@@ -99,7 +99,8 @@ void validate_layout(const int64_t* lay, int64_t k, int64_t rows, int64_t i) {
   // the fast check: two loops without data-dependent branches (a per-cluster member loop mispredicts its
   // exit on every cluster, which on norm-weight layouts cost as much as the step itself); only a layout that
   // fails it is walked again below, cluster by cluster, for the first error in the order the message names
-  std::vector<char> seen(rows, 0);
+  thread_local std::vector<char> seen;  // reused: one allocation per thread, not one per tensor and step
+  seen.assign(rows, 0);
   bool ok = true;
   for (int64_t c = 0; c < k; ++c) ok &= off[c + 1] > off[c];
   for (int64_t q = 0; ok && q < rows; ++q) {

@@ -1,7 +1,7 @@
 // CPU kernel of csgd_ext::csgd_step_: one pass over every tensor of the step (the ATen glue).
 //
-// Work is cut into tiles: an unclustered tensor into flat element ranges, a clustered tensor into
-// (cluster range x column block) tiles. Tiles run in parallel on ATen's OpenMP pool (at::parallel_for,
+// Work is cut into tiles: an unclustered tensor (or one whose every row is its own cluster: the same update)
+// into flat element ranges, a clustered tensor into (cluster range x column block) tiles. Tiles run in parallel on ATen's OpenMP pool (at::parallel_for,
 // dynamic pick-up of tiles through an atomic counter). The compute code of a tile is csgd_cpu_kernel_impl.h,
 // compiled for AVX2 + FMA and for the build's baseline; the copy is picked once from the CPU's features.
 #include "csgd_cpu_kernel.h"
@@ -92,7 +92,7 @@ std::vector<Tile> cut_tiles(const std::vector<Geom>& geoms) {
     const Geom& geo = geoms[t];
     const int64_t numel = geo.rows * geo.cols;
     if (numel == 0) continue;
-    if (geo.clusters == 0) {
+    if (geo.clusters == 0 || geo.clusters == geo.rows) {  // unclustered, or every row its own cluster: plain SGD
       for (int64_t a = 0; a < numel; a += kTileElems) {
         tiles.push_back({static_cast<int32_t>(t), false, a, std::min(numel, a + kTileElems), 0, 0});
       }
@@ -136,7 +136,8 @@ void run_cpu(const StepArgs& a) {
   // each clustered tensor's clusters in the order of their first member row (tiles are ranges of it)
   std::vector<std::vector<int64_t>> orders(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    if (geoms[i].clusters > 0 && geoms[i].cols > 1) orders[i] = first_row_order(lay[i], geoms[i]);
+    const Geom& geo = geoms[i];
+    if (geo.clusters > 0 && geo.clusters < geo.rows && geo.cols > 1) orders[i] = first_row_order(lay[i], geo);
   }
   std::vector<cpu::Tensor> ts(params.size());
   const Hyper& h = a.h;
