@@ -90,25 +90,45 @@ std::vector<Geom> check_step_args(at::TensorList params, at::TensorList grads, a
   return geoms;
 }
 
+namespace {
+
+// off[0..k] strictly increasing (integer accumulators in registers: the loops vectorise).
+bool offsets_increase(const int64_t* __restrict off, int64_t k) {
+  int64_t bad = 0;
+  for (int64_t c = 0; c < k; ++c) bad |= off[c + 1] <= off[c];
+  return bad == 0;
+}
+
+// Every perm[q] in [0, rows), and together they mark every row of `mark` (rows bytes, zeroed).
+bool marks_every_row(const int64_t* __restrict perm, int64_t rows, unsigned char* __restrict mark) {
+  uint64_t out = 0;
+  for (int64_t q = 0; q < rows; ++q) {
+    const uint64_t r = static_cast<uint64_t>(perm[q]);
+    const uint64_t here = r < static_cast<uint64_t>(rows);
+    out |= here ^ 1;
+    mark[here ? r : 0] = 1;
+  }
+  unsigned char all = 1;
+  for (int64_t r = 0; r < rows; ++r) all &= mark[r];
+  return out == 0 && all == 1;
+}
+
+}  // namespace
+
 void validate_layout(const int64_t* lay, int64_t k, int64_t rows, int64_t i) {
   const int64_t* off = lay;
   const int64_t* perm = lay + k + 1;
   TORCH_CHECK_VALUE(off[0] == 0 && off[k] == rows, "csgd_step_: layouts[", i, "] offsets must start at 0 and end at ",
                     "the row count ", rows, " (got ", off[0], " and ", off[k], ")");
   TORCH_CHECK_VALUE(rows < (int64_t(1) << 31), "csgd_step_: params[", i, "] has too many rows (2^31 or more)");
-  // the fast check: two loops without data-dependent branches (a per-cluster member loop mispredicts its
-  // exit on every cluster, which on norm-weight layouts cost as much as the step itself); only a layout that
-  // fails it is walked again below, cluster by cluster, for the first error in the order the message names
-  thread_local std::vector<char> seen;  // reused: one allocation per thread, not one per tensor and step
+  // the fast check, without data-dependent branches (a per-cluster member loop mispredicts its exit on every
+  // cluster, which on norm-weight layouts cost as much as the step itself): offsets strictly increasing, every
+  // row index in range, and every row marked. `rows` in-range indices that mark all `rows` rows are a
+  // permutation, so marking needs stores only (no read-modify-write, no test per index). Only a layout that
+  // fails is walked again below, cluster by cluster, for the first error in the order the message names.
+  thread_local std::vector<unsigned char> seen;  // reused: one allocation per thread, not one per tensor and step
   seen.assign(rows, 0);
-  bool ok = true;
-  for (int64_t c = 0; c < k; ++c) ok &= off[c + 1] > off[c];
-  for (int64_t q = 0; ok && q < rows; ++q) {
-    const int64_t r = perm[q];
-    const bool in = r >= 0 && r < rows;
-    ok = in && !seen[in ? r : 0];
-    if (in) seen[r] = 1;
-  }
+  const bool ok = offsets_increase(off, k) && marks_every_row(perm, rows, seen.data());
   if (ok) return;
   std::fill(seen.begin(), seen.end(), 0);
   for (int64_t c = 0; c < k; ++c) {

@@ -172,6 +172,27 @@ def test_op_argument_errors_name_the_offender():
           0.1, 0.0, 0.0, 0.0, False, False, 0.0, False)
 
 
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda off, perm: perm.__setitem__(3, perm[1].item()), r"layouts\[2\] lists row \d+ twice"),
+    (lambda off, perm: perm.__setitem__(0, -1), r"layouts\[2\] has row index -1 out of range \[0, 8\)"),
+    (lambda off, perm: perm.__setitem__(7, 8), r"layouts\[2\] has row index 8 out of range \[0, 8\)"),
+    (lambda off, perm: off.__setitem__(2, off[1].item()), r"layouts\[2\] offsets are not strictly increasing"),
+    (lambda off, perm: off.__setitem__(-1, 7), r"layouts\[2\] offsets must start at 0 and end at the row count 8"),
+])
+def test_a_corrupt_layout_is_refused_before_any_write(corrupt, message):
+    # the kernel's fast layout check (marks, no per-cluster branches) must catch what the slow walk names
+    f = op()
+    ps, gs, bufs, lays, *rest = _args()
+    ps[2], gs[2], bufs[2] = torch.randn(8, 3), torch.randn(8, 3), torch.randn(8, 3)
+    lay = native().native_layout(build_layout(torch.tensor([0, 1, 0, 2, 1, 3, 3, 2]))).clone()
+    off, perm = lay[:5], lay[5:]
+    corrupt(off, perm)
+    before = [t.clone() for t in ps + bufs]
+    with pytest.raises(ValueError, match=message):
+        f(ps, gs, bufs, [lays[0], None, lay], *rest)
+    assert all(torch.equal(a, b) for a, b in zip(before, ps + bufs))
+
+
 def test_mixed_dtypes_in_one_list_are_grouped_by_the_wrapper():
     ps = [torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.bfloat16)]
     qs = [p.clone() for p in ps]
