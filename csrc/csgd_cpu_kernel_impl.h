@@ -250,10 +250,13 @@ constexpr int64_t kAdjacentMaxCols = 1024;  // adjacent members on rows up to th
 template <int S, bool PF, bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict g, float* __restrict b,
                                    const int64_t* __restrict mem, int64_t s_dyn, int64_t cols, int64_t j0, int64_t j1,
-                                   const Coefs<float>& c, const math::Coefs<FV>& k, const int64_t* __restrict nmem,
-                                   int64_t ns) {
+                                   const Coefs<float>& c, const int64_t* __restrict nmem, int64_t ns) {
   const int64_t s = S > 0 ? S : s_dyn;  // S > 0: the member loops are unrolled
   const float inv = 1.0f / static_cast<float>(s), sinv = c.sign * inv;  // multiply: no vector divisions
+  // splat here, not passed in by reference: coefficients read through a pointer are reloaded after every
+  // store (w and b could alias them): ResNet-50 shapes at 5/8 took 1.58x fused SGD that way, 1.40x this way
+  // (benchmarks/step/step_ab.py, one thread, 5 and 4 rounds)
+  const math::Coefs<FV> k{splat(c.k.neg_lr), splat(c.k.wd), splat(c.k.mom), splat(c.k.damp1), splat(c.k.cp)};
   const FV vninv = splat(-inv), vsinv = splat(sinv);
   int64_t j = j0;
   for (; j + kVec <= j1; j += kVec) {
@@ -316,11 +319,10 @@ inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict 
 template <bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 __attribute__((noinline)) int64_t cluster_cols16(float* __restrict w, const float* __restrict g, float* __restrict b,
                                                  const int64_t* __restrict mem, int64_t s, int64_t cols, int64_t j0,
-                                                 int64_t j1, const Coefs<float>& c, const math::Coefs<FV>& k,
-                                                 const int64_t* nmem, int64_t ns) {
+                                                 int64_t j1, const Coefs<float>& c, const int64_t* nmem, int64_t ns) {
   const bool pf = j1 - j0 >= kPrefetchMin;
   // the common cluster sizes get unrolled member loops (a dynamic trip count costs ~1.5x in cache)
-#define CSGD_COLS16(S, PF) cluster_cols16_impl<S, PF, MOM, FIRST, NEST, WD, CP>(w, g, b, mem, s, cols, j0, j1, c, k, nmem, ns)
+#define CSGD_COLS16(S, PF) cluster_cols16_impl<S, PF, MOM, FIRST, NEST, WD, CP>(w, g, b, mem, s, cols, j0, j1, c, nmem, ns)
   if (pf) {
     switch (s) {
       case 2: return CSGD_COLS16(2, true);
@@ -394,9 +396,6 @@ void run_tile(const Job& job, const Tile& tl) {
   }
   // clusters visited in the tensor's visiting order (ts.order: position -> cluster; nullptr: layout order)
   const int64_t* ord = ts.order;
-  // the fp32 paths' coefficient vectors, splat once per tile
-  [[maybe_unused]] const math::Coefs<FV> kv{splat(c.k.neg_lr), splat(c.k.wd), splat(c.k.mom), splat(c.k.damp1),
-                                            splat(c.k.cp)};
   for (int64_t i = tl.a0; i < tl.a1; ++i) {
     const int64_t cl = ord ? ord[i] : i;
     const auto [m0, m1] = members_of(off, cl);
@@ -422,7 +421,7 @@ void run_tile(const Job& job, const Tile& tl) {
         nmem = perm + n0;
         ns = n1 - n0;
       }
-      j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c, kv, nmem, ns);
+      j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c, nmem, ns);
     } else {
       for (; j + kVec <= tl.j1; j += kVec) {
         cluster_chunk<T, kVec, MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, j, kVec, c);

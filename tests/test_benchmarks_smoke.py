@@ -163,3 +163,20 @@ def test_access_order_probe_times_every_layout(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| ") and "x (" in line]
     assert [r.split(" | ")[0][2:] for r in rows] == ["unclustered (one flat pass)", *access_order.LAYOUTS]
     assert all(r.count("x (") == 2 for r in rows)  # 1x1 and 3x3 columns
+
+
+@pytest.mark.skipif(csgd_ext.available_backends()["native"] is not None, reason="needs the native backend")
+def test_step_groups_times_every_group_both_ways(capsys):
+    """``benchmarks/step/step_groups.py`` (quoted in benchmarks/README.md) times every group of the net, with
+    the members scattered and adjacent, and the groups add up to the whole net."""
+    from benchmarks.step import step_groups
+
+    assert step_groups.main(["--net", "resnet20", "--repeats", "1"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| scattered")
+            or line.startswith("| adjacent")]
+    for members in ("| scattered", "| adjacent"):
+        mine = {r[1]: r for r in rows if r[0] == members}
+        assert set(mine) == {"unclustered", "one column (norms)", "1x1 convs", "other clustered", "all"}
+        parts = [k for k in mine if k != "all"]
+        assert sum(int(mine[k][2]) for k in parts) == int(mine["all"][2]) == len(param_set("resnet20", 0.625).params)
+        assert all(float(r[-1].rstrip("x |")) > 0 for r in mine.values())
