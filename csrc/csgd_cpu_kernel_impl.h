@@ -253,9 +253,7 @@ inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict 
                                    const Coefs<float>& c, const int64_t* __restrict nmem, int64_t ns) {
   const int64_t s = S > 0 ? S : s_dyn;  // S > 0: the member loops are unrolled
   const float inv = 1.0f / static_cast<float>(s), sinv = c.sign * inv;  // multiply: no vector divisions
-  // splat here, not passed in by reference: coefficients read through a pointer are reloaded after every
-  // store (w and b could alias them): ResNet-50 shapes at 5/8 took 1.58x fused SGD that way, 1.40x this way
-  // (benchmarks/step/step_ab.py, one thread, 5 and 4 rounds)
+  // splat here, in registers (read through a reference, they would be reloaded after every store)
   const math::Coefs<FV> k{splat(c.k.neg_lr), splat(c.k.wd), splat(c.k.mom), splat(c.k.damp1), splat(c.k.cp)};
   const FV vninv = splat(-inv), vsinv = splat(sinv);
   int64_t j = j0;
