@@ -1,9 +1,10 @@
 // CPU kernel of csgd_ext::csgd_step_: one pass over every tensor of the step (the ATen glue).
 //
 // Work is cut into tiles: an unclustered tensor (or one whose every row is its own cluster: the same update)
-// into flat element ranges, a clustered tensor into (cluster range x column block) tiles. Tiles run in parallel on ATen's OpenMP pool (at::parallel_for,
-// dynamic pick-up of tiles through an atomic counter). The compute code of a tile is csgd_cpu_kernel_impl.h,
-// compiled for AVX2 + FMA and for the build's baseline; the copy is picked once from the CPU's features.
+// into flat element ranges, a clustered tensor into (cluster range x column block) tiles. Tiles run in parallel
+// on ATen's OpenMP pool (at::parallel_for, dynamic pick-up of tiles through an atomic counter). The compute code
+// of a tile is csgd_cpu_kernel_impl.h, compiled for AVX2 + FMA and for the build's baseline; the copy is picked
+// once from the CPU's features.
 #include "csgd_cpu_kernel.h"
 #include "csgd_step.h"
 
