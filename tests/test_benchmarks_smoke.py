@@ -171,7 +171,7 @@ def test_step_groups_times_every_group_both_ways(capsys):
     the members scattered and adjacent, and the groups add up to the whole net."""
     from benchmarks.step import step_groups
 
-    assert step_groups.main(["--net", "resnet20", "--repeats", "1"]) == 0
+    assert step_groups.main(["--net", "resnet20", "--rounds", "1"]) == 0
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| scattered")
             or line.startswith("| adjacent")]
     for members in ("| scattered", "| adjacent"):

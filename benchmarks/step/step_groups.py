@@ -7,9 +7,9 @@ The parameters of ``harness.workloads.param_set`` are split into groups (1x1 con
 clustered tensors of one column such as norm weights, unclustered tensors, and all of them together), once with
 the clusters as given (members scattered, as k-means leaves them) and once made adjacent
 (``Workload.contiguous``). Each group is stepped by the raw op ``torch.ops.csgd_ext.csgd_step_`` (no Python
-wrapper) and by ``torch._fused_sgd_`` on copies of the same tensors, interleaved call by call; the table gives
-the medians and their ratio. Momentum 0.9, Nesterov, weight decay 1e-4, centripetal 3e-3 (fused SGD: no
-centripetal term).
+wrapper) and by ``torch._fused_sgd_`` on copies of the same tensors, in interleaved rounds
+(``harness.timing.interleave``); the table gives the medians and their ratio. Momentum 0.9, Nesterov, weight decay
+1e-4, centripetal 3e-3 (fused SGD: no centripetal term).
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ def groups(ws) -> Dict[str, List[int]]:
     return out
 
 
-def time_group(ws, idx: List[int], repeats: int) -> tuple:
-    """(C-SGD s, fused SGD s, elements) for the parameters ``idx`` of ``ws``: medians of interleaved calls."""
+def time_group(ws, idx: List[int], rounds: int) -> tuple:
+    """(C-SGD s, fused SGD s, elements) per call for the parameters ``idx`` of ``ws``: medians over ``rounds``
+    interleaved rounds (``harness.timing.interleave``: samples of at least 2 ms)."""
     import torch
 
+    from benchmarks.harness.timing import interleave
     from csgd_ext.optim.ops.native import native_layout
     from csgd_ext.optim.row_layout import build_layout
 
@@ -63,26 +65,15 @@ def time_group(ws, idx: List[int], repeats: int) -> tuple:
         torch._fused_sgd_(params2, grads, bufs2, weight_decay=1e-4, momentum=0.9, lr=1e-3, dampening=0.0,
                           nesterov=True, maximize=False, is_first_step=False)
 
-    for _ in range(3):
-        csgd()
-        fused()
-    tc, tf = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        csgd()
-        t1 = time.perf_counter()
-        fused()
-        tf.append(time.perf_counter() - t1)
-        tc.append(t1 - t0)
-    return statistics.median(tc), statistics.median(tf), sum(p.numel() for p in params)
-
+    times = interleave({"csgd": csgd, "fused": fused}, min_rounds=rounds, max_rounds=rounds, budget_s=1e9)
+    return times["csgd"].median, times["fused"].median, sum(p.numel() for p in params)
 
 def main(argv: List[str] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--net", default="resnet50", help="resnet50 or resnet20 (the demo net), ... (workloads)")
     ap.add_argument("--keep", type=float, default=0.625)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=31)
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds per group")
     args = ap.parse_args(argv)
     import torch
 
@@ -95,11 +86,11 @@ def main(argv: List[str] = None) -> int:
     torch.set_num_threads(args.threads)
     ws = wl.param_set(args.net, args.keep)
     print(f"{args.net} shapes, keep {args.keep}, {args.threads} thread(s): raw op vs torch._fused_sgd_, medians of "
-          f"{args.repeats} interleaved calls\n")
+          f"{args.rounds} interleaved rounds\n")
     print("| members | group | tensors | elements | C-SGD | fused SGD | ratio |\n|---|---|---|---|---|---|---|")
     for label, w in (("scattered", ws), ("adjacent", ws.contiguous())):
         for key, idx in groups(w).items():
-            c, f, n = time_group(w, idx, args.repeats)
+            c, f, n = time_group(w, idx, args.rounds)
             print(f"| {label} | {key} | {len(idx)} | {n / 1e6:.2f}M | {c * 1e3:.3f} ms | {f * 1e3:.3f} ms | "
                   f"{c / f:.2f}x |", flush=True)
     return 0
