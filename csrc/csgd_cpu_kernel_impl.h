@@ -10,7 +10,9 @@
 //   * members in consecutive rows, rows up to kAdjacentMaxCols: whole rows, two passes (cluster_rows_f32):
 //     the cluster is one block of memory, read front to back;
 //   * otherwise: all members in lockstep, 16 columns at a time (cluster_cols16), so that the rows of a
-//     scattered cluster are fetched concurrently, with software prefetch of the next cluster's rows.
+//     scattered cluster are fetched concurrently.
+// Rows that the visiting order reaches out of row order (a cluster's members after its first, unless they follow
+// the member before) are prefetched into L2 a few clusters ahead, one line per line of work (prefetch_late).
 // The update of one element is csgd_math.h's (torch SGD's fused multiply-adds). fp16/bf16 are computed in
 // fp32 and rounded once when stored; fp64 in fp64.
 #include "csgd_cpu_kernel.h"
@@ -170,6 +172,7 @@ __attribute__((noinline)) void cluster_rows_f32(float* __restrict w, const float
     {
       const int64_t o = mem[0] * cols + jb;
       for (int64_t j = 0; j < nv; j += kW) {
+        if constexpr (MOM && !FIRST) __builtin_prefetch(b + o + j, 0, 2);
         storev(sg + j, zero + loadv(g + o + j));
         storev(sw + j, zero + loadv(w + o + j));
       }
@@ -181,6 +184,7 @@ __attribute__((noinline)) void cluster_rows_f32(float* __restrict w, const float
     for (int64_t q = 1; q + 1 < s; ++q) {
       const int64_t o = mem[q] * cols + jb;
       for (int64_t j = 0; j < nv; j += kW) {
+        if constexpr (MOM && !FIRST) __builtin_prefetch(b + o + j, 0, 2);
         storev(sg + j, loadv(sg + j) + loadv(g + o + j));
         storev(sw + j, loadv(sw + j) + loadv(w + o + j));
       }
@@ -192,6 +196,7 @@ __attribute__((noinline)) void cluster_rows_f32(float* __restrict w, const float
     {  // the last member, and the mean
       const int64_t o = mem[s - 1] * cols + jb;
       for (int64_t j = 0; j < nv; j += kW) {
+        if constexpr (MOM && !FIRST) __builtin_prefetch(b + o + j, 0, 2);
         storev(sg + j, (loadv(sg + j) + loadv(g + o + j)) * vsinv);
         storev(sw + j, loadv(sw + j) + loadv(w + o + j));
       }
@@ -203,9 +208,12 @@ __attribute__((noinline)) void cluster_rows_f32(float* __restrict w, const float
     // pass 2: each member's update
     for (int64_t q = 0; q < s; ++q) {
       const int64_t o = mem[q] * cols + jb;
+      const int64_t on = (mem[s - 1] + 1 + q) * cols + jb;  // a row after the cluster's: most likely next
       float* wq = w + o;
       float* bq = MOM ? b + o : nullptr;
       for (int64_t j = 0; j < nv; j += kW) {
+        __builtin_prefetch(g + on + j, 0, 2);
+        __builtin_prefetch(w + on + j, 0, 2);
         FV bj{};
         const FV bold = (MOM && !FIRST) ? loadv(bq + j) : FV{};
         const FV wn = math::update<true, FV>(loadv(wq + j), loadv(sg + j), loadv(sw + j), vninv, bold, &bj,
@@ -238,19 +246,54 @@ inline void update_v(float* __restrict w, float* __restrict b, FV mg, FV sw, FV 
 }
 
 // Columns [j0, j1) of one cluster in chunks of 16; returns the first column not done (the tail < 16).
-// Software prefetch, each measured to help a little (5-10 %) on ResNet-50 shapes:
-// * each chunk prefetches the same columns of the next visited cluster's members (`nmem`, `ns`; ns = 0 for
-//   none): their rows are anywhere in the tensor, so the hardware prefetcher cannot see them coming;
+// Software prefetch:
+// * each chunk prefetches, into L2, the same columns of `late` (nl row offsets): the member rows of a cluster a
+//   few visits ahead that do not continue the row-order stream (csgd_step_cpu.cpp's late_rows). The hardware
+//   prefetcher cannot see them coming, and a prefetch into L1 (prefetcht0) waits on L1's few miss slots: a
+//   standalone update over 96 MB of shuffled 2 KB rows took 2.4x the in-order time, 2.2x with prefetcht0 and
+//   1.4x with prefetcht1 (benchmarks/README.md);
 // * rows of kPrefetchMin+ columns also prefetch each member's g, w and b kPrefetchAhead columns ahead: a
 //   cluster reads 3 x s row streams at once, more than the hardware prefetcher keeps ahead of.
 constexpr int64_t kPrefetchAhead = 64;  // columns (256 bytes of fp32)
 constexpr int64_t kPrefetchMin = 256;
 constexpr int64_t kAdjacentMaxCols = 1024;  // adjacent members on rows up to this long: whole-row passes
+constexpr int64_t kLateAhead = 4;  // clusters between a late row's prefetch and its use
+constexpr int kMaxLate = 8;        // late rows prefetched per visit
+
+// One 64-byte line (16 fp32 columns from column j) of g, w and (B) b of each late row (offsets of row starts),
+// into L2 (prefetcht1).
+template <bool B>
+inline void prefetch_late(const float* w, const float* g, const float* b, const int64_t* __restrict late, int64_t nl,
+                          int64_t j) {
+  for (int64_t q = 0; q < nl; ++q) {
+    __builtin_prefetch(g + late[q] + j, 0, 2);
+    __builtin_prefetch(w + late[q] + j, 0, 2);
+    if constexpr (B) __builtin_prefetch(b + late[q] + j, 0, 2);
+  }
+}
+
+// A singleton cluster's row (or any row with its own gradient) on columns [0, len), prefetching `late` on the
+// same columns as it goes (prefetch_late); the arithmetic is update_row's.
+template <bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
+inline void single_row_f32(float* __restrict w, const float* __restrict g, float* __restrict b, int64_t len,
+                           const Coefs<float>& c, const float* w0, const float* g0, const float* b0,
+                           const int64_t* __restrict late, int64_t nl, int64_t j0) {
+  int64_t j = 0;
+  if (nl > 0) {
+    for (; j + kVec <= len; j += kVec) {
+      prefetch_late<MOM && !FIRST>(w0, g0, b0, late, nl, j0 + j);
+      update_row<float, false, MOM, FIRST, NEST, WD, CP>(w + j, g + j, MOM ? b + j : nullptr, nullptr, nullptr,
+                                                         0.0f, kVec, c);
+    }
+  }
+  update_row<float, false, MOM, FIRST, NEST, WD, CP>(w + j, g + j, MOM ? b + j : nullptr, nullptr, nullptr, 0.0f,
+                                                     len - j, c);
+}
 
 template <int S, bool PF, bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict g, float* __restrict b,
                                    const int64_t* __restrict mem, int64_t s_dyn, int64_t cols, int64_t j0, int64_t j1,
-                                   const Coefs<float>& c, const int64_t* __restrict nmem, int64_t ns) {
+                                   const Coefs<float>& c, const int64_t* __restrict late, int64_t nl) {
   const int64_t s = S > 0 ? S : s_dyn;  // S > 0: the member loops are unrolled
   const float inv = 1.0f / static_cast<float>(s), sinv = c.sign * inv;  // multiply: no vector divisions
   // splat here, in registers (read through a reference, they would be reloaded after every store)
@@ -260,12 +303,7 @@ inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict 
   for (; j + kVec <= j1; j += kVec) {
     FV sg[kNV], sw[kNV];
     for (int v = 0; v < kNV; ++v) sg[v] = sw[v] = FV{};
-    for (int64_t q = 0; q < ns; ++q) {
-      const int64_t o = nmem[q] * cols + j;
-      __builtin_prefetch(g + o);
-      __builtin_prefetch(w + o);
-      if constexpr (MOM && !FIRST) __builtin_prefetch(b + o);
-    }
+    prefetch_late<MOM && !FIRST>(w, g, b, late, nl, j);
     for (int64_t q = 0; q < s; ++q) {
       const int64_t o = mem[q] * cols + j;
       if constexpr (PF) {  // may run past the row: prefetches never fault
@@ -317,10 +355,10 @@ inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict 
 template <bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 __attribute__((noinline)) int64_t cluster_cols16(float* __restrict w, const float* __restrict g, float* __restrict b,
                                                  const int64_t* __restrict mem, int64_t s, int64_t cols, int64_t j0,
-                                                 int64_t j1, const Coefs<float>& c, const int64_t* nmem, int64_t ns) {
+                                                 int64_t j1, const Coefs<float>& c, const int64_t* late, int64_t nl) {
   const bool pf = j1 - j0 >= kPrefetchMin;
   // the common cluster sizes get unrolled member loops (a dynamic trip count costs ~1.5x in cache)
-#define CSGD_COLS16(S, PF) cluster_cols16_impl<S, PF, MOM, FIRST, NEST, WD, CP>(w, g, b, mem, s, cols, j0, j1, c, nmem, ns)
+#define CSGD_COLS16(S, PF) cluster_cols16_impl<S, PF, MOM, FIRST, NEST, WD, CP>(w, g, b, mem, s, cols, j0, j1, c, late, nl)
   if (pf) {
     switch (s) {
       case 2: return CSGD_COLS16(2, true);
@@ -340,6 +378,23 @@ __attribute__((noinline)) int64_t cluster_cols16(float* __restrict w, const floa
 
 // The member range [m0, m1) of cluster `cl` (layouts are validated before the step starts).
 inline std::pair<int64_t, int64_t> members_of(const int64_t* __restrict off, int64_t cl) { return {off[cl], off[cl + 1]}; }
+
+// The late rows of the cluster at visiting position `pos`, as row offsets (row * cols) into `out` (at most
+// kMaxLate): its members that do not continue the row-order stream, i.e. neither its first (lowest) row, which
+// the visiting order reaches in row order, nor a row right after the member before it (an adjacent run).
+inline int64_t late_rows(const int64_t* __restrict off, const int64_t* __restrict perm, const int64_t* ord,
+                         int64_t pos, int64_t cols, int64_t* out) {
+  const auto [m0, m1] = members_of(off, ord ? ord[pos] : pos);
+  if (m1 - m0 < 2) return 0;
+  int64_t lo = perm[m0];
+  for (int64_t q = m0 + 1; q < m1; ++q) lo = std::min(lo, perm[q]);
+  int64_t n = 0;
+  for (int64_t q = m0; q < m1 && n < kMaxLate; ++q) {
+    const int64_t r = perm[q];
+    if (r != lo && !(q > m0 && r == perm[q - 1] + 1)) out[n++] = r * cols;
+  }
+  return n;
+}
 
 // Clusters [c0, c1) of a tensor with one element per row (norm weights and biases): a scalar loop, without
 // the per-cluster set-up of the column-chunk path (same operations in the same order).
@@ -397,36 +452,41 @@ void run_tile(const Job& job, const Tile& tl) {
   for (int64_t i = tl.a0; i < tl.a1; ++i) {
     const int64_t cl = ord ? ord[i] : i;
     const auto [m0, m1] = members_of(off, cl);
-    if (m1 - m0 == 1) {
-      const int64_t o = perm[m0] * cols + tl.j0;
-      update_row<T, false, MOM, FIRST, NEST, WD, CP>(w + o, g + o, MOM ? b + o : nullptr, nullptr, nullptr, A(0), len,
-                                                     c);
-      continue;
-    }
-    int64_t j = tl.j0;
     if constexpr (std::is_same_v<T, float>) {
+      // the late rows of the cluster kLateAhead visits ahead (past the tile too: tiles run in order)
+      int64_t late[kMaxLate];
+      const int64_t nl = i + kLateAhead < ts.clusters ? late_rows(off, perm, ord, i + kLateAhead, cols, late) : 0;
+      if (m1 - m0 == 1) {
+        const int64_t o = perm[m0] * cols + tl.j0;
+        single_row_f32<MOM, FIRST, NEST, WD, CP>(w + o, g + o, MOM ? b + o : nullptr, len, c, w, g, b, late, nl,
+                                                 tl.j0);
+        continue;
+      }
       bool adjacent = len <= kAdjacentMaxCols;  // members in consecutive rows: one block of memory
       for (int64_t q = m0 + 1; adjacent && q < m1; ++q) adjacent = perm[q] == perm[q - 1] + 1;
       if (adjacent) {
         cluster_rows_f32<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c);
         continue;
       }
-      // the next visited cluster's members, prefetched
-      int64_t ns = 0;
-      const int64_t* nmem = nullptr;
-      if (i + 1 < tl.a1) {
-        const auto [n0, n1] = members_of(off, ord ? ord[i + 1] : i + 1);
-        nmem = perm + n0;
-        ns = n1 - n0;
+      int64_t j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c,
+                                                           late, nl);
+      if (j < tl.j1) {
+        cluster_chunk<T, 0, MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, j, tl.j1 - j, c);
       }
-      j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c, nmem, ns);
     } else {
+      if (m1 - m0 == 1) {
+        const int64_t o = perm[m0] * cols + tl.j0;
+        update_row<T, false, MOM, FIRST, NEST, WD, CP>(w + o, g + o, MOM ? b + o : nullptr, nullptr, nullptr, A(0),
+                                                       len, c);
+        continue;
+      }
+      int64_t j = tl.j0;
       for (; j + kVec <= tl.j1; j += kVec) {
         cluster_chunk<T, kVec, MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, j, kVec, c);
       }
-    }
-    if (j < tl.j1) {
-      cluster_chunk<T, 0, MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, j, tl.j1 - j, c);
+      if (j < tl.j1) {
+        cluster_chunk<T, 0, MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, j, tl.j1 - j, c);
+      }
     }
   }
 }
