@@ -1,11 +1,12 @@
 // CPU kernel of csgd_ext::csgd_step_: one pass over every tensor of the step (the ATen glue).
 //
-// Work is cut into tiles: an unclustered tensor (or one whose every row is its own cluster: the same update)
-// into flat element ranges, a clustered tensor into (cluster range x column block) tiles. Tiles run in parallel
-// on ATen's OpenMP pool (at::parallel_for, dynamic pick-up of tiles through an atomic counter). The compute code
-// of a tile is csgd_cpu_kernel_impl.h, compiled for AVX2 + FMA and for the build's baseline; the copy is picked
-// once from the CPU's features.
+// Work is cut into tiles (csgd_cpu_tiles.h): an unclustered tensor (or one whose every row is its own cluster:
+// the same update) into flat element ranges, a clustered tensor into (cluster range x column block) tiles. Tiles
+// run in parallel on ATen's OpenMP pool (at::parallel_for, dynamic pick-up of tiles through an atomic counter).
+// The compute code of a tile is csgd_cpu_kernel_impl.h, compiled for AVX2 + FMA and for the build's baseline;
+// the copy is picked once from the CPU's features.
 #include "csgd_cpu_kernel.h"
+#include "csgd_cpu_tiles.h"
 #include "csgd_step.h"
 
 #include <ATen/Parallel.h>
@@ -42,15 +43,12 @@ namespace {
 
 using cpu::Tile;
 
-constexpr int64_t kTileElems = 16384;  // target elements per tile (~64 KiB of w for fp32)
-constexpr int64_t kMinCols = 64;       // smallest column block of a big cluster
-
 void run_tiles(const std::vector<Tile>& tiles, const cpu::Job& job, const std::vector<Geom>& geoms) {
   const cpu::TileFn fn = cpu::pick_isa() == cpu::Isa::avx2 ? cpu::cpu_avx2::pick(job) : cpu::cpu_base::pick(job);
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
   int64_t total = 0;
   for (const Geom& geo : geoms) total += geo.rows * geo.cols;
-  if (total <= 2 * kTileElems || at::get_num_threads() == 1 || at::in_parallel_region()) {
+  if (total <= 2 * cpu::kTileElems || at::get_num_threads() == 1 || at::in_parallel_region()) {
     for (const Tile& tl : tiles) fn(job, tl);
     return;
   }
@@ -62,60 +60,6 @@ void run_tiles(const std::vector<Tile>& tiles, const cpu::Job& job, const std::v
       fn(job, tiles[i]);
     }
   });
-}
-
-// The clusters of a validated layout in the order of their first (lowest) member row. Visiting them in this
-// order walks singletons and first members through memory front to back; in layout order (cluster id order,
-// which k-means leaves random) every cluster is a jump, and rows visited in random order cost up to twice
-// as much as the same rows in order (benchmarks/README.md). Clusters are independent, so the order does not
-// change any result.
-std::vector<int64_t> first_row_order(const int64_t* lay, const Geom& geo) {
-  const int64_t* off = lay;
-  const int64_t* perm = lay + geo.clusters + 1;
-  std::vector<int64_t> at(geo.rows, -1);  // row -> the cluster whose first member it is
-  for (int64_t c = 0; c < geo.clusters; ++c) {
-    int64_t r = perm[off[c]];
-    for (int64_t q = off[c] + 1; q < off[c + 1]; ++q) r = std::min(r, perm[q]);
-    at[r] = c;
-  }
-  std::vector<int64_t> order;
-  order.reserve(geo.clusters);
-  for (int64_t r = 0; r < geo.rows; ++r) {
-    if (at[r] >= 0) order.push_back(at[r]);
-  }
-  return order;
-}
-
-// Cut every tensor into tiles of about kTileElems elements.
-std::vector<Tile> cut_tiles(const std::vector<Geom>& geoms) {
-  std::vector<Tile> tiles;
-  for (size_t t = 0; t < geoms.size(); ++t) {
-    const Geom& geo = geoms[t];
-    const int64_t numel = geo.rows * geo.cols;
-    if (numel == 0) continue;
-    if (geo.clusters == 0 || geo.clusters == geo.rows) {  // unclustered, or every row its own cluster: plain SGD
-      for (int64_t a = 0; a < numel; a += kTileElems) {
-        tiles.push_back({static_cast<int32_t>(t), false, a, std::min(numel, a + kTileElems), 0, 0});
-      }
-      continue;
-    }
-    const int64_t avg = std::max<int64_t>(1, (geo.rows + geo.clusters - 1) / geo.clusters);
-    int64_t block = geo.cols;
-    int64_t per_tile = 1;
-    if (avg * geo.cols > kTileElems) {
-      block = std::max(kMinCols, (kTileElems / avg) / kMinCols * kMinCols);
-      block = std::min(block, geo.cols);
-    } else {
-      per_tile = std::max<int64_t>(1, kTileElems / (avg * geo.cols));
-    }
-    for (int64_t c0 = 0; c0 < geo.clusters; c0 += per_tile) {
-      const int64_t c1 = std::min(geo.clusters, c0 + per_tile);
-      for (int64_t j0 = 0; j0 < geo.cols; j0 += block) {
-        tiles.push_back({static_cast<int32_t>(t), true, c0, c1, j0, std::min(geo.cols, j0 + block)});
-      }
-    }
-  }
-  return tiles;
 }
 
 void run_cpu(const StepArgs& a) {
@@ -133,12 +77,14 @@ void run_cpu(const StepArgs& a) {
       validate_layout(lay[i], geoms[i].clusters, geoms[i].rows, static_cast<int64_t>(i));  // before any write
     }
   }
-  const std::vector<Tile> tiles = cut_tiles(geoms);
+  const std::vector<Tile> tiles = cpu::cut_tiles(geoms);
   // each clustered tensor's clusters in the order of their first member row (tiles are ranges of it)
   std::vector<std::vector<int64_t>> orders(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const Geom& geo = geoms[i];
-    if (geo.clusters > 0 && geo.clusters < geo.rows && geo.cols > 1) orders[i] = first_row_order(lay[i], geo);
+    if (geo.clusters > 0 && geo.clusters < geo.rows && geo.cols > 1) {
+      orders[i] = cpu::first_row_order(lay[i], geo.rows, geo.clusters);
+    }
   }
   std::vector<cpu::Tensor> ts(params.size());
   const Hyper& h = a.h;

@@ -180,3 +180,34 @@ def test_step_groups_times_every_group_both_ways(capsys):
         parts = [k for k in mine if k != "all"]
         assert sum(int(mine[k][2]) for k in parts) == int(mine["all"][2]) == len(param_set("resnet20", 0.625).params)
         assert all(float(r[-1].rstrip("x |")) > 0 for r in mine.values())
+
+
+@pytest.mark.skipif(csgd_ext.available_backends()["native"] is not None, reason="needs the native backend")
+def test_kernel_ab_compiles_two_revisions_and_times_every_case(capsys, monkeypatch):
+    """``benchmarks/step/kernel_ab.py`` (quoted in benchmarks/README.md) builds HEAD's kernel and the working tree's
+    into one program and reports every case, for every process, on the whole net."""
+    from benchmarks.step import kernel_ab
+
+    monkeypatch.setenv("CXXFLAGS", "-O0")  # the plumbing, not the speed: compiles in seconds
+    assert kernel_ab.main(["--net", "tiny", "--processes", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    numel = sum(p.numel() for p in param_set("tiny", 0.625).params)
+    for label, _, _ in kernel_ab.CASES:
+        runs = [line for line in out.splitlines() if line.startswith(f"{label}, process ")]
+        assert len(runs) == 2 and all(f"({numel / 1e6:.1f}M elements)" in r for r in runs)
+        row = [line for line in out.splitlines() if line.startswith(f"| {label} |")]
+        assert len(row) == 1 and all(float(c.split("x")[0]) > 0 for c in row[0].split(" | ")[1:])
+
+
+def test_kernel_ab_refuses_a_base_with_other_shared_headers():
+    """Both kernels are compiled against the working tree's csgd_math.h and csgd_cpu_kernel.h: a revision whose
+    own differ is refused by name, not compiled against the wrong arithmetic."""
+    from benchmarks.step import kernel_ab
+
+    changes = kernel_ab.git("log", "--format=%H", "--", "csrc/csgd_math.h").split()
+    if not changes:
+        pytest.skip("needs the git history of csrc/csgd_math.h")
+    older = f"{changes[0]}~1"  # before its latest change (here: before it existed)
+    with pytest.raises(SystemExit, match="csrc/csgd_math.h differ"):
+        kernel_ab.kernel_at(older)
+    assert "namespace CSGD_CPU_NS" in kernel_ab.kernel_at("HEAD")
