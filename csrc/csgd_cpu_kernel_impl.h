@@ -1,18 +1,14 @@
 // The CPU kernel's compute code, compiled once per instruction set (see csgd_cpu_kernel.h): include it with
 // CSGD_CPU_NS set to the copy's namespace and CSGD_CPU_FMA to 1 where the copy may use FMA instructions.
 //
-// A clustered tile visits its clusters in the tensor's visiting order (csgd_step_cpu.cpp: by each cluster's
-// first member row, so singletons and first members go through memory in row order). Each cluster's member
-// rows are read once to form the column sums of g and w (fixed member order: deterministic, the order of the
-// CUDA device code), then every member is updated while its rows are still in cache, so the memory traffic
-// per element is that of fused momentum SGD (read w, g, b; write w, b). How a cluster's rows are walked
-// depends on where they lie (benchmarks/README.md has the measurements):
-//   * members in consecutive rows, rows up to kAdjacentMaxCols: whole rows, two passes (cluster_rows_f32):
-//     the cluster is one block of memory, read front to back;
-//   * otherwise: all members in lockstep, 16 columns at a time (cluster_cols16), so that the rows of a
-//     scattered cluster are fetched concurrently.
-// Rows that the visiting order reaches out of row order (a cluster's members after its first, unless they follow
-// the member before) are prefetched into L2 a few clusters ahead, one line per line of work (prefetch_late).
+// A clustered tile visits its clusters in the tensor's visiting order (csgd_cpu_tiles.h: by each cluster's first
+// member row, so singletons and first members go through memory in row order). Each cluster is walked 16 columns
+// at a time across all its members (cluster_cols16): the column sums of g and w over the members, in a fixed member
+// order (deterministic, the order of the CUDA device code), then every member's update while its chunk is still
+// in registers, so the memory traffic per element is that of fused momentum SGD (read w, g, b; write w, b). While
+// it works, every member row of the next visited cluster is prefetched into L2, one line per line of work
+// (prefetch_ahead): the hardware prefetcher does not follow 3 x (members) row streams that jump around the tensor
+// (benchmarks/README.md has the measurements).
 // The update of one element is csgd_math.h's (torch SGD's fused multiply-adds). fp16/bf16 are computed in
 // fp32 and rounded once when stored; fp64 in fp64.
 #include "csgd_cpu_kernel.h"
@@ -147,92 +143,9 @@ using FV = FVec<kW>;
 inline FV splat(float x) { return splatv<kW>(x); }
 inline FV loadv(const float* p) { return loadv<kW>(p); }
 
-constexpr int64_t kBlk = 1024;  // columns of the row buffers of cluster_rows_f32 (4 KiB each: L1)
-
-// One cluster (members mem[0..s), s >= 2) of an fp32 tensor on columns [j0, j1), in blocks of `blk` columns,
-// each in two passes over whole member rows:
-//   1. the sums of g and w over the members, in member order (0 + g_0 + g_1 + ...), into two row buffers
-//      that stay in L1; the last member's pass also turns the g sum into the mean (times sign / size);
-//   2. each member's update, one sequential sweep over its w and b (its g entered only through the mean).
-// Every member row is walked from left to right, so at most 2 rows stream at once (g and w, then w and b),
-// against 3 x s when the members were walked a few columns at a time. The arithmetic is cluster_chunk's:
-// the same sums in the same order, the same update.
-template <bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
-__attribute__((noinline)) void cluster_rows_f32(float* __restrict w, const float* __restrict g, float* __restrict b,
-                                                const int64_t* __restrict mem, int64_t s, int64_t cols, int64_t j0,
-                                                int64_t j1, const Coefs<float>& c) {
-  alignas(64) float sg[kBlk], sw[kBlk];
-  constexpr int64_t blk = kBlk;
-  const float inv = 1.0f / static_cast<float>(s), sinv = c.sign * inv;  // multiply: no vector divisions
-  const math::Coefs<FV> k{splat(c.k.neg_lr), splat(c.k.wd), splat(c.k.mom), splat(c.k.damp1), splat(c.k.cp)};
-  const FV vninv = splat(-inv), vsinv = splat(sinv), zero = splat(0.0f);
-  for (int64_t jb = j0; jb < j1; jb += blk) {
-    const int64_t n = std::min(blk, j1 - jb), nv = n / kW * kW;
-    // pass 1: sums (the first member's plus 0, as the sums start at 0)
-    {
-      const int64_t o = mem[0] * cols + jb;
-      for (int64_t j = 0; j < nv; j += kW) {
-        if constexpr (MOM && !FIRST) __builtin_prefetch(b + o + j, 0, 2);
-        storev(sg + j, zero + loadv(g + o + j));
-        storev(sw + j, zero + loadv(w + o + j));
-      }
-      for (int64_t j = nv; j < n; ++j) {
-        sg[j] = 0.0f + g[o + j];
-        sw[j] = 0.0f + w[o + j];
-      }
-    }
-    for (int64_t q = 1; q + 1 < s; ++q) {
-      const int64_t o = mem[q] * cols + jb;
-      for (int64_t j = 0; j < nv; j += kW) {
-        if constexpr (MOM && !FIRST) __builtin_prefetch(b + o + j, 0, 2);
-        storev(sg + j, loadv(sg + j) + loadv(g + o + j));
-        storev(sw + j, loadv(sw + j) + loadv(w + o + j));
-      }
-      for (int64_t j = nv; j < n; ++j) {
-        sg[j] += g[o + j];
-        sw[j] += w[o + j];
-      }
-    }
-    {  // the last member, and the mean
-      const int64_t o = mem[s - 1] * cols + jb;
-      for (int64_t j = 0; j < nv; j += kW) {
-        if constexpr (MOM && !FIRST) __builtin_prefetch(b + o + j, 0, 2);
-        storev(sg + j, (loadv(sg + j) + loadv(g + o + j)) * vsinv);
-        storev(sw + j, loadv(sw + j) + loadv(w + o + j));
-      }
-      for (int64_t j = nv; j < n; ++j) {
-        sg[j] = (sg[j] + g[o + j]) * sinv;
-        sw[j] += w[o + j];
-      }
-    }
-    // pass 2: each member's update
-    for (int64_t q = 0; q < s; ++q) {
-      const int64_t o = mem[q] * cols + jb;
-      const int64_t on = (mem[s - 1] + 1 + q) * cols + jb;  // a row after the cluster's: most likely next
-      float* wq = w + o;
-      float* bq = MOM ? b + o : nullptr;
-      for (int64_t j = 0; j < nv; j += kW) {
-        __builtin_prefetch(g + on + j, 0, 2);
-        __builtin_prefetch(w + on + j, 0, 2);
-        FV bj{};
-        const FV bold = (MOM && !FIRST) ? loadv(bq + j) : FV{};
-        const FV wn = math::update<true, FV>(loadv(wq + j), loadv(sg + j), loadv(sw + j), vninv, bold, &bj,
-                                             kFlags<WD, CP, MOM, FIRST, NEST>, k);
-        if constexpr (MOM) storev(bq + j, bj);
-        storev(wq + j, wn);
-      }
-      if (nv < n) {
-        update_row<float, true, MOM, FIRST, NEST, WD, CP>(wq + nv, g + o + nv, MOM ? bq + nv : nullptr, sg + nv,
-                                                          sw + nv, -inv, n - nv, c);
-      }
-    }
-  }
-}
-
-// fp32 fast path of cluster_chunk for kVec = 16 columns on scattered members: the sums held in registers, as
-// kNV vectors of kW lanes (one AVX-512 register per value where the copy is compiled for it, two AVX2
-// registers otherwise); the auto-vectoriser leaves that member loop scalar. Same operations in the same order
-// as the generic version.
+// fp32 fast path of cluster_chunk for kVec = 16 columns: the sums held in registers, as kNV vectors of kW lanes
+// (one AVX-512 register per value where the copy is compiled for it, two AVX2 registers otherwise); the
+// auto-vectoriser leaves that member loop scalar. Same operations in the same order as the generic version.
 static_assert(kVec % kW == 0, "a cluster chunk is whole vectors");
 constexpr int kNV = static_cast<int>(kVec / kW);
 
@@ -247,41 +160,38 @@ inline void update_v(float* __restrict w, float* __restrict b, FV mg, FV sw, FV 
 
 // Columns [j0, j1) of one cluster in chunks of 16; returns the first column not done (the tail < 16).
 // Software prefetch:
-// * each chunk prefetches, into L2, the same columns of `late` (nl row offsets): the member rows of a cluster a
-//   few visits ahead that do not continue the row-order stream (csgd_step_cpu.cpp's late_rows). The hardware
-//   prefetcher cannot see them coming, and a prefetch into L1 (prefetcht0) waits on L1's few miss slots: a
-//   standalone update over 96 MB of shuffled 2 KB rows took 2.4x the in-order time, 2.2x with prefetcht0 and
-//   1.4x with prefetcht1 (benchmarks/README.md);
-// * rows of kPrefetchMin+ columns also prefetch each member's g, w and b kPrefetchAhead columns ahead: a
-//   cluster reads 3 x s row streams at once, more than the hardware prefetcher keeps ahead of.
+// * each chunk prefetches, into L2 (prefetcht1), the same columns of `ahead` (na row offsets): the member rows of
+//   the next visited cluster. A prefetch into L1 (prefetcht0, __builtin_prefetch's default) waits on L1's few
+//   miss slots: a standalone update over 96 MB of shuffled 2 KB rows took 2.4x the in-order time, 2.2x with
+//   prefetcht0 and 1.1x to 1.4x with prefetcht1; on ResNet-50's shapes, prefetching the next cluster's rows
+//   beat prefetching only its out-of-order rows, or rows 2 or 4 clusters ahead (benchmarks/README.md);
+// * rows of kPrefetchMin+ columns also prefetch each member's g, w and b kPrefetchAhead columns ahead.
 constexpr int64_t kPrefetchAhead = 64;  // columns (256 bytes of fp32)
 constexpr int64_t kPrefetchMin = 256;
-constexpr int64_t kAdjacentMaxCols = 1024;  // adjacent members on rows up to this long: whole-row passes
-constexpr int64_t kLateAhead = 4;  // clusters between a late row's prefetch and its use
-constexpr int kMaxLate = 8;        // late rows prefetched per visit
+constexpr int kMaxAhead = 8;            // rows of the next cluster prefetched (its first 8 members)
 
-// One 64-byte line (16 fp32 columns from column j) of g, w and (B) b of each late row (offsets of row starts),
-// into L2 (prefetcht1).
+// One 64-byte line (16 fp32 columns from column j) of g, w and (B) b of each row in `ahead` (offsets of row
+// starts), into L2 (prefetcht1).
 template <bool B>
-inline void prefetch_late(const float* w, const float* g, const float* b, const int64_t* __restrict late, int64_t nl,
-                          int64_t j) {
-  for (int64_t q = 0; q < nl; ++q) {
-    __builtin_prefetch(g + late[q] + j, 0, 2);
-    __builtin_prefetch(w + late[q] + j, 0, 2);
-    if constexpr (B) __builtin_prefetch(b + late[q] + j, 0, 2);
+inline void prefetch_ahead(const float* w, const float* g, const float* b, const int64_t* __restrict ahead,
+                           int64_t na, int64_t j) {
+  for (int64_t q = 0; q < na; ++q) {
+    __builtin_prefetch(g + ahead[q] + j, 0, 2);
+    __builtin_prefetch(w + ahead[q] + j, 0, 2);
+    if constexpr (B) __builtin_prefetch(b + ahead[q] + j, 0, 2);
   }
 }
 
-// A singleton cluster's row (or any row with its own gradient) on columns [0, len), prefetching `late` on the
-// same columns as it goes (prefetch_late); the arithmetic is update_row's.
+// A singleton cluster's row on columns [0, len) (its own gradient), prefetching `ahead` on the same columns as it
+// goes (prefetch_ahead; w0, g0, b0 are the tensor's, j0 the row's first column); the arithmetic is update_row's.
 template <bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 inline void single_row_f32(float* __restrict w, const float* __restrict g, float* __restrict b, int64_t len,
                            const Coefs<float>& c, const float* w0, const float* g0, const float* b0,
-                           const int64_t* __restrict late, int64_t nl, int64_t j0) {
+                           const int64_t* __restrict ahead, int64_t na, int64_t j0) {
   int64_t j = 0;
-  if (nl > 0) {
+  if (na > 0) {
     for (; j + kVec <= len; j += kVec) {
-      prefetch_late<MOM && !FIRST>(w0, g0, b0, late, nl, j0 + j);
+      prefetch_ahead<MOM && !FIRST>(w0, g0, b0, ahead, na, j0 + j);
       update_row<float, false, MOM, FIRST, NEST, WD, CP>(w + j, g + j, MOM ? b + j : nullptr, nullptr, nullptr,
                                                          0.0f, kVec, c);
     }
@@ -293,7 +203,7 @@ inline void single_row_f32(float* __restrict w, const float* __restrict g, float
 template <int S, bool PF, bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict g, float* __restrict b,
                                    const int64_t* __restrict mem, int64_t s_dyn, int64_t cols, int64_t j0, int64_t j1,
-                                   const Coefs<float>& c, const int64_t* __restrict late, int64_t nl) {
+                                   const Coefs<float>& c, const int64_t* __restrict ahead, int64_t na) {
   const int64_t s = S > 0 ? S : s_dyn;  // S > 0: the member loops are unrolled
   const float inv = 1.0f / static_cast<float>(s), sinv = c.sign * inv;  // multiply: no vector divisions
   // splat here, in registers (read through a reference, they would be reloaded after every store)
@@ -303,7 +213,7 @@ inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict 
   for (; j + kVec <= j1; j += kVec) {
     FV sg[kNV], sw[kNV];
     for (int v = 0; v < kNV; ++v) sg[v] = sw[v] = FV{};
-    prefetch_late<MOM && !FIRST>(w, g, b, late, nl, j);
+    prefetch_ahead<MOM && !FIRST>(w, g, b, ahead, na, j);
     for (int64_t q = 0; q < s; ++q) {
       const int64_t o = mem[q] * cols + j;
       if constexpr (PF) {  // may run past the row: prefetches never fault
@@ -355,10 +265,10 @@ inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict 
 template <bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 __attribute__((noinline)) int64_t cluster_cols16(float* __restrict w, const float* __restrict g, float* __restrict b,
                                                  const int64_t* __restrict mem, int64_t s, int64_t cols, int64_t j0,
-                                                 int64_t j1, const Coefs<float>& c, const int64_t* late, int64_t nl) {
+                                                 int64_t j1, const Coefs<float>& c, const int64_t* ahead, int64_t na) {
   const bool pf = j1 - j0 >= kPrefetchMin;
   // the common cluster sizes get unrolled member loops (a dynamic trip count costs ~1.5x in cache)
-#define CSGD_COLS16(S, PF) cluster_cols16_impl<S, PF, MOM, FIRST, NEST, WD, CP>(w, g, b, mem, s, cols, j0, j1, c, late, nl)
+#define CSGD_COLS16(S, PF) cluster_cols16_impl<S, PF, MOM, FIRST, NEST, WD, CP>(w, g, b, mem, s, cols, j0, j1, c, ahead, na)
   if (pf) {
     switch (s) {
       case 2: return CSGD_COLS16(2, true);
@@ -379,20 +289,13 @@ __attribute__((noinline)) int64_t cluster_cols16(float* __restrict w, const floa
 // The member range [m0, m1) of cluster `cl` (layouts are validated before the step starts).
 inline std::pair<int64_t, int64_t> members_of(const int64_t* __restrict off, int64_t cl) { return {off[cl], off[cl + 1]}; }
 
-// The late rows of the cluster at visiting position `pos`, as row offsets (row * cols) into `out` (at most
-// kMaxLate): its members that do not continue the row-order stream, i.e. neither its first (lowest) row, which
-// the visiting order reaches in row order, nor a row right after the member before it (an adjacent run).
-inline int64_t late_rows(const int64_t* __restrict off, const int64_t* __restrict perm, const int64_t* ord,
-                         int64_t pos, int64_t cols, int64_t* out) {
+// The member rows of the cluster at visiting position `pos` (its first kMaxAhead), as row offsets (row * cols)
+// into `out`; returns how many.
+inline int64_t rows_at(const int64_t* __restrict off, const int64_t* __restrict perm, const int64_t* ord, int64_t pos,
+                       int64_t cols, int64_t* out) {
   const auto [m0, m1] = members_of(off, ord ? ord[pos] : pos);
-  if (m1 - m0 < 2) return 0;
-  int64_t lo = perm[m0];
-  for (int64_t q = m0 + 1; q < m1; ++q) lo = std::min(lo, perm[q]);
-  int64_t n = 0;
-  for (int64_t q = m0; q < m1 && n < kMaxLate; ++q) {
-    const int64_t r = perm[q];
-    if (r != lo && !(q > m0 && r == perm[q - 1] + 1)) out[n++] = r * cols;
-  }
+  const int64_t n = std::min<int64_t>(m1 - m0, kMaxAhead);
+  for (int64_t q = 0; q < n; ++q) out[q] = perm[m0 + q] * cols;
   return n;
 }
 
@@ -453,23 +356,17 @@ void run_tile(const Job& job, const Tile& tl) {
     const int64_t cl = ord ? ord[i] : i;
     const auto [m0, m1] = members_of(off, cl);
     if constexpr (std::is_same_v<T, float>) {
-      // the late rows of the cluster kLateAhead visits ahead (past the tile too: tiles run in order)
-      int64_t late[kMaxLate];
-      const int64_t nl = i + kLateAhead < ts.clusters ? late_rows(off, perm, ord, i + kLateAhead, cols, late) : 0;
+      // the rows of the next visited cluster (past the tile too: tiles run in order)
+      int64_t ahead[kMaxAhead];
+      const int64_t na = i + 1 < ts.clusters ? rows_at(off, perm, ord, i + 1, cols, ahead) : 0;
       if (m1 - m0 == 1) {
         const int64_t o = perm[m0] * cols + tl.j0;
-        single_row_f32<MOM, FIRST, NEST, WD, CP>(w + o, g + o, MOM ? b + o : nullptr, len, c, w, g, b, late, nl,
+        single_row_f32<MOM, FIRST, NEST, WD, CP>(w + o, g + o, MOM ? b + o : nullptr, len, c, w, g, b, ahead, na,
                                                  tl.j0);
         continue;
       }
-      bool adjacent = len <= kAdjacentMaxCols;  // members in consecutive rows: one block of memory
-      for (int64_t q = m0 + 1; adjacent && q < m1; ++q) adjacent = perm[q] == perm[q - 1] + 1;
-      if (adjacent) {
-        cluster_rows_f32<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c);
-        continue;
-      }
-      int64_t j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c,
-                                                           late, nl);
+      const int64_t j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c,
+                                                                 ahead, na);
       if (j < tl.j1) {
         cluster_chunk<T, 0, MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, j, tl.j1 - j, c);
       }

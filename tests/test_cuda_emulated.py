@@ -78,8 +78,8 @@ def test_bitwise_equal_to_cpu_kernel(dtype, hp):
 
 @pytest.mark.parametrize("hp", HPS, ids=["nesterov", "dampened-maximize", "plain"])
 def test_adjacent_members_bitwise_equal_to_cpu_kernel(hp):
-    """Clusters of up to 8 consecutive rows (what ``contiguous_clusters`` gives), which the CPU kernel walks in two
-    whole-row passes on rows up to 1024 columns and in lockstep beyond: every bit agrees with the CUDA code."""
+    """Clusters of up to 8 consecutive rows (what ``contiguous_clusters`` gives), on short and long rows, with the
+    next cluster's rows prefetched by the CPU kernel as it goes: every bit agrees with the CUDA code."""
     gen = torch.Generator().manual_seed(3)
     n = 48
     shapes = [(n, c) for c in (1, 7, 16, 17, 64, 511, 1024, 1025, 2048)]
