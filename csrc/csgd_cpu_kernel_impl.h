@@ -165,10 +165,8 @@ inline void update_v(float* __restrict w, float* __restrict b, FV mg, FV sw, FV 
 //   miss slots: a standalone update over 96 MB of shuffled 2 KB rows took 2.4x the in-order time, 2.2x with
 //   prefetcht0 and 1.1x to 1.4x with prefetcht1; on ResNet-50's shapes, prefetching the next cluster's rows
 //   beat prefetching only its out-of-order rows, or rows 2 or 4 clusters ahead (benchmarks/README.md);
-// * rows of kPrefetchMin+ columns also prefetch each member's g, w and b kPrefetchAhead columns ahead.
-constexpr int64_t kPrefetchAhead = 64;  // columns (256 bytes of fp32)
-constexpr int64_t kPrefetchMin = 256;
-constexpr int kMaxAhead = 8;            // rows of the next cluster prefetched (its first 8 members)
+// * nothing else: prefetching each member's own rows 64 columns ahead into L1 as well made no difference.
+constexpr int kMaxAhead = 8;  // rows of the next cluster prefetched (its first 8 members)
 
 // One 64-byte line (16 fp32 columns from column j) of g, w and (B) b of each row in `ahead` (offsets of row
 // starts), into L2 (prefetcht1).
@@ -200,7 +198,7 @@ inline void single_row_f32(float* __restrict w, const float* __restrict g, float
                                                      len - j, c);
 }
 
-template <int S, bool PF, bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
+template <int S, bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict g, float* __restrict b,
                                    const int64_t* __restrict mem, int64_t s_dyn, int64_t cols, int64_t j0, int64_t j1,
                                    const Coefs<float>& c, const int64_t* __restrict ahead, int64_t na) {
@@ -216,11 +214,6 @@ inline int64_t cluster_cols16_impl(float* __restrict w, const float* __restrict 
     prefetch_ahead<MOM && !FIRST>(w, g, b, ahead, na, j);
     for (int64_t q = 0; q < s; ++q) {
       const int64_t o = mem[q] * cols + j;
-      if constexpr (PF) {  // may run past the row: prefetches never fault
-        __builtin_prefetch(g + o + kPrefetchAhead);
-        __builtin_prefetch(w + o + kPrefetchAhead);
-        if constexpr (MOM && !FIRST) __builtin_prefetch(b + o + kPrefetchAhead);
-      }
       for (int v = 0; v < kNV; ++v) {
         sg[v] = sg[v] + loadv(g + o + v * kW);
         sw[v] = sw[v] + loadv(w + o + v * kW);
@@ -266,22 +259,13 @@ template <bool MOM, bool FIRST, bool NEST, bool WD, bool CP>
 __attribute__((noinline)) int64_t cluster_cols16(float* __restrict w, const float* __restrict g, float* __restrict b,
                                                  const int64_t* __restrict mem, int64_t s, int64_t cols, int64_t j0,
                                                  int64_t j1, const Coefs<float>& c, const int64_t* ahead, int64_t na) {
-  const bool pf = j1 - j0 >= kPrefetchMin;
   // the common cluster sizes get unrolled member loops (a dynamic trip count costs ~1.5x in cache)
-#define CSGD_COLS16(S, PF) cluster_cols16_impl<S, PF, MOM, FIRST, NEST, WD, CP>(w, g, b, mem, s, cols, j0, j1, c, ahead, na)
-  if (pf) {
-    switch (s) {
-      case 2: return CSGD_COLS16(2, true);
-      case 3: return CSGD_COLS16(3, true);
-      case 4: return CSGD_COLS16(4, true);
-      default: return CSGD_COLS16(0, true);
-    }
-  }
+#define CSGD_COLS16(S) cluster_cols16_impl<S, MOM, FIRST, NEST, WD, CP>(w, g, b, mem, s, cols, j0, j1, c, ahead, na)
   switch (s) {
-    case 2: return CSGD_COLS16(2, false);
-    case 3: return CSGD_COLS16(3, false);
-    case 4: return CSGD_COLS16(4, false);
-    default: return CSGD_COLS16(0, false);
+    case 2: return CSGD_COLS16(2);
+    case 3: return CSGD_COLS16(3);
+    case 4: return CSGD_COLS16(4);
+    default: return CSGD_COLS16(0);
   }
 #undef CSGD_COLS16
 }
