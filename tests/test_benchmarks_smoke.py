@@ -211,3 +211,31 @@ def test_kernel_ab_refuses_a_base_with_other_shared_headers():
     with pytest.raises(SystemExit, match="csrc/csgd_math.h differ"):
         kernel_ab.kernel_at(older)
     assert "namespace CSGD_CPU_NS" in kernel_ab.kernel_at("HEAD")
+
+
+@pytest.mark.skipif(csgd_ext.available_backends()["native"] is not None, reason="needs the native backend")
+def test_step_ab_runs_the_build_it_names(tmp_path):
+    """``step_ab.py --so LABEL=PATH`` times the extension at PATH whatever the file is called: its package copy
+    loads that file (not the working tree's build through an editable install), and a process that loaded another
+    build refuses to time it."""
+    import shutil
+    import subprocess
+
+    import csgd_ext._C as ext
+    from benchmarks.step import step_ab
+
+    so = tmp_path / "other_build.so"
+    shutil.copy(ext.__file__, so)
+    d = step_ab.package_dir(str(tmp_path), "label", str(so))
+    probe = "import sys; from benchmarks.step.step_ab import check_loaded; check_loaded(sys.argv[1])"
+
+    def loads(root):
+        return subprocess.run([sys.executable, "-c", probe, root], cwd=root, capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=root))
+
+    ok = loads(d)
+    assert ok.returncode == 0, ok.stderr
+    os.remove(os.path.join(d, "csgd_ext", os.path.basename(ext.__file__)))
+    shutil.copy(so, os.path.join(d, "csgd_ext", "other_build.so"))  # the old copy: the file's own name
+    bad = loads(d)
+    assert bad.returncode != 0 and "step_ab:" in bad.stderr
