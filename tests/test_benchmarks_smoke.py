@@ -239,3 +239,19 @@ def test_step_ab_runs_the_build_it_names(tmp_path):
     shutil.copy(so, os.path.join(d, "csgd_ext", "other_build.so"))  # the old copy: the file's own name
     bad = loads(d)
     assert bad.returncode != 0 and "step_ab:" in bad.stderr
+
+
+def test_prefetch_probe_reports_every_walk_per_row_length(capsys):
+    """``benchmarks/step/prefetch_probe.py`` (quoted in benchmarks/README.md) compiles and runs its probe and
+    reports every walk but the in-order one (the reference) for every row length asked for."""
+    import shutil
+
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("needs a C compiler")
+    from benchmarks.step import prefetch_probe
+
+    assert prefetch_probe.main(["--cols", "16,64", "--mb", "2", "--rounds", "1", "--processes", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| shuffled")]
+    assert len(rows) == 5 and all(r.count("x [") == 2 for r in rows)
+    with pytest.raises(SystemExit, match="multiples of 16"):
+        prefetch_probe.main(["--cols", "20"])
