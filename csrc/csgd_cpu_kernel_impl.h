@@ -162,9 +162,9 @@ inline void update_v(float* __restrict w, float* __restrict b, FV mg, FV sw, FV 
 // Software prefetch:
 // * each chunk prefetches, into L2 (prefetcht1), the same columns of `ahead` (na row offsets): the member rows of
 //   the next visited cluster. A prefetch into L1 (prefetcht0, __builtin_prefetch's default) waits on L1's few
-//   miss slots: a standalone update over 96 MB of shuffled 2 KB rows took 2.4x the in-order time, 2.2x with
-//   prefetcht0 and 1.1x to 1.4x with prefetcht1; on ResNet-50's shapes, prefetching the next cluster's rows
-//   beat prefetching only its out-of-order rows, or rows 2 or 4 clusters ahead (benchmarks/README.md);
+//   miss slots: on the development VM, shuffled 2 KB rows took 2.3x the in-order time, 2.0x with prefetcht0 and
+//   1.3x to 1.45x with prefetcht1 (benchmarks/step/prefetch_probe.py); on ResNet-50's shapes, prefetching all
+//   rows of the next cluster beat prefetching only out-of-order rows, and rows further ahead (kernel_ab.py);
 // * nothing else: prefetching each member's own rows 64 columns ahead into L1 as well made no difference.
 constexpr int kMaxAhead = 8;  // rows of the next cluster prefetched (its first 8 members)
 
