@@ -43,6 +43,11 @@ namespace {
 
 using cpu::Tile;
 
+// Tiles a thread takes at a time (consecutive, so that it walks memory in runs of about 512 KiB of w, not one
+// tile of 64 KiB of every two). Two threads on ResNet-50's shapes, step_ab.py in two runs: 5/8 scattered 1.18x to
+// 1.22x fused SGD with 1 -> 1.11x to 1.13x with 8 (16: the same), and without the slow rounds of 2.4x.
+constexpr int64_t kTilesPerGrab = 8;
+
 void run_tiles(const std::vector<Tile>& tiles, const cpu::Job& job, const std::vector<Geom>& geoms) {
   const cpu::TileFn fn = cpu::pick_isa() == cpu::Isa::avx2 ? cpu::cpu_avx2::pick(job) : cpu::cpu_base::pick(job);
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
@@ -55,9 +60,9 @@ void run_tiles(const std::vector<Tile>& tiles, const cpu::Job& job, const std::v
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     for (;;) {
-      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= ntiles) break;
-      fn(job, tiles[i]);
+      const int64_t i0 = next.fetch_add(kTilesPerGrab, std::memory_order_relaxed);
+      if (i0 >= ntiles) break;
+      for (int64_t i = i0; i < std::min(ntiles, i0 + kTilesPerGrab); ++i) fn(job, tiles[i]);
     }
   });
 }
