@@ -5,14 +5,14 @@
 //   kernel_ab WORKLOAD ROUNDS [by-cols]
 //
 // The workload file, int64 little-endian: the tensor count, then per tensor rows, cols, clusters and, when
-// clusters > 0, its layout ([offsets | perm], validated by csgd_ext before it was written). Each round steps every
-// tensor once with revision A, once with revision B and once as plain SGD (B's unclustered path: "flat"), in a
-// rotating order, through the glue's own tiles (csgd_cpu_tiles.h), on one thread, fp32, momentum 0.9, Nesterov,
-// weight decay 1e-4, centripetal 3e-3, on the same w, g and b: physical placement, which moves whole-step
-// times by tens of percent between processes on a shared VM, is the same for all three. The arrays are allocated
-// as a training process allocates them: every tensor's w and g, then every momentum buffer (allocating each
-// tensor's three arrays back to back made plain SGD 20 % to 30 % slower here, and every ratio larger). Prints one JSON line:
-// median ms per step of a, b and flat, and with by-cols the seconds per step of each, per row length.
+// clusters > 0, its layout ([offsets | perm], as csgd_ext's native_layout gives it: not checked here). Each round
+// steps every tensor once with revision A, once with revision B and once as plain SGD (B's unclustered path:
+// "flat"), in a rotating order, through the glue's own tiles (csgd_cpu_tiles.h), on one thread, fp32, momentum
+// 0.9, Nesterov, weight decay 1e-4, centripetal 3e-3, on the same w, g and b: physical placement, which moves
+// whole-step times by tens of percent between processes on a shared VM, is the same for all three. The arrays are
+// allocated as a training process allocates them: every tensor's w and g, then every momentum buffer (each
+// tensor's three arrays back to back made plain SGD 20 % to 30 % slower here, and every ratio larger). Prints one
+// JSON line: median ms per step of a, b and flat, and with by-cols the seconds per step of each, per row length.
 #include "csgd_cpu_kernel.h"
 #include "csgd_cpu_tiles.h"
 
@@ -100,26 +100,25 @@ int main(int argc, char** argv) {
     if (g.clusters > 0) {
       lays[i].resize(g.clusters + 1 + g.rows);
       for (auto& v : lays[i]) v = read_i64(f);
-      if (g.clusters < g.rows && g.cols > 1) orders[i] = csgd_ext::cpu::first_row_order(lays[i].data(), g.rows, g.clusters);
+      if (g.clusters < g.rows && g.cols > 1) {
+        orders[i] = csgd_ext::cpu::first_row_order(lays[i].data(), g.rows, g.clusters);
+      }
     }
   }
   std::fclose(f);
-  std::vector<Tensor> tc(n), tf(n);
-  std::vector<float*> W(n), GR(n), BB(n);
+  std::vector<float*> w(n), gr(n), b(n);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t e = geoms[i].rows * geoms[i].cols;
-    W[i] = filled(e, 0.05f, 7919);
-    GR[i] = filled(e, 0.01f, 104729);
+    w[i] = filled(e, 0.05f, 7919);
+    gr[i] = filled(e, 0.01f, 104729);
   }
-  for (int64_t i = 0; i < n; ++i) BB[i] = filled(geoms[i].rows * geoms[i].cols, 0.001f, 31);
+  for (int64_t i = 0; i < n; ++i) b[i] = filled(geoms[i].rows * geoms[i].cols, 0.001f, 31);
+  std::vector<Tensor> tc(n), tf(n);
   for (int64_t i = 0; i < n; ++i) {
     const Geo& g = geoms[i];
-    float* w = W[i];
-    float* gr = GR[i];
-    float* b = BB[i];
-    tc[i] = Tensor{w, gr, b, g.clusters ? lays[i].data() : nullptr, orders[i].empty() ? nullptr : orders[i].data(),
-                   g.rows, g.cols, g.clusters};
-    tf[i] = Tensor{w, gr, b, nullptr, nullptr, g.rows, g.cols, 0};
+    tc[i] = Tensor{w[i], gr[i], b[i], g.clusters ? lays[i].data() : nullptr,
+                   orders[i].empty() ? nullptr : orders[i].data(), g.rows, g.cols, g.clusters};
+    tf[i] = Tensor{w[i], gr[i], b[i], nullptr, nullptr, g.rows, g.cols, 0};
   }
   const std::vector<Tile> tiles = csgd_ext::cpu::cut_tiles(geoms), ftiles = csgd_ext::cpu::cut_tiles(flat);
   const Job jc{tc.data(), Dtype::f32, 1e-3, 1e-4, 0.9, 0.0, 3e-3, true, false, false};
