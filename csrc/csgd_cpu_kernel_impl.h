@@ -100,7 +100,7 @@ constexpr int64_t kW = 16;
 constexpr int64_t kW = 8;
 #endif
 // One struct for every width (a struct, so that math::update finds fmadd below by argument-dependent lookup):
-// FV, kW lanes, for the whole-row passes and the 16-column chunks of scattered members.
+// FV, kW lanes, for the 16-column cluster chunks.
 template <int N>
 struct FVec {
   typedef float type __attribute__((vector_size(N * sizeof(float))));
