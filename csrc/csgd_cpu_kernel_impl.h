@@ -341,35 +341,33 @@ void run_tile(const Job& job, const Tile& tl) {
   for (int64_t i = tl.a0; i < tl.a1; ++i) {
     const int64_t cl = ord ? ord[i] : i;
     const auto [m0, m1] = members_of(off, cl);
-    if constexpr (std::is_same_v<T, float>) {
-      // the rows of the next visited cluster (past the tile too: tiles run in order)
-      int64_t ahead[kMaxAhead];
-      const int64_t na = i + 1 < ts.clusters ? rows_at(off, perm, ord, i + 1, cols, ahead) : 0;
-      if (m1 - m0 == 1) {
-        const int64_t o = perm[m0] * cols + tl.j0;
+    constexpr bool kF32 = std::is_same_v<T, float>;
+    // fp32: the rows of the next visited cluster, prefetched as this one is walked (past the tile too: tiles
+    // run in order)
+    [[maybe_unused]] int64_t ahead[kMaxAhead];
+    int64_t na = 0;
+    if constexpr (kF32) na = i + 1 < ts.clusters ? rows_at(off, perm, ord, i + 1, cols, ahead) : 0;
+    if (m1 - m0 == 1) {
+      const int64_t o = perm[m0] * cols + tl.j0;
+      if constexpr (kF32) {
         single_row_f32<MOM, FIRST, NEST, WD, CP>(w + o, g + o, MOM ? b + o : nullptr, len, c, w, g, b, ahead, na,
                                                  tl.j0);
-        continue;
-      }
-      const int64_t j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c,
-                                                                 ahead, na);
-      if (j < tl.j1) {
-        cluster_chunk<T, 0, MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, j, tl.j1 - j, c);
-      }
-    } else {
-      if (m1 - m0 == 1) {
-        const int64_t o = perm[m0] * cols + tl.j0;
+      } else {
         update_row<T, false, MOM, FIRST, NEST, WD, CP>(w + o, g + o, MOM ? b + o : nullptr, nullptr, nullptr, A(0),
                                                        len, c);
-        continue;
       }
-      int64_t j = tl.j0;
+      continue;
+    }
+    int64_t j = tl.j0;
+    if constexpr (kF32) {
+      j = cluster_cols16<MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, tl.j0, tl.j1, c, ahead, na);
+    } else {
       for (; j + kVec <= tl.j1; j += kVec) {
         cluster_chunk<T, kVec, MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, j, kVec, c);
       }
-      if (j < tl.j1) {
-        cluster_chunk<T, 0, MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, j, tl.j1 - j, c);
-      }
+    }
+    if (j < tl.j1) {
+      cluster_chunk<T, 0, MOM, FIRST, NEST, WD, CP>(w, g, b, perm + m0, m1 - m0, cols, j, tl.j1 - j, c);
     }
   }
 }

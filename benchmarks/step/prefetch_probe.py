@@ -51,7 +51,7 @@ def main(argv: List[str] = None) -> int:
     names = list(next(iter(table.values())))
     print(f"\nTime per element as a ratio to the in-order walk, median [min to max] over {args.processes} processes "
           f"of {args.rounds} rounds; three arrays of {args.mb} MB:\n")
-    print("| walk | " + " | ".join(f"rows of {c * 4} B" for c in cols) + " |\n|---" * 1 + "|---" * len(cols) + "|")
+    print("| walk | " + " | ".join(f"rows of {c * 4} B" for c in cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
     for name in names[1:]:
         cells = [f"{statistics.median(table[c][name]):.2f}x [{min(table[c][name]):.2f} to "
                  f"{max(table[c][name]):.2f}]" for c in cols]
