@@ -213,6 +213,18 @@ def test_kernel_ab_refuses_a_base_with_other_shared_headers():
     assert "namespace CSGD_CPU_NS" in kernel_ab.kernel_at("HEAD")
 
 
+def test_kernel_ab_compiles_the_kernel_for_the_extensions_target():
+    """kernel_ab.cpp must compile the kernel as csrc/csgd_cpu_avx2.cpp does: the target pragma decides the vector
+    width of the compiler's own loops, which moved the flat step by 6 % on the development VM."""
+    def targets(path):
+        with open(os.path.join(ROOT, path)) as f:
+            return [line.strip() for line in f if line.startswith("#pragma GCC target")]
+
+    ext = targets("csrc/csgd_cpu_avx2.cpp")
+    assert len(ext) == 1 and "avx2" in ext[0]
+    assert targets("benchmarks/step/kernel_ab.cpp") == ext
+
+
 @pytest.mark.skipif(csgd_ext.available_backends()["native"] is not None, reason="needs the native backend")
 def test_step_ab_runs_the_build_it_names(tmp_path):
     """``step_ab.py --so LABEL=PATH`` times the extension at PATH whatever the file is called: its package copy
@@ -255,3 +267,16 @@ def test_prefetch_probe_reports_every_walk_per_row_length(capsys):
     assert len(rows) == 5 and all(r.count("x [") == 2 for r in rows)
     with pytest.raises(SystemExit, match="multiples of 16"):
         prefetch_probe.main(["--cols", "20"])
+
+
+@pytest.mark.skipif(csgd_ext.available_backends()["native"] is not None, reason="needs the native backend")
+def test_flat_vs_aten_times_both_loops_on_the_same_tensors(capsys):
+    """``benchmarks/step/flat_vs_aten.py`` (quoted in benchmarks/README.md): a child process times the native
+    flat loop and torch._fused_sgd_, and the summary gives one ratio per process."""
+    from benchmarks.step import flat_vs_aten
+
+    res = flat_vs_aten.child("tiny", 2)
+    assert set(res) == {"native", "aten"} and all(v > 0 for v in res.values())
+    assert flat_vs_aten.main(["--net", "tiny", "--processes", "2", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ratio ") == 2 and "over 2 processes" in out

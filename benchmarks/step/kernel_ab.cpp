@@ -27,7 +27,8 @@
 
 #if defined(__x86_64__)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+// the target of csrc/csgd_cpu_avx2.cpp (tests/test_benchmarks_smoke.py checks that the two agree)
+#pragma GCC target("avx2,fma,prefer-vector-width=256")
 #define CSGD_CPU_FMA 1
 #else
 #define CSGD_CPU_FMA 0
