@@ -263,8 +263,11 @@ def test_prefetch_probe_reports_every_walk_per_row_length(capsys):
     from benchmarks.step import prefetch_probe
 
     assert prefetch_probe.main(["--cols", "16,64", "--mb", "2", "--rounds", "1", "--processes", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| shuffled")]
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith("| shuffled")]
     assert len(rows) == 5 and all(r.count("x [") == 2 for r in rows)
+    pairs = [line for line in out if line.startswith("| adjacent pairs in lockstep")]
+    assert len(pairs) == 2 and all(r.count("x [") == 2 for r in pairs)
     with pytest.raises(SystemExit, match="multiples of 16"):
         prefetch_probe.main(["--cols", "20"])
 

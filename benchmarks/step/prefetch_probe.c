@@ -1,8 +1,10 @@
 /* What this machine charges for rows read out of order, and what software prefetch buys back: a standalone
  * momentum-SGD update (read w, g, b; write w, b: fused SGD's traffic) over three arrays of MB megabytes each, in
  * rows of COLS floats, visited in row order or in a shuffled order, without prefetch or prefetching the row
- * D visits ahead, one 64-byte line per line of work, into L1 (prefetcht0) or into L2 (prefetcht1). No torch and
- * none of csgd_ext's code: the memory system alone. Built and run by prefetch_probe.py.
+ * D visits ahead, one 64-byte line per line of work, into L1 (prefetcht0) or into L2 (prefetcht1); and the cluster
+ * walk's pattern on adjacent pairs of rows: both rows of a pair in lockstep, 16 columns of one, then of the other
+ * (the update only, no cluster sums), without prefetch or prefetching the next pair into L2. No torch and none of
+ * csgd_ext's code: the memory system alone. Built and run by prefetch_probe.py.
  *
  *   prefetch_probe COLS MB ROUNDS
  *
@@ -18,26 +20,35 @@ static inline v16 ld(const float* p) { v16 v; memcpy(&v, p, 64); return v; }
 static inline void st(float* p, v16 v) { memcpy(p, &v, 64); }
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 
-/* hint: 0 none, 1 prefetcht0, 2 prefetcht1 */
-static void walk(float* w, const float* g, float* b, const long* ord, long rows, long cols, int hint, long d) {
+static inline void pf(const float* w, const float* g, const float* b, long o, int hint) {
+  if (hint == 1) {
+    _mm_prefetch((const char*)(g + o), _MM_HINT_T0);
+    _mm_prefetch((const char*)(w + o), _MM_HINT_T0);
+    _mm_prefetch((const char*)(b + o), _MM_HINT_T0);
+  } else if (hint == 2) {
+    _mm_prefetch((const char*)(g + o), _MM_HINT_T1);
+    _mm_prefetch((const char*)(w + o), _MM_HINT_T1);
+    _mm_prefetch((const char*)(b + o), _MM_HINT_T1);
+  }
+}
+
+/* hint: 0 none, 1 prefetcht0, 2 prefetcht1; d: rows ahead; group: rows walked together (1, or 2 in lockstep) */
+static void walk(float* w, const float* g, float* b, const long* ord, long rows, long cols, int hint, long d,
+                 int group) {
   v16 lr, mom, wd;
   for (int k = 0; k < 16; ++k) { lr[k] = -1e-3f; mom[k] = 0.9f; wd[k] = 1e-4f; }
-  for (long i = 0; i < rows; ++i) {
-    const long o = ord[i] * cols, on = i + d < rows ? ord[i + d] * cols : -1;
+  for (long i = 0; i + group <= rows; i += group) {
     for (long j = 0; j < cols; j += 16) {
-      if (hint == 1 && on >= 0) {
-        _mm_prefetch((const char*)(g + on + j), _MM_HINT_T0);
-        _mm_prefetch((const char*)(w + on + j), _MM_HINT_T0);
-        _mm_prefetch((const char*)(b + on + j), _MM_HINT_T0);
-      } else if (hint == 2 && on >= 0) {
-        _mm_prefetch((const char*)(g + on + j), _MM_HINT_T1);
-        _mm_prefetch((const char*)(w + on + j), _MM_HINT_T1);
-        _mm_prefetch((const char*)(b + on + j), _MM_HINT_T1);
+      for (int m = 0; m < group; ++m) {
+        if (hint && i + d + m < rows) pf(w, g, b, ord[i + d + m] * cols + j, hint);
       }
-      v16 wv = ld(w + o + j), dv = ld(g + o + j) + wv * wd, bv = ld(b + o + j) * mom + dv;
-      dv = dv + bv * mom;
-      st(b + o + j, bv);
-      st(w + o + j, wv + dv * lr);
+      for (int m = 0; m < group; ++m) {
+        const long o = ord[i + m] * cols + j;
+        v16 wv = ld(w + o), dv = ld(g + o) + wv * wd, bv = ld(b + o) * mom + dv;
+        dv = dv + bv * mom;
+        st(b + o, bv);
+        st(w + o, wv + dv * lr);
+      }
     }
   }
 }
@@ -58,18 +69,19 @@ int main(int argc, char** argv) {
   for (long i = 0; i < rows; ++i) seq[i] = shuf[i] = i;
   srand(1);
   for (long i = rows - 1; i > 0; --i) { long j = rand() % (i + 1), t = shuf[i]; shuf[i] = shuf[j]; shuf[j] = t; }
-  struct { const char* name; const long* ord; int hint; long d; } ways[] = {
-      {"in order", seq, 0, 0},          {"shuffled", shuf, 0, 0},
-      {"shuffled, prefetcht0 1 row ahead", shuf, 1, 1}, {"shuffled, prefetcht0 4 rows ahead", shuf, 1, 4},
-      {"shuffled, prefetcht1 1 row ahead", shuf, 2, 1}, {"shuffled, prefetcht1 4 rows ahead", shuf, 2, 4}};
+  struct { const char* name; const long* ord; int hint; long d; int group; } ways[] = {
+      {"in order", seq, 0, 0, 1},          {"shuffled", shuf, 0, 0, 1},
+      {"shuffled, prefetcht0 1 row ahead", shuf, 1, 1, 1}, {"shuffled, prefetcht0 4 rows ahead", shuf, 1, 4, 1},
+      {"shuffled, prefetcht1 1 row ahead", shuf, 2, 1, 1}, {"shuffled, prefetcht1 4 rows ahead", shuf, 2, 4, 1},
+      {"adjacent pairs in lockstep", seq, 0, 0, 2}, {"adjacent pairs in lockstep, prefetcht1 next pair", seq, 2, 2, 2}};
   enum { K = sizeof(ways) / sizeof(ways[0]) };
   double* t = malloc(sizeof(double) * K * rounds);
-  for (int k = 0; k < K; ++k) walk(w, g, b, ways[k].ord, rows, cols, ways[k].hint, ways[k].d);  /* warm-up */
+  for (int k = 0; k < K; ++k) walk(w, g, b, ways[k].ord, rows, cols, ways[k].hint, ways[k].d, ways[k].group);  /* warm-up */
   for (long r = 0; r < rounds; ++r) {
     for (int q = 0; q < K; ++q) {
       const int k = (int)((r + q) % K);
       const double t0 = now();
-      walk(w, g, b, ways[k].ord, rows, cols, ways[k].hint, ways[k].d);
+      walk(w, g, b, ways[k].ord, rows, cols, ways[k].hint, ways[k].d, ways[k].group);
       t[k * rounds + r] = (now() - t0) / n * 1e9;
     }
   }

@@ -6,7 +6,9 @@
 Compiles ``prefetch_probe.c`` (a standalone momentum-SGD update, no torch, none of csgd_ext's code: ``$CC``,
 default ``cc``, ``-O3 -march=native``) and runs it per row length: three arrays of ``--mb`` megabytes (well past
 the caches), rows visited in order or shuffled, without prefetch or prefetching the row 1 or 4 visits ahead into
-L1 (``prefetcht0``) or L2 (``prefetcht1``). Prints, per row length, each walk's time as a ratio to the in-order
+L1 (``prefetcht0``) or L2 (``prefetcht1``); and the cluster walk's own pattern on adjacent pairs of rows (both rows
+of a pair in lockstep, 16 columns of one then of the other, as the kernel walks a cluster's members), without
+prefetch or with the next pair prefetched into L2. Prints, per row length, each walk's time as a ratio to the in-order
 walk of the same process: median [min to max] over the processes. The CPU kernel's prefetch choices
 (``csrc/csgd_cpu_kernel_impl.h``) rest on this table; ``kernel_ab.py`` measures the kernel itself.
 """
