@@ -3,11 +3,12 @@
 // pragma keeps the build's flags.
 //
 // prefer-vector-width=256: the compiler's own vector loops (the unclustered update, singleton rows, tails) use
-// 256-bit registers even where the build allows AVX-512, as ATen's fused SGD loop does on the development VM
-// (an AMD Zen 4). There the same loop in 512-bit registers took 1.05x to 1.08x the time of torch._fused_sgd_ on the
-// same tensors (ResNet-50's shapes, one thread), and 0.97x to 0.99x in 256-bit ones (benchmarks/README.md). The
-// cluster walk's explicit 16-column vectors (kW in csgd_cpu_kernel_impl.h) are not affected. benchmarks/step/
-// kernel_ab.cpp compiles the kernel under the same pragma (test_benchmarks_smoke.py checks that they agree).
+// 256-bit registers even where the build allows AVX-512, as ATen's fused SGD loop does on the development VM (an
+// AMD Zen 4). There the same loop in 512-bit registers took 1.054x [1.048 to 1.061] the time of torch._fused_sgd_
+// on the same tensors, and 0.988x [0.978 to 0.992] in 256-bit ones (ResNet-50's shapes, one thread, 5 processes:
+// python benchmarks/step/flat_vs_aten.py). The cluster walk's explicit 16-column vectors (kW in
+// csgd_cpu_kernel_impl.h) are not affected. benchmarks/step/kernel_ab.cpp compiles the kernel under the same
+// pragma (test_benchmarks_smoke.py checks that they agree).
 #include "csgd_cpu_kernel.h"
 
 #if defined(__x86_64__) || defined(__i386__)

@@ -215,7 +215,7 @@ def test_kernel_ab_refuses_a_base_with_other_shared_headers():
 
 def test_kernel_ab_compiles_the_kernel_for_the_extensions_target():
     """kernel_ab.cpp must compile the kernel as csrc/csgd_cpu_avx2.cpp does: the target pragma decides the vector
-    width of the compiler's own loops, which moved the flat step by 6 % on the development VM."""
+    width of the compiler's own loops, which moved the flat step by 7 % on the development VM."""
     def targets(path):
         with open(os.path.join(ROOT, path)) as f:
             return [line.strip() for line in f if line.startswith("#pragma GCC target")]

@@ -19,12 +19,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-HP = dict(weight_decay=1e-4, momentum=0.9, lr=1e-3, dampening=0.0, nesterov=True, maximize=False)
 
 
 def child(net: str, rounds: int) -> dict:
@@ -33,26 +31,22 @@ def child(net: str, rounds: int) -> dict:
 
     import csgd_ext.optim.ops.native as native
     from benchmarks.harness import workloads as wl
+    from benchmarks.harness.timing import interleave
 
     if native.load_error() is not None:
         raise SystemExit(f"flat_vs_aten: {native.load_error()}")
     torch.set_num_threads(1)
+    hp = dict(wl.HP, dampening=0.0, maximize=False)  # the step benchmarks' hyperparameters, no centripetal term
     ws = wl.param_set(net, 1.0)
     ps = list(ws.params)
     gs = [p.grad for p in ps]
     bs = [torch.zeros_like(p) for p in ps]
     op = torch.ops.csgd_ext.csgd_step_
-    args = (HP["lr"], HP["weight_decay"], HP["momentum"], HP["dampening"], HP["nesterov"], HP["maximize"], 0.0)
+    args = (hp["lr"], hp["weight_decay"], hp["momentum"], hp["dampening"], hp["nesterov"], hp["maximize"], 0.0)
     calls = {"native": lambda: op(ps, gs, bs, [None] * len(ps), *args, False),
-             "aten": lambda: torch._fused_sgd_(ps, gs, bs, is_first_step=False, **HP)}
-    times = {k: [] for k in calls}
-    for r in range(rounds + 1):  # round 0 warms up
-        for name in (("native", "aten") if r % 2 else ("aten", "native")):
-            t0 = time.perf_counter()
-            calls[name]()
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+             "aten": lambda: torch._fused_sgd_(ps, gs, bs, is_first_step=False, **hp)}
+    times = interleave(calls, min_rounds=rounds, max_rounds=rounds, budget_s=1e9)
+    return {k: t.median * 1e3 for k, t in times.items()}
 
 
 def main(argv: List[str] = None) -> int:
