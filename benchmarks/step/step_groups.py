@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from typing import Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,6 +65,7 @@ def time_group(ws, idx: List[int], rounds: int) -> tuple:
 
     times = interleave({"csgd": csgd, "fused": fused}, min_rounds=rounds, max_rounds=rounds, budget_s=1e9)
     return times["csgd"].median, times["fused"].median, sum(p.numel() for p in params)
+
 
 def main(argv: List[str] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
