@@ -197,6 +197,7 @@ class Killer:
                 if when is not None and when(self):
                     time.sleep(delay)
                     proc.send_signal(signal.SIGSTOP)
+                    _wait_stopped(proc.pid)  # a syscall under way (the rename of a write) finishes before the stop
                     self._poll(t0)
                     if want(self):
                         proc.kill()
@@ -217,6 +218,25 @@ class Killer:
 
 def _env():
     return {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+
+
+def _wait_stopped(pid, timeout=10.0):
+    """Until every thread of process ``pid`` is stopped (state T in /proc) or the process is gone. ``kill`` returns
+    before a signal takes effect: a thread inside a system call (the rename of a write) finishes it first, so the
+    folder is read only after this."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            states = []
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if all(s in ("T", "t", "Z", "X") for s in states):
+            return
+        time.sleep(0.0001)
+    raise AssertionError(f"process {pid} did not stop within {timeout} s of SIGSTOP")
 
 
 def kill_at(k, when, delays, want):

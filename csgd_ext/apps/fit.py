@@ -133,6 +133,20 @@ def _all_ranks(obj, world: int) -> list:
     return out
 
 
+def _end_follower_rank() -> None:
+    """End a rank other than 0 once training is over, skipping the interpreter's teardown (it has nothing to write).
+
+    DDP's hooks keep the gloo process group alive after ``destroy_process_group`` (its reference count never drops
+    to zero, even with the model deleted), so gloo's worker threads outlive ``main``. A worker that drops the last
+    reference to a tensor Python made (``all_gather_object``'s) after teardown has begun cannot take the GIL: the
+    process aborts with "terminate called without an active exception" and torchrun fails the whole run. Seen on 1
+    in 4 two-rank runs on a busy 2-core machine (``tests/test_fit.py::test_torchrun_two_gloo_ranks_match_one_process``);
+    pytorch/pytorch#179291 describes the same race."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _clear_interrupted_writes(out: str) -> None:
     """Temporary files of atomic writes a killed run left in ``out`` (they never replaced a finished file)."""
     for name in OUTPUTS:
@@ -334,7 +348,7 @@ def run_fit(args: argparse.Namespace) -> int:
         dist.barrier()
         dist.destroy_process_group()
     if not lead:
-        return 0
+        _end_follower_rank()
     val_acc_csgd = history["val_acc"][-1]
     bar = progress(total=2, desc="collapse + merge", enabled=show)
     deviation_final = float(collapse(model, plan))
