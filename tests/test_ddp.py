@@ -97,6 +97,10 @@ _WORKER = textwrap.dedent("""
     torch.save(result, f"{{out}}.rank{{rank}}.pt")
     dist.barrier()
     dist.destroy_process_group()
+    # no interpreter teardown: DDP keeps the gloo group alive, and a gloo worker freeing a tensor Python made
+    # during teardown aborts the process (csgd_ext/apps/fit.py, _end_follower_rank)
+    sys.stdout.flush()
+    os._exit(0)
 """)
 
 
